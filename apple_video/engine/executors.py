@@ -1,0 +1,70 @@
+"""Run a stage worker over chunk items: in-process (local) or on a Ray Data actor pool (ray)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+
+import numpy as np
+
+from apple_video.engine.settings import SwapSettings
+
+logger = logging.getLogger(__name__)
+
+
+def _as_batch(item: dict) -> dict[str, np.ndarray]:
+    return {key: np.asarray([value]) for key, value in item.items()}
+
+
+def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict]:
+    keys = list(batch)
+    for i in range(len(batch[keys[0]])):
+        yield {key: batch[key][i].item() if hasattr(batch[key][i], "item") else batch[key][i] for key in keys}
+
+
+def ensure_ray(settings: SwapSettings) -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = settings.ray_address
+    if address in (None, "", "local"):
+        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+                 configure_logging=False)
+    else:
+        ray.init(address=address, log_to_driver=False, configure_logging=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def actor_pool(size: int):
+    """Ray's actor-pool setting moved between releases; keep it in one place."""
+    from ray.data import ActorPoolStrategy
+
+    return ActorPoolStrategy(size=size)
+
+
+def run_stage(worker_cls: type, args: tuple, items: list[dict], settings: SwapSettings, gpu: bool) -> Iterator[dict]:
+    """Yield one result row per item, as items finish (order not guaranteed on Ray)."""
+    if not items:
+        return
+    if settings.executor == "local":
+        worker = worker_cls(*args)
+        for item in items:
+            yield from _rows(worker(_as_batch(item)))
+        return
+    import ray.data
+
+    ensure_ray(settings)
+    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    resources = {"num_gpus": settings.num_gpus} if gpu and settings.num_gpus > 0 else {"num_cpus": 1}
+    mapped = dataset.map_batches(
+        worker_cls,
+        fn_constructor_args=args,
+        batch_size=1,
+        batch_format="numpy",
+        compute=actor_pool(max(1, min(settings.workers, len(items)))),
+        **resources,
+    )
+    for row in mapped.iter_rows():
+        yield {key: value.item() if hasattr(value, "item") else value for key, value in row.items()}

@@ -1,0 +1,294 @@
+"""Swap jobs: plan -> analyze -> track/select -> render -> finish, resumable through a job folder."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from tqdm import tqdm
+
+from apple_video.engine.executors import run_stage
+from apple_video.engine.settings import SwapSettings
+from apple_video.engine.sources import (
+    ChunkVideoSink,
+    FolderMedia,
+    FolderSink,
+    VideoMedia,
+    open_folder,
+    open_video,
+)
+from apple_video.engine.stages import (
+    Analyzer,
+    Renderer,
+    RenderStats,
+    face_from_dict,
+    face_to_dict,
+    target_from_dict,
+    target_to_dict,
+    write_json,
+)
+from apple_video.errors import UserError
+from apple_video.faces.detect import create_detector
+from apple_video.faces.select import select_targets
+from apple_video.media.images import is_image_path, read_image, write_image
+from apple_video.media.video import VideoInfo, concat_chunks, is_video_path
+from apple_video.swappers.base import SourceFace, source_faces
+from apple_video.swappers.factory import create_swapper
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    input: str
+    output: str
+    status: str = "ok"
+    frames: int = 0
+    frames_swapped: int = 0
+    frames_passed_through: int = 0
+    faces_swapped: int = 0
+    faces_skipped: int = 0
+    small_faces_skipped: int = 0
+    chunks_resumed: int = 0
+    seconds: dict[str, float] = field(default_factory=dict)
+    error: str | None = None
+
+    def line(self) -> str:
+        if self.status != "ok":
+            return f"{self.input}: FAILED: {self.error}"
+        stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
+        return (f"{self.output}: {self.frames} frames, {self.faces_swapped} faces swapped in {self.frames_swapped} frames, "
+                f"{self.frames_passed_through} passed through, {self.faces_skipped + self.small_faces_skipped} faces skipped"
+                f"{f', {self.chunks_resumed} chunks resumed' if self.chunks_resumed else ''} ({stages})")
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a worker needs to open the job's media (picklable for Ray)."""
+
+    kind: str  # "video" | "folder"
+    input: Path
+    output: Path
+    job_dir: Path
+    settings: SwapSettings
+    info: VideoInfo | None = None
+    frame_paths: tuple[Path, ...] = ()
+
+    def media(self) -> VideoMedia | FolderMedia:
+        return VideoMedia(self.info) if self.kind == "video" else FolderMedia(self.frame_paths)
+
+    def chunk_file(self, chunk: int) -> Path:
+        return self.job_dir / "chunks" / f"chunk_{chunk:05d}{self.output.suffix}"
+
+    def analysis_file(self, chunk: int) -> Path:
+        return self.job_dir / "analysis" / f"chunk_{chunk:05d}.json"
+
+    def targets_file(self, chunk: int) -> Path:
+        return self.job_dir / "targets" / f"chunk_{chunk:05d}.json"
+
+
+def plan_chunks(frame_count: int, keyframes: tuple[int, ...], chunk_frames: int) -> list[tuple[int, int]]:
+    """Cut [0, frame_count) about every `chunk_frames`, moving each cut to a keyframe when one is near."""
+    keys = sorted(set(keyframes))
+    cuts, position = [0], 0
+    while position + chunk_frames < frame_count:
+        target = position + chunk_frames
+        near = [k for k in keys if target <= k < target + chunk_frames // 2]
+        position = near[0] if near else target
+        cuts.append(position)
+    cuts.append(frame_count)
+    return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
+
+
+class AnalyzeWorker:
+    """Stage 2 (parallel): decode a chunk and detect faces; writes the chunk's analysis JSON."""
+
+    def __init__(self, spec: JobSpec) -> None:
+        self.spec = spec
+        self.media = spec.media()
+        self.analyzer = Analyzer(spec.settings)
+
+    def __call__(self, batch: dict) -> dict:
+        for chunk, start, stop in zip(batch["chunk"], batch["start"], batch["stop"], strict=True):
+            faces = self.analyzer.analyze(self.media.frames(int(start), int(stop)))
+            write_json(self.spec.analysis_file(int(chunk)), {str(i): [face_to_dict(f) for f in fs] for i, fs in faces.items()})
+        return {"chunk": batch["chunk"]}
+
+
+class RenderWorker:
+    """Stage 4 (parallel, GPU actors): swap + paste + encode one chunk."""
+
+    def __init__(self, spec: JobSpec, sources: list[SourceFace]) -> None:
+        self.spec = spec
+        self.media = spec.media()
+        self.renderer = Renderer(spec.settings, create_swapper(spec.settings, announce=False), sources)
+
+    def _sink(self, chunk: int):
+        if self.spec.kind == "video":
+            return ChunkVideoSink(self.spec.chunk_file(chunk), self.spec.info, self.spec.settings.encode)
+        return FolderSink(self.media, self.spec.output)
+
+    def __call__(self, batch: dict) -> dict:
+        stats = RenderStats()
+        for chunk, start, stop in zip(batch["chunk"], batch["start"], batch["stop"], strict=True):
+            data = json.loads(self.spec.targets_file(int(chunk)).read_text())
+            targets: dict[int, list] = {}
+            for item in data:
+                targets.setdefault(item["frame"], []).append(target_from_dict(item))
+            frames = list(self.media.frames(int(start), int(stop)))
+            rendered, chunk_stats = self.renderer.render(frames, targets)
+            sink = self._sink(int(chunk))
+            for index, pts, rgb, swapped in rendered:
+                sink.write(index, pts, rgb, swapped)
+            sink.close()
+            stats.add(chunk_stats)
+        return {"chunk": batch["chunk"], **{k: [v] for k, v in asdict(stats).items()}}
+
+
+def _fingerprint(path: Path, sources: list[Path], settings: SwapSettings) -> str:
+    parts = []
+    for p in [path, *sources]:
+        stat = p.stat()
+        parts.append(f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
+    relevant = {k: v for k, v in asdict(settings).items() if k not in ("force", "executor", "ray_address", "workers")}
+    parts.append(json.dumps(relevant, sort_keys=True, default=str))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def job_dir_for(output: Path) -> Path:
+    if output.suffix:
+        return output.parent / f".{output.name}.apple-video-job"
+    return output / ".apple-video-job"
+
+
+def _open_manifest(job_dir: Path, key: str, chunks: list[tuple[int, int]], force: bool) -> dict:
+    manifest_path = job_dir / "manifest.json"
+    if force and job_dir.exists():
+        shutil.rmtree(job_dir)
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("key") == key and manifest.get("chunks") == [list(c) for c in chunks]:
+            return manifest
+        logger.info("inputs or settings changed since the interrupted run: starting over")
+        shutil.rmtree(job_dir)
+    for sub in ("analysis", "targets", "chunks"):
+        (job_dir / sub).mkdir(parents=True, exist_ok=True)
+    manifest = {"key": key, "chunks": [list(c) for c in chunks], "analyzed": [], "rendered": [], "stats": {}}
+    write_json(manifest_path, manifest)
+    return manifest
+
+
+def load_sources(paths: list[Path], settings: SwapSettings, crop_size: int) -> list[SourceFace]:
+    detector = create_detector(settings.detector)
+    images = [read_image(p).rgb for p in paths]
+    return source_faces(images, [str(p) for p in paths], detector, crop_size)
+
+
+def _items(chunks: list[tuple[int, int]], todo: list[int]) -> list[dict]:
+    return [{"chunk": c, "start": chunks[c][0], "stop": chunks[c][1]} for c in todo]
+
+
+def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fps: float,
+                   keyframes: tuple[int, ...]) -> Summary:
+    """The shared driver for videos and frame folders."""
+    settings = spec.settings
+    summary = Summary(str(spec.input), str(spec.output), frames=frame_count)
+    chunks = plan_chunks(frame_count, keyframes, settings.chunk_frames)
+    manifest = _open_manifest(spec.job_dir, _fingerprint(spec.input, source_paths, settings), chunks, settings.force)
+    manifest_path = spec.job_dir / "manifest.json"
+    summary.chunks_resumed = len(manifest["rendered"])
+
+    swapper = create_swapper(settings)
+    sources = load_sources(source_paths, settings, swapper.crop_size)
+
+    started = time.perf_counter()
+    todo = [c for c in range(len(chunks)) if c not in manifest["analyzed"]]
+    with tqdm(total=sum(chunks[c][1] - chunks[c][0] for c in todo), desc="analyze", unit="frame", disable=None) as bar:
+        for row in run_stage(AnalyzeWorker, (spec,), _items(chunks, todo), settings, gpu=False):
+            chunk = int(row["chunk"])
+            manifest["analyzed"].append(chunk)
+            write_json(manifest_path, manifest)
+            bar.update(chunks[chunk][1] - chunks[chunk][0])
+    summary.seconds["analyze"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    detections = [[] for _ in range(frame_count)]
+    for c in range(len(chunks)):
+        for index, faces in json.loads(spec.analysis_file(c).read_text()).items():
+            detections[int(index)] = [face_from_dict(f) for f in faces]
+    selection = select_targets(detections, fps, settings.selector, settings.tracking)
+    summary.small_faces_skipped = selection.skipped_small
+    for c, (start, stop) in enumerate(chunks):
+        write_json(spec.targets_file(c), [target_to_dict(t) for i in range(start, stop) for t in selection.targets.get(i, [])])
+    summary.seconds["track"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    todo = [c for c in range(len(chunks)) if c not in manifest["rendered"]]
+    with tqdm(total=sum(chunks[c][1] - chunks[c][0] for c in todo), desc="swap", unit="frame", disable=None) as bar:
+        for row in run_stage(RenderWorker, (spec, sources), _items(chunks, todo), settings, gpu=True):
+            chunk = int(row["chunk"])
+            manifest["rendered"].append(chunk)
+            manifest["stats"][str(chunk)] = {k: int(row[k]) for k in ("frames", "swapped_frames", "faces_swapped", "faces_skipped")}
+            write_json(manifest_path, manifest)
+            bar.update(chunks[chunk][1] - chunks[chunk][0])
+    summary.seconds["render"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    if spec.kind == "video":
+        info = spec.info
+        concat_chunks([spec.chunk_file(c) for c in range(len(chunks))], spec.output, info.path if info.audio else None,
+                      info.pts, info.time_base, info.rotation)
+    stats = manifest["stats"].values()
+    summary.frames_swapped = sum(s["swapped_frames"] for s in stats)
+    summary.faces_swapped = sum(s["faces_swapped"] for s in stats)
+    summary.faces_skipped = sum(s["faces_skipped"] for s in stats)
+    summary.frames_passed_through = frame_count - summary.frames_swapped
+    shutil.rmtree(spec.job_dir, ignore_errors=True)
+    summary.seconds["finish"] = time.perf_counter() - started
+    return summary
+
+
+def swap_video(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> Summary:
+    info = open_video(input_path).info
+    spec = JobSpec("video", input_path, output, job_dir_for(output), settings, info=info)
+    return run_frames_job(spec, source_paths, info.frame_count, float(info.fps), info.keyframes)
+
+
+def swap_folder(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings, fps: float = 25.0) -> Summary:
+    media = open_folder(input_path)
+    output.mkdir(parents=True, exist_ok=True)
+    spec = JobSpec("folder", input_path, output, job_dir_for(output), settings, frame_paths=media.paths)
+    return run_frames_job(spec, source_paths, media.frame_count, fps, (0,))
+
+
+def swap_image(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> Summary:
+    """One still image: detect, select (largest/ordered), swap, paste, write with the synthetic tag."""
+    started = time.perf_counter()
+    data = read_image(input_path)
+    swapper = create_swapper(settings)
+    sources = load_sources(source_paths, settings, swapper.crop_size)
+    detections = [Analyzer(settings).detector.detect(data.rgb)]
+    selection = select_targets(detections, 1.0, settings.selector, settings.tracking)
+    renderer = Renderer(settings, swapper, sources)
+    [(_, _, rgb, swapped)], stats = renderer.render([(0, 0, data.rgb)], selection.targets)
+    if not detections[0]:
+        logger.warning("no face found in %s: written unchanged", input_path)
+    write_image(output, data, rgb)
+    return Summary(str(input_path), str(output), frames=1, frames_swapped=int(swapped), frames_passed_through=int(not swapped),
+                   faces_swapped=stats.faces_swapped, faces_skipped=stats.faces_skipped,
+                   small_faces_skipped=selection.skipped_small, seconds={"total": time.perf_counter() - started})
+
+
+def swap_any(source_paths: list[Path], target: Path, output: Path, settings: SwapSettings) -> Summary:
+    if target.is_dir():
+        return swap_folder(source_paths, target, output, settings)
+    if is_image_path(target):
+        return swap_image(source_paths, target, output, settings)
+    if is_video_path(target) or target.suffix == "":
+        return swap_video(source_paths, target, output, settings)
+    raise UserError(f"unsupported input type '{target.suffix}': {target}")

@@ -1,0 +1,103 @@
+"""Frame sources and sinks: a video, a frame folder or one image, all seen as frames in display orientation."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from apple_video.media.images import ImageData, list_frames, read_image, write_image
+from apple_video.media.paths import temp_path_for
+from apple_video.media.video import (
+    EncodeSettings,
+    VideoInfo,
+    VideoWriter,
+    decode_frames,
+    from_display,
+    probe,
+    to_display,
+)
+
+LOSSLESS_IMAGE = (".png", ".tif", ".tiff", ".bmp", ".webp")
+
+
+@dataclass(frozen=True)
+class VideoMedia:
+    info: VideoInfo
+
+    @property
+    def frame_count(self) -> int:
+        return self.info.frame_count
+
+    @property
+    def fps(self) -> float:
+        return float(self.info.fps)
+
+    def frames(self, start: int, stop: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        for frame in decode_frames(self.info, start, stop):
+            yield frame.index, frame.pts, to_display(frame.rgb, self.info.rotation)
+
+
+@dataclass(frozen=True)
+class FolderMedia:
+    paths: tuple[Path, ...]
+    fps: float = 25.0
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.paths)
+
+    def frames(self, start: int, stop: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        for index in range(start, min(stop, len(self.paths))):
+            yield index, index, read_image(self.paths[index]).rgb
+
+
+def open_video(path: Path) -> VideoMedia:
+    return VideoMedia(probe(path))
+
+
+def open_folder(path: Path) -> FolderMedia:
+    return FolderMedia(tuple(list_frames(path)))
+
+
+class ChunkVideoSink:
+    """Encode one chunk to its own file (temp + rename, so a killed job never leaves half a chunk)."""
+
+    def __init__(self, path: Path, info: VideoInfo, encode: EncodeSettings) -> None:
+        self.path = path
+        self.tmp = temp_path_for(path)
+        self.rotation = info.rotation
+        self.writer = VideoWriter(self.tmp, info, encode, tag=False)
+
+    def write(self, index: int, pts: int, rgb: np.ndarray, swapped: bool) -> None:
+        self.writer.write(from_display(rgb, self.rotation), pts)
+
+    def close(self) -> None:
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+
+
+class FolderSink:
+    """Write frames under their input names. Frames left untouched are copied byte for byte."""
+
+    def __init__(self, media: FolderMedia, output: Path) -> None:
+        self.media = media
+        self.output = output
+
+    def write(self, index: int, pts: int, rgb: np.ndarray, swapped: bool) -> None:
+        source = self.media.paths[index]
+        target = self.output / source.name
+        if not swapped:
+            tmp = temp_path_for(target)
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, target)
+            return
+        data: ImageData = read_image(source)
+        write_image(target, data, rgb)
+
+    def close(self) -> None:
+        pass

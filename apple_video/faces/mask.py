@@ -1,0 +1,85 @@
+"""Face masks in crop space: landmark hull (always available) or BiSeNet parsing (local weights); feathering."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import cv2
+import numpy as np
+
+from apple_video.faces.align import template
+
+MASK_REGIONS = ("skin", "left-eyebrow", "right-eyebrow", "left-eye", "right-eye", "glasses", "nose", "mouth",
+                "upper-lip", "lower-lip")
+# CelebAMask-HQ labels produced by BiSeNet (facexlib) for each region name.
+REGION_LABELS = {"skin": [1], "left-eyebrow": [3], "right-eyebrow": [2], "left-eye": [5], "right-eye": [4],
+                 "glasses": [6], "nose": [10], "mouth": [11], "upper-lip": [12], "lower-lip": [13]}
+
+
+@dataclass(frozen=True)
+class MaskSettings:
+    regions: tuple[str, ...] = MASK_REGIONS
+    blur: float = 0.3  # fraction of the feather width relative to the face size
+    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, right, bottom, left, percent of crop size
+
+
+def hull_mask(landmarks: np.ndarray, size: int, regions: tuple[str, ...] = MASK_REGIONS) -> np.ndarray:
+    """Binary mask from 68 landmarks in crop space: jaw + brows (lifted to the forehead), minus excluded parts."""
+    lm = np.asarray(landmarks, np.float64)
+    jaw, brows = lm[0:17], lm[17:27]
+    lift = (lm[8] - lm[27]) * 0.25  # push brows up toward the forehead
+    outline = np.concatenate([jaw, (brows - lift)[::-1]])
+    mask = np.zeros((size, size), np.uint8)
+    cv2.fillPoly(mask, [np.round(cv2.convexHull(outline.astype(np.float32))).astype(np.int32)], 255)
+    if "mouth" not in regions:
+        cv2.fillPoly(mask, [np.round(lm[60:68]).astype(np.int32)], 0)
+    if "left-eye" not in regions:
+        cv2.fillPoly(mask, [np.round(lm[42:48]).astype(np.int32)], 0)
+    if "right-eye" not in regions:
+        cv2.fillPoly(mask, [np.round(lm[36:42]).astype(np.int32)], 0)
+    return mask
+
+
+def oval_mask(size: int) -> np.ndarray:
+    """A face oval fitted to the alignment template, for detectors that give only 5 points."""
+    t = template(size)
+    centre = ((t[0] + t[1]) / 2 + t[3:].mean(0)) / 2
+    axes = (int(size * 0.30), int(size * 0.38))
+    mask = np.zeros((size, size), np.uint8)
+    cv2.ellipse(mask, (int(centre[0]), int(centre[1] - size * 0.03)), axes, 0, 0, 360, 255, -1)
+    return mask
+
+
+def parsing_mask(labels: np.ndarray, regions: tuple[str, ...]) -> np.ndarray:
+    keep = [label for region in regions for label in REGION_LABELS[region]]
+    return np.where(np.isin(labels, keep), 255, 0).astype(np.uint8)
+
+
+def pad_mask(mask: np.ndarray, padding: tuple[int, int, int, int]) -> np.ndarray:
+    """Cut `padding` percent of the crop from each side (FaceFusion's --face-mask-padding)."""
+    top, right, bottom, left = padding
+    if not any(padding):
+        return mask
+    h, w = mask.shape
+    out = mask.copy()
+    out[: int(h * top / 100)] = 0
+    out[h - int(h * bottom / 100):] = 0
+    out[:, : int(w * left / 100)] = 0
+    out[:, w - int(w * right / 100):] = 0
+    return out
+
+
+def feather(mask: np.ndarray, blur: float) -> np.ndarray:
+    """Soft float mask in [0, 1]: erode by the feather width, then blur, so the edge falls inside the hull."""
+    if blur <= 0:
+        return (mask > 0).astype(np.float32)
+    ys, xs = np.nonzero(mask)
+    if len(xs) == 0:
+        return np.zeros(mask.shape, np.float32)
+    extent = max(xs.max() - xs.min(), ys.max() - ys.min())
+    radius = max(1, int(extent * blur * 0.1))
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
+    eroded = cv2.erode(mask, kernel)
+    soft = cv2.GaussianBlur(eroded.astype(np.float32) / 255.0, (0, 0), radius / 2 + 0.5)
+    soft[mask == 0] = 0.0
+    return soft

@@ -1,0 +1,59 @@
+"""Paste a swapped crop back into the frame: inverse warp, feathered blend; pixels outside the mask stay bit-exact."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from apple_video.faces.align import invert
+
+
+def mask_bounds(mask: np.ndarray, inverse: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
+    """Frame-space box (x0, y0, x1, y1) covering the non-zero mask after the inverse warp."""
+    ys, xs = np.nonzero(mask > 0)
+    if len(xs) == 0:
+        return None
+    corners = np.array([[xs.min(), ys.min()], [xs.max() + 1, ys.min()], [xs.min(), ys.max() + 1], [xs.max() + 1, ys.max() + 1]],
+                       np.float64)
+    mapped = corners @ inverse[:, :2].T + inverse[:, 2]
+    h, w = shape
+    x0, y0 = np.floor(mapped.min(0)).astype(int) - 2
+    x1, y1 = np.ceil(mapped.max(0)).astype(int) + 2
+    x0, y0, x1, y1 = max(0, x0), max(0, y0), min(w, x1), min(h, y1)
+    if x0 >= x1 or y0 >= y1:
+        return None
+    return x0, y0, x1, y1
+
+
+def paste_back(frame: np.ndarray, crop: np.ndarray, matrix: np.ndarray, soft_mask: np.ndarray) -> np.ndarray:
+    """Blend `crop` (aligned with `matrix`: frame -> crop) into a copy of `frame` inside `soft_mask` (crop space)."""
+    inverse = invert(matrix)
+    bounds = mask_bounds(soft_mask, inverse, frame.shape[:2])
+    out = frame.copy()
+    if bounds is None:
+        return out
+    x0, y0, x1, y1 = bounds
+    shift = inverse.copy()
+    shift[:, 2] -= (x0, y0)
+    size = (x1 - x0, y1 - y0)
+    face = cv2.warpAffine(crop, shift, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    alpha = cv2.warpAffine(soft_mask, shift, size, flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT, borderValue=0)
+    region = out[y0:y1, x0:x1]
+    a = alpha[..., None]
+    blended = np.clip(region.astype(np.float32) * (1 - a) + face.astype(np.float32) * a + 0.5, 0, 255).astype(np.uint8)
+    inside = alpha > 0
+    region[inside] = blended[inside]
+    return out
+
+
+def color_transfer(source: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Match `source`'s LAB mean/std to `target`'s inside `mask` (Reinhard), both uint8 RGB of the same size."""
+    inside = mask > 0
+    if inside.sum() < 16:
+        return source
+    src = cv2.cvtColor(source, cv2.COLOR_RGB2LAB).astype(np.float32)
+    tgt = cv2.cvtColor(target, cv2.COLOR_RGB2LAB).astype(np.float32)
+    s_mean, s_std = src[inside].mean(0), src[inside].std(0) + 1e-6
+    t_mean, t_std = tgt[inside].mean(0), tgt[inside].std(0) + 1e-6
+    out = (src - s_mean) * (t_std / s_std) + t_mean
+    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)

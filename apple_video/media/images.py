@@ -1,0 +1,144 @@
+"""Robust still-image I/O: EXIF orientation, alpha, grayscale, CMYK, 16-bit; synthetic-media tag on write."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
+
+from apple_video.errors import InputError, OutputError
+from apple_video.media.metadata import synthetic_tag
+from apple_video.media.paths import temp_path_for
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+_EXIF_DESCRIPTION = 0x010E
+_EXIF_SOFTWARE = 0x0131
+
+
+@dataclass
+class ImageData:
+    """An image ready for face work: 8-bit RGB pixels plus what is needed to write it back faithfully."""
+
+    rgb: np.ndarray  # (H, W, 3) uint8, display orientation
+    alpha: np.ndarray | None  # (H, W) uint8 or None
+    grayscale: bool
+    source_mode: str
+
+
+def is_image_path(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _to_uint8(array: np.ndarray) -> np.ndarray:
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype in (np.uint16, np.int32, np.uint32) or array.max(initial=0) > 255:
+        return np.clip(np.round(array.astype(np.float64) / 257.0), 0, 255).astype(np.uint8)
+    return np.clip(array, 0, 255).astype(np.uint8)
+
+
+def _decode(image: Image.Image) -> ImageData:
+    mode = image.mode
+    alpha = None
+    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        gray = _to_uint8(np.asarray(image))
+        return ImageData(np.repeat(gray[..., None], 3, axis=2), None, True, mode)
+    if mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    elif mode in ("LA", "PA"):
+        image = image.convert("RGBA")
+    elif mode in ("CMYK", "YCbCr", "LAB", "HSV", "1"):
+        image = image.convert("RGB")
+    if image.mode == "RGBA":
+        arr = np.asarray(image)
+        alpha = np.ascontiguousarray(arr[..., 3])
+        rgb = np.ascontiguousarray(arr[..., :3])
+    elif image.mode == "L":
+        gray = np.asarray(image)
+        return ImageData(np.repeat(gray[..., None], 3, axis=2), None, True, mode)
+    else:
+        rgb = np.ascontiguousarray(np.asarray(image.convert("RGB")))
+    return ImageData(_to_uint8(rgb), alpha, False, mode)
+
+
+def read_image(path: str | Path) -> ImageData:
+    """Read any supported still image into 8-bit RGB (+ alpha), EXIF rotation applied."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    if path.is_dir():
+        raise InputError(f"expected an image file, got a directory: {path}")
+    if path.stat().st_size == 0:
+        raise InputError(f"input is empty (0 bytes): {path}")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            image = ImageOps.exif_transpose(image)
+            return _decode(image)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise InputError(f"cannot read image {path}: {error.__class__.__name__}: not a supported or intact image") from None
+
+
+def _save_kwargs(image: Image.Image, suffix: str, description: str) -> dict:
+    if suffix == ".png":
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Comment", description)
+        info.add_text("Software", description)
+        return {"pnginfo": info}
+    exif = image.getexif()
+    exif[_EXIF_DESCRIPTION] = description
+    exif[_EXIF_SOFTWARE] = description
+    if suffix in (".jpg", ".jpeg"):
+        return {"quality": 95, "subsampling": 0, "exif": exif.tobytes(), "comment": description}
+    if suffix == ".webp":
+        return {"lossless": True, "exif": exif.tobytes()}
+    if suffix in (".tif", ".tiff"):
+        return {"exif": exif.tobytes(), "compression": "tiff_lzw"}
+    return {}
+
+
+def to_pil(data: ImageData, rgb: np.ndarray | None = None) -> Image.Image:
+    rgb = data.rgb if rgb is None else rgb
+    if data.alpha is not None:
+        return Image.fromarray(np.dstack([rgb, data.alpha]), "RGBA")
+    if data.grayscale:
+        return Image.fromarray(rgb, "RGB").convert("L")
+    return Image.fromarray(rgb, "RGB")
+
+
+def write_image(path: str | Path, data: ImageData, rgb: np.ndarray | None = None) -> Path:
+    """Write `rgb` (default: data.rgb) in the form of `data` (alpha, grayscale), atomically, tagged synthetic."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in IMAGE_EXTENSIONS:
+        raise OutputError(f"unsupported output image type '{path.suffix}' (use one of {', '.join(IMAGE_EXTENSIONS)})")
+    image = to_pil(data, rgb)
+    if suffix in (".jpg", ".jpeg", ".bmp") and image.mode == "RGBA":
+        image = image.convert("RGB")
+    tmp = temp_path_for(path)
+    fmt = Image.registered_extensions()[suffix]
+    try:
+        image.save(tmp, format=fmt, **_save_kwargs(image, suffix, synthetic_tag()))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _natural_key(name: str) -> list:
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
+
+
+def list_frames(folder: str | Path) -> list[Path]:
+    """Image files of a frame folder in natural sort order (frame2 before frame10)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"not a folder: {folder}")
+    frames = [p for p in folder.iterdir() if p.is_file() and is_image_path(p)]
+    if not frames:
+        raise InputError(f"no image frames (png/jpg/webp/tiff) in folder: {folder}")
+    return sorted(frames, key=lambda p: _natural_key(p.name))

@@ -1,0 +1,34 @@
+"""Output-path rules shared by every writer: no overwrite without --force, never the input, temp + rename."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from apple_video.errors import InputError, OutputError
+
+
+def temp_path_for(path: Path) -> Path:
+    """A hidden sibling used while writing, so a crash never leaves a half-written output."""
+    return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+
+
+def check_input(path: Path) -> Path:
+    if not path.exists():
+        raise InputError(f"input not found: {path}")
+    if path.is_file() and path.stat().st_size == 0:
+        raise InputError(f"input is empty (0 bytes): {path}")
+    return path
+
+
+def check_output(output: Path, inputs: list[Path], force: bool) -> Path:
+    """Refuse outputs that would lose data or cannot be written."""
+    resolved = output.resolve()
+    for source in inputs:
+        if source.exists() and resolved == source.resolve():
+            raise OutputError(f"output path equals an input: {output}")
+    if not resolved.parent.is_dir():
+        raise OutputError(f"output directory does not exist: {output.parent}")
+    if output.exists() and not force:
+        raise OutputError(f"output exists: {output} (use --force to overwrite)")
+    return output

@@ -1,0 +1,137 @@
+"""Synthetic test and example media: clips in which a real photographed face moves and scales, with audio.
+
+Used by the test suite, the benchmarks and the bundled example; the photos come from packages
+(matplotlib's grace_hopper.jpg, scikit-image's astronaut) or from `examples/`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import cv2
+import numpy as np
+
+ASTRONAUT_FACE_BOX = (175, 76, 265, 166)  # x0, y0, x1, y1 of Eileen Collins' face in skimage's astronaut()
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where the face patch's centre goes in a frame, and its scale."""
+
+    cx: float
+    cy: float
+    scale: float
+
+
+def background(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """A textured, non-constant background so that 'untouched' checks mean something."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = np.stack([(xx * 255 / max(width - 1, 1)), (yy * 255 / max(height - 1, 1)), 128 + 0 * xx], axis=-1)
+    noise = rng.integers(-20, 21, size=(height, width, 3))
+    return np.clip(base * 0.6 + 40 + noise, 0, 255).astype(np.uint8)
+
+
+def paste_patch(frame: np.ndarray, patch: np.ndarray, where: Placement) -> np.ndarray:
+    """Paste `patch` scaled by `where.scale` centred at (cx, cy) with a soft oval edge (sub-pixel placement)."""
+    h, w = patch.shape[:2]
+    out_h, out_w = frame.shape[:2]
+    matrix = np.array(
+        [[where.scale, 0, where.cx - where.scale * w / 2], [0, where.scale, where.cy - where.scale * h / 2]],
+        dtype=np.float64,
+    )
+    warped = cv2.warpAffine(patch, matrix, (out_w, out_h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    oval = np.zeros((h, w), np.float32)
+    cv2.ellipse(oval, (w // 2, h // 2), (int(w * 0.47), int(h * 0.49)), 0, 0, 360, 1.0, -1)
+    oval = cv2.GaussianBlur(oval, (0, 0), max(w, h) * 0.03)
+    alpha = cv2.warpAffine(oval, matrix, (out_w, out_h), flags=cv2.INTER_LINEAR)[..., None]
+    return np.clip(frame * (1 - alpha) + warped * alpha + 0.5, 0, 255).astype(np.uint8)
+
+
+def smooth_path(n: int, width: int, height: int, patch_size: int) -> list[Placement]:
+    """A smooth left-right / up-down drift with a slow zoom, as a handheld shot might have."""
+    path = []
+    for i in range(n):
+        t = i / max(n - 1, 1)
+        scale = 1.0 + 0.35 * math.sin(math.pi * t)
+        margin = patch_size * scale / 2 + 4
+        cx = width / 2 + (width / 2 - margin) * 0.6 * math.sin(2 * math.pi * t)
+        cy = height / 2 + (height / 2 - margin) * 0.3 * math.sin(math.pi * t)
+        path.append(Placement(cx, cy, scale))
+    return path
+
+
+def face_frames(patch: np.ndarray, size: tuple[int, int], path: list[Placement], seed: int = 0) -> list[np.ndarray]:
+    width, height = size
+    bg = background(width, height, seed)
+    return [paste_patch(bg, patch, where) for where in path]
+
+
+def _audio_samples(seconds: float, rate: int, freq: float) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    tone = (0.3 * np.sin(2 * np.pi * freq * t)).astype(np.float32)
+    return np.stack([tone, tone])
+
+
+def write_clip(
+    path: Path,
+    frames: list[np.ndarray] | Callable[[int], np.ndarray],
+    count: int | None = None,
+    fps: int = 15,
+    audio_streams: int = 1,
+    vfr: bool = False,
+    rotation: int = 0,
+    codec: str = "libx264",
+    crf: int = 12,
+) -> Path:
+    """Encode frames (RGB uint8) to `path` with `audio_streams` AAC tone tracks; VFR gives uneven frame gaps."""
+    count = len(frames) if count is None else count
+    get = frames if callable(frames) else frames.__getitem__
+    first = get(0)
+    height, width = first.shape[:2]
+    time_base = Fraction(1, fps * 1000)
+    step = 1000
+    pts = [i * step + (step * 2 // 3 if vfr and i % 3 == 2 else 0) + (i // 3) * (step // 2 if vfr else 0) for i in range(count)]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height = width, height
+        stream.pix_fmt = "yuv444p" if (width % 2 or height % 2) else "yuv420p"
+        stream.time_base = time_base
+        stream.codec_context.time_base = time_base
+        stream.options = {"crf": str(crf), "preset": "veryfast", "g": "15"}
+        if rotation:
+            stream.set_display_rotation(rotation)
+        duration = float((pts[-1] + step) * time_base)
+        audio = []
+        for k in range(audio_streams):
+            a = out.add_stream("aac", rate=44100)
+            a.layout = "stereo"
+            audio.append((a, _audio_samples(duration, 44100, 440.0 * (k + 1))))
+        for i in range(count):
+            frame = av.VideoFrame.from_ndarray(get(i), format="rgb24")
+            frame.pts, frame.time_base = pts[i], time_base
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+        for a, samples in audio:
+            for start in range(0, samples.shape[1], 1024):
+                chunk = np.ascontiguousarray(samples[:, start : start + 1024])
+                frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="stereo")
+                frame.sample_rate = 44100
+                frame.pts = start
+                out.mux(a.encode(frame))
+            out.mux(a.encode(None))
+    return path
+
+
+def face_patch(photo: np.ndarray, box: tuple[int, int, int, int], margin: float = 0.6) -> np.ndarray:
+    """Crop a face box with a margin around it (keeps forehead, chin and some hair)."""
+    x0, y0, x1, y1 = box
+    w, h = x1 - x0, y1 - y0
+    mx, my = int(w * margin), int(h * margin)
+    H, W = photo.shape[:2]
+    return np.ascontiguousarray(photo[max(0, y0 - my) : min(H, y1 + my), max(0, x0 - mx) : min(W, x1 + mx)])

@@ -1,0 +1,384 @@
+"""Video on PyAV: probe, chunked streaming decode, encode with the input's timestamps, concat + audio remux."""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+
+from apple_video.errors import DecodeError, InputError, OutputError
+from apple_video.media.metadata import synthetic_tag
+from apple_video.media.paths import check_input, temp_path_for
+
+logger = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".mxf", ".wmv", ".gif")
+VIDEO_CODECS = ("libx264", "libx264rgb", "libx265", "libvpx-vp9", "libsvtav1", "h264_nvenc", "hevc_nvenc", "ffv1")
+_AUDIO_OK = {
+    ".mp4": {"aac", "mp3", "ac3", "eac3", "alac", "flac", "opus"},
+    ".m4v": {"aac", "mp3", "ac3", "eac3", "alac"},
+    ".mov": {"aac", "mp3", "ac3", "eac3", "alac", "pcm_s16le", "pcm_s24le", "pcm_s16be", "pcm_f32le"},
+    ".webm": {"opus", "vorbis"},
+}
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    index: int
+    codec: str
+    sample_rate: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the engine needs to know about a clip. `pts` are the presentation timestamps in display order."""
+
+    path: Path
+    width: int
+    height: int
+    codec: str
+    pix_fmt: str
+    time_base: Fraction
+    fps: Fraction
+    pts: tuple[int, ...]
+    keyframes: tuple[int, ...]  # frame indices that start a GOP
+    rotation: int
+    audio: tuple[AudioInfo, ...]
+    color: dict = field(default_factory=dict)
+
+    @property
+    def frame_count(self) -> int:
+        return len(self.pts)
+
+    @property
+    def duration(self) -> float:
+        if not self.pts:
+            return 0.0
+        step = 1 / float(self.fps) if self.fps else 0.0
+        return float((self.pts[-1] - self.pts[0]) * self.time_base) + step
+
+    @property
+    def vfr(self) -> bool:
+        if len(self.pts) < 3:
+            return False
+        deltas = np.diff(np.asarray(self.pts, dtype=np.int64))
+        return int(deltas.max()) - int(deltas.min()) > max(1, int(deltas.min()) // 100)
+
+    @property
+    def display_size(self) -> tuple[int, int]:
+        """(width, height) as shown, after the rotation metadata."""
+        return (self.height, self.width) if self.rotation % 180 else (self.width, self.height)
+
+
+def is_video_path(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTENSIONS
+
+
+def _open(path: Path) -> av.container.InputContainer:
+    check_input(path)
+    try:
+        return av.open(str(path))
+    except (av.FFmpegError, UnicodeDecodeError, ValueError) as error:
+        raise InputError(f"cannot open {path}: not a readable video ({error.__class__.__name__})") from None
+
+
+def _color_of(stream: av.video.stream.VideoStream) -> dict:
+    ctx = stream.codec_context
+    color = {}
+    for name in ("color_range", "colorspace", "color_primaries", "color_trc"):
+        value = getattr(ctx, name, None)
+        if value is not None:
+            color[name] = int(value)
+    return color
+
+
+def probe(path: str | Path) -> VideoInfo:
+    """Demux every video packet (no decoding) for an exact frame count, timestamps and keyframes."""
+    path = Path(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise InputError(f"no video stream in {path}")
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        time_base = stream.time_base or Fraction(1, 90000)
+        entries: list[tuple[int, bool]] = []
+        try:
+            for packet in container.demux(stream):
+                ts = packet.pts if packet.pts is not None else packet.dts
+                if ts is None or packet.size == 0:
+                    continue
+                entries.append((ts, packet.is_keyframe))
+        except av.FFmpegError as error:
+            logger.warning("demuxing %s stopped early: %s", path, error)
+        if not entries:
+            raise InputError(f"no decodable video frames in {path}")
+        entries.sort()
+        pts = tuple(ts for ts, _ in entries)
+        keyframes = tuple(i for i, (_, key) in enumerate(entries) if key) or (0,)
+        rate = stream.average_rate or stream.guessed_rate or Fraction(25)
+        rotation = _first_frame_rotation(path)
+        audio = tuple(
+            AudioInfo(a.index, a.codec_context.name, a.codec_context.sample_rate or 0, a.codec_context.channels or 0)
+            for a in container.streams.audio
+        )
+        return VideoInfo(
+            path=path,
+            width=ctx.width,
+            height=ctx.height,
+            codec=ctx.name,
+            pix_fmt=ctx.pix_fmt or "yuv420p",
+            time_base=Fraction(time_base),
+            fps=Fraction(rate),
+            pts=pts,
+            keyframes=keyframes,
+            rotation=rotation,
+            audio=audio,
+            color=_color_of(stream),
+        )
+
+
+def _first_frame_rotation(path: Path) -> int:
+    try:
+        with av.open(str(path)) as container:
+            for frame in container.decode(video=0):
+                return int(round(frame.rotation or 0)) % 360
+    except av.FFmpegError:
+        return 0
+    return 0
+
+
+@dataclass
+class DecodedFrame:
+    index: int
+    pts: int
+    rgb: np.ndarray  # stored orientation; see `to_display`
+
+
+def to_display(rgb: np.ndarray, rotation: int) -> np.ndarray:
+    """Rotate stored pixels to how they are shown (display matrix: counter-clockwise degrees)."""
+    k = (rotation // 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, k)) if k else rgb
+
+
+def from_display(rgb: np.ndarray, rotation: int) -> np.ndarray:
+    k = (rotation // 90) % 4
+    return np.ascontiguousarray(np.rot90(rgb, -k)) if k else rgb
+
+
+def decode_frames(info: VideoInfo, start: int = 0, stop: int | None = None) -> Iterator[DecodedFrame]:
+    """Yield frames [start, stop) in display order, seeking to the keyframe before `start`. Bounded memory."""
+    stop = info.frame_count if stop is None else min(stop, info.frame_count)
+    if start >= stop:
+        return
+    start_pts = info.pts[start]
+    stop_pts = info.pts[stop] if stop < info.frame_count else None
+    index = start
+    with _open(info.path) as container:
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"
+        try:
+            if start > 0:
+                container.seek(start_pts, stream=stream, backward=True, any_frame=False)
+            for packet in container.demux(stream):
+                for frame in packet.decode():
+                    pts = frame.pts if frame.pts is not None else info.pts[min(index, stop - 1)]
+                    if pts < start_pts:
+                        continue
+                    if stop_pts is not None and pts >= stop_pts:
+                        return
+                    yield DecodedFrame(index, pts, frame.to_ndarray(format="rgb24"))
+                    index += 1
+                    if index >= stop:
+                        return
+        except av.FFmpegError as error:
+            raise DecodeError(f"{info.path}: decoding failed at frame {index}: {error}", index) from None
+    if index < stop:
+        raise DecodeError(f"{info.path}: video is truncated or corrupt: decoding stopped at frame {index} of {stop}", index)
+
+
+@dataclass(frozen=True)
+class EncodeSettings:
+    codec: str = "libx264"
+    crf: int = 18
+    preset: str = "veryfast"
+    pix_fmt: str | None = None
+
+
+def default_codec_for(path: Path) -> str:
+    return "libvpx-vp9" if path.suffix.lower() == ".webm" else "libx264"
+
+
+def _pix_fmt(settings: EncodeSettings, width: int, height: int) -> str:
+    if settings.pix_fmt:
+        return settings.pix_fmt
+    if settings.codec == "libx264rgb":
+        return "rgb24"
+    if settings.codec == "ffv1":
+        return "bgr0"
+    odd = width % 2 or height % 2
+    if settings.codec in ("h264_nvenc", "hevc_nvenc", "libsvtav1"):
+        return "yuv420p"
+    return "yuv444p" if odd else "yuv420p"
+
+
+def _codec_options(settings: EncodeSettings) -> dict[str, str]:
+    crf = str(settings.crf)
+    if settings.codec in ("libx264", "libx264rgb"):
+        return {"crf": crf, "preset": settings.preset}
+    if settings.codec == "libx265":
+        return {"crf": crf, "preset": settings.preset, "x265-params": "log-level=error"}
+    if settings.codec == "libvpx-vp9":
+        return {"crf": crf, "b": "0", "deadline": "good", "cpu-used": "8", "row-mt": "1"}
+    if settings.codec == "libsvtav1":
+        return {"crf": crf, "preset": "10"}
+    if settings.codec in ("h264_nvenc", "hevc_nvenc"):
+        return {"cq": crf, "preset": "p4"}
+    return {}
+
+
+class VideoWriter:
+    """Encode RGB frames at given pts (the input's), keeping time base, rotation and colour metadata."""
+
+    def __init__(self, path: Path, info: VideoInfo, settings: EncodeSettings, tag: bool = True) -> None:
+        self.path = path
+        if settings.codec not in av.codecs_available:
+            raise OutputError(f"video encoder '{settings.codec}' is not available in this PyAV build")
+        self.container = av.open(str(path), "w")
+        stream = self.container.add_stream(settings.codec, rate=info.fps)
+        stream.width, stream.height = info.width, info.height
+        stream.pix_fmt = _pix_fmt(settings, info.width, info.height)
+        stream.time_base = info.time_base
+        stream.codec_context.time_base = info.time_base
+        stream.codec_context.max_b_frames = 0  # chunks are concatenated: keep dts == pts
+        stream.options = _codec_options(settings)
+        for name, value in info.color.items():
+            try:
+                setattr(stream.codec_context, name, value)
+            except (AttributeError, TypeError, ValueError):
+                pass
+        if info.rotation:
+            stream.set_display_rotation(info.rotation)
+        if tag:
+            self.container.metadata["comment"] = synthetic_tag()
+        self.stream = stream
+        self.time_base = info.time_base
+
+    def write(self, rgb: np.ndarray, pts: int) -> None:
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        frame.pts = pts
+        frame.time_base = self.time_base
+        self.container.mux(self.stream.encode(frame))
+
+    def close(self) -> None:
+        self.container.mux(self.stream.encode(None))
+        self.container.close()
+
+    def __enter__(self) -> VideoWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if exc[0] is None:
+            self.close()
+        else:
+            self.container.close()
+
+
+def _packets(path: Path, kind: str, out_streams: dict[int, av.stream.Stream]) -> Iterator[tuple[float, int, av.Packet]]:
+    """Packets of one input file, tagged with their time in seconds for merging."""
+    with av.open(str(path)) as container:
+        streams = [s for s in container.streams if s.type == kind]
+        for packet in container.demux(streams):
+            if packet.dts is None or packet.size == 0:
+                continue
+            target = out_streams.get(packet.stream.index)
+            if target is None:
+                continue
+            seconds = float(packet.dts * packet.time_base)
+            packet.stream = target
+            yield seconds, id(target), packet
+
+
+def _add_audio_streams(out: av.container.OutputContainer, source: Path, suffix: str) -> tuple[dict, list]:
+    """Copy audio streams when the container allows the codec; the rest are re-encoded to AAC/Opus."""
+    copies: dict[int, av.stream.Stream] = {}
+    reencode: list[tuple[int, av.stream.Stream]] = []
+    allowed = _AUDIO_OK.get(suffix)
+    with av.open(str(source)) as container:
+        for stream in container.streams.audio:
+            if allowed is None or stream.codec_context.name in allowed:
+                copies[stream.index] = out.add_stream_from_template(stream)
+            else:
+                codec = "libopus" if suffix == ".webm" else "aac"
+                new = out.add_stream(codec, rate=stream.codec_context.sample_rate or 48000)
+                new.layout = stream.codec_context.layout.name if stream.codec_context.layout else "stereo"
+                reencode.append((stream.index, new))
+    return copies, reencode
+
+
+def _reencoded_audio(source: Path, targets: list[tuple[int, av.stream.Stream]]) -> Iterator[tuple[float, int, av.Packet]]:
+    if not targets:
+        return
+    by_index = dict(targets)
+    with av.open(str(source)) as container:
+        streams = [s for s in container.streams.audio if s.index in by_index]
+        for packet in container.demux(streams):
+            target = by_index[packet.stream.index]
+            frames = packet.decode() if packet.size else [None]
+            for frame in frames:
+                if frame is not None:
+                    frame.pts = None
+                for out_packet in target.encode(frame):
+                    if out_packet.dts is None:
+                        continue
+                    yield float(out_packet.dts * out_packet.time_base), id(target), out_packet
+
+
+def _restamped(packets: Iterator[tuple[float, int, av.Packet]], pts: Sequence[int], time_base: Fraction):
+    """Give video packets the input's exact timestamps (containers round them, e.g. mp4 edit lists)."""
+    for (_, key, packet), stamp in zip(packets, pts, strict=False):
+        packet.pts = packet.dts = stamp
+        packet.time_base = time_base
+        yield float(stamp * time_base), key, packet
+
+
+def concat_chunks(
+    chunks: list[Path], output: Path, audio_source: Path | None, pts: Sequence[int], time_base: Fraction, rotation: int = 0
+) -> Path:
+    """Join chunk files into `output` (temp file + rename), muxing the audio of `audio_source` beside them.
+
+    Chunks hold frames in display order without B-frames, so packet k is frame k and gets `pts[k]`.
+    """
+    if not chunks:
+        raise OutputError("nothing to write: no chunks were rendered")
+    tmp = temp_path_for(output)
+    suffix = output.suffix.lower()
+    try:
+        with av.open(str(chunks[0])) as first, av.open(str(tmp), "w") as out:
+            video_in = first.streams.video[0]
+            video_out = out.add_stream_from_template(video_in)
+            video_out.time_base = time_base
+            if rotation:
+                video_out.set_display_rotation(rotation)
+            copies, reencode = _add_audio_streams(out, audio_source, suffix) if audio_source else ({}, [])
+            out.metadata["comment"] = synthetic_tag()
+            video_packets = _restamped(
+                (p for chunk in chunks for p in _packets(chunk, "video", {video_in.index: video_out})), pts, time_base
+            )
+            audio_packets = _packets(audio_source, "audio", copies) if copies else iter(())
+            encoded = _reencoded_audio(audio_source, reencode) if reencode else iter(())
+            for _, _, packet in heapq.merge(video_packets, audio_packets, encoded, key=lambda item: item[0]):
+                out.mux(packet)
+            for _, stream in reencode:
+                out.mux(stream.encode(None))
+        os.replace(tmp, output)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return output

@@ -1,0 +1,393 @@
+"""apple-video command line: parses and validates options, then calls one function per command."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import traceback
+from pathlib import Path
+
+import click
+
+from apple_video import __version__
+from apple_video.errors import AppleVideoError, InputError, NotBuiltError, OutputError, UserError
+
+logger = logging.getLogger("apple_video")
+
+QUALITY_HELP = "0 (smallest) .. 100 (best); mapped to the encoder's CRF like FaceFusion (80 -> CRF 10)"
+
+
+def _setup_logging(verbose: int, quiet: bool) -> None:
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
+    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
+    logging.getLogger().setLevel(level)
+    for noisy in ("ray", "filelock", "urllib3", "PIL", "matplotlib"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="apple-video")
+@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-q", "--quiet", is_flag=True, help="Only errors.")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
+    """Swap a consenting person's face into videos, frame folders and images with APPLE
+    (diffusion, FLUX.1-Krea + PuLID), or the classic landmark swapper when no model weights are present.
+
+    Every output is tagged as synthetic media."""
+    _setup_logging(verbose, quiet)
+    ctx.obj = {"debug": debug}
+
+
+def _video_encode(encoder: str | None, quality: int, preset: str, output: Path):
+    from apple_video.media.video import EncodeSettings, default_codec_for
+
+    codec = encoder or default_codec_for(output)
+    crf = round(51 - quality * 0.51) if codec != "libvpx-vp9" else round(63 - quality * 0.63)
+    return EncodeSettings(codec=codec, crf=crf, preset=preset)
+
+
+def _split_paths(paths: tuple[str, ...], extra_sources: tuple[str, ...]) -> tuple[list[Path], Path]:
+    if not paths:
+        raise UserError("missing arguments: give SOURCE... TARGET (e.g. `apple-video swap face.jpg clip.mp4 -o out.mp4`)")
+    if len(paths) == 1 and not extra_sources:
+        raise UserError("missing TARGET: give the source photo(s) first and the video/image/folder last")
+    sources = [Path(p) for p in extra_sources] + [Path(p) for p in paths[:-1]]
+    return sources, Path(paths[-1])
+
+
+def _check_sources(sources: list[Path], target: Path) -> None:
+    from apple_video.media.images import is_image_path
+
+    for source in sources:
+        if not source.exists():
+            raise InputError(f"source photo not found: {source}")
+        if source.is_dir() or not is_image_path(source):
+            raise InputError(f"source must be a photo (png/jpg/webp/tiff): {source}")
+        if source.stat().st_size == 0:
+            raise InputError(f"source photo is empty (0 bytes): {source}")
+    if not target.exists():
+        raise InputError(f"input not found: {target}")
+    if target.is_file() and target.stat().st_size == 0:
+        raise InputError(f"input is empty (0 bytes): {target}")
+
+
+def _kind_of(target: Path) -> str:
+    from apple_video.media.images import IMAGE_EXTENSIONS, is_image_path
+    from apple_video.media.video import is_video_path
+
+    if target.is_dir():
+        entries = [p for p in target.iterdir() if p.is_file()]
+        if any(is_video_path(p) for p in entries) and not any(is_image_path(p) for p in entries):
+            return "batch"
+        return "folder"
+    if target.suffix.lower() == ".txt":
+        return "batch"
+    if is_image_path(target):
+        return "image"
+    if is_video_path(target):
+        return "video"
+    raise InputError(f"unsupported input type '{target.suffix}' (videos: mp4/mov/mkv/webm/avi..., images: "
+                     f"{'/'.join(e.strip('.') for e in IMAGE_EXTENSIONS)}, or a folder of frames)")
+
+
+def _check_output_for(kind: str, target: Path, output: Path, sources: list[Path], force: bool) -> None:
+    from apple_video.engine.run import job_dir_for
+    from apple_video.media.images import is_image_path
+    from apple_video.media.paths import check_output
+    from apple_video.media.video import is_video_path
+
+    if kind == "image" and not is_image_path(output):
+        raise OutputError(f"output of an image swap must be an image file (png/jpg/webp/tiff): {output}")
+    if kind == "video" and not is_video_path(output):
+        raise OutputError(f"output of a video swap must be a video file (mp4/mov/mkv/webm): {output}")
+    if kind in ("folder", "batch"):
+        if output.resolve() == target.resolve():
+            raise OutputError(f"output path equals the input: {output}")
+        if output.exists() and not output.is_dir():
+            raise OutputError(f"output must be a folder for a {kind} input: {output}")
+        if not output.resolve().parent.is_dir():
+            raise OutputError(f"output directory does not exist: {output.parent}")
+        resumable = job_dir_for(output).exists()
+        if kind == "folder" and output.is_dir() and any(output.iterdir()) and not (force or resumable):
+            raise OutputError(f"output folder is not empty: {output} (use --force to overwrite)")
+        return
+    check_output(output, [target, *sources], force)
+
+
+def _settings_from(opts: dict):
+    from apple_video.engine.settings import ModelOptions, SwapSettings
+    from apple_video.faces.detect import DetectorSettings
+    from apple_video.faces.mask import MASK_REGIONS, MaskSettings
+    from apple_video.faces.select import SelectorSettings
+
+    angles = tuple(sorted({int(a) for a in opts["face_detector_angles"]})) or (0,)
+    regions = tuple(opts["face_mask_regions"]) or MASK_REGIONS
+    return SwapSettings(
+        swapper=opts["swapper"],
+        model=ModelOptions(preset=opts["preset"], steps=opts["steps"], id_weight=opts["id_weight"],
+                           inversion=not opts["no_inversion"], device=opts["device"]),
+        detector=DetectorSettings(name=opts["face_detector"], score=opts["face_detector_score"],
+                                  size=opts["face_detector_size"], angles=angles),
+        selector=SelectorSettings(mode=opts["face_selector_mode"], order=opts["face_selector_order"],
+                                  reference_frame_number=opts["reference_frame_number"],
+                                  reference_face_position=opts["reference_face_position"],
+                                  reference_face_distance=opts["reference_face_distance"]),
+        mask=MaskSettings(regions=regions, blur=opts["face_mask_blur"], padding=tuple(opts["face_mask_padding"])),
+        encode=_video_encode(opts["output_video_encoder"], opts["output_video_quality"], opts["output_video_preset"],
+                             Path(opts["output"])),
+        chunk_frames=opts["chunk_frames"],
+        batch_size=opts["batch_size"],
+        seed=opts["seed"],
+        executor=opts["executor"],
+        ray_address=opts["ray_address"],
+        num_gpus=opts["num_gpus"],
+        workers=opts["workers"],
+        force=opts["force"],
+    )
+
+
+def swap_options(func):
+    from apple_video.engine.settings import SWAPPER_CHOICES
+    from apple_video.faces.detect import DETECTOR_CHOICES
+    from apple_video.faces.mask import MASK_REGIONS
+    from apple_video.faces.select import SELECTOR_MODES, SELECTOR_ORDERS
+    from apple_video.media.video import VIDEO_CODECS
+
+    options = [
+        click.option("-s", "--source", "extra_sources", multiple=True, type=click.Path(),
+                     help="Source photo (repeatable); several photos are combined into one identity."),
+        click.option("-o", "--output", required=True, type=click.Path(), help="Output file or folder."),
+        click.option("--force", is_flag=True, help="Overwrite the output and start the job over (no resume)."),
+        click.option("--swapper", type=click.Choice(SWAPPER_CHOICES), default="auto", show_default=True,
+                     help="auto: APPLE when its weights (or --preset) are available, else classic."),
+        click.option("--preset", default=None, help="Model preset: krea-512 (real weights) or tiny (random, for tests)."),
+        click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Inversion and sampling steps."),
+        click.option("--id-weight", type=click.FloatRange(0, 5), default=None, help="Identity strength (PuLID id_weight)."),
+        click.option("--no-inversion", is_flag=True, help="Sample from seeded noise instead of attribute-aware inversion."),
+        click.option("--seed", type=int, default=0, show_default=True, help="Random seed (outputs are reproducible)."),
+        click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+        click.option("--face-detector", "--face-detector-model", "face_detector", type=click.Choice(DETECTOR_CHOICES),
+                     default="auto", show_default=True, help="auto: insightface when its weights exist, else dlib."),
+        click.option("--face-detector-score", type=click.FloatRange(0, 1), default=0.5, show_default=True),
+        click.option("--face-detector-size", type=click.IntRange(160, 2048), default=640, show_default=True,
+                     help="Longest side the detector sees."),
+        click.option("--face-detector-angles", multiple=True, type=click.Choice(["0", "90", "180", "270"]),
+                     default=("0",), show_default=True, help="Also look for faces rotated by these angles."),
+        click.option("--face-selector-mode", type=click.Choice(SELECTOR_MODES), default="reference", show_default=True,
+                     help="reference: one chosen person tracked through the clip; one: one face per frame; many: all."),
+        click.option("--face-selector-order", type=click.Choice(SELECTOR_ORDERS), default="large-small", show_default=True),
+        click.option("--reference-frame-number", type=click.IntRange(0), default=None,
+                     help="Frame to pick the reference face from (default: first frame with a face)."),
+        click.option("--reference-face-position", type=click.IntRange(0), default=0, show_default=True,
+                     help="K-th face of the reference frame, in --face-selector-order."),
+        click.option("--reference-face-distance", type=click.FloatRange(0, 1), default=0.3, show_default=True,
+                     help="Other tracks this close to the reference identity are swapped too."),
+        click.option("--face-mask-regions", multiple=True, type=click.Choice(MASK_REGIONS),
+                     help="Regions to replace (default all); leave out 'mouth' to keep the target's mouth."),
+        click.option("--face-mask-blur", type=click.FloatRange(0, 1), default=0.3, show_default=True),
+        click.option("--face-mask-padding", nargs=4, type=click.IntRange(0, 100), default=(0, 0, 0, 0),
+                     show_default=True, help="Top right bottom left, percent."),
+        click.option("--output-video-encoder", type=click.Choice(VIDEO_CODECS), default=None,
+                     help="Default libx264 (libvpx-vp9 for .webm). ffv1 or libx264rgb with quality 100 are lossless."),
+        click.option("--output-video-quality", type=click.IntRange(0, 100), default=80, show_default=True, help=QUALITY_HELP),
+        click.option("--output-video-preset", default="veryfast", show_default=True),
+        click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+                     help="local (in-process) or ray (Ray Data actors). Default: ray when --ray-address is given."),
+        click.option("--ray-address", default=None, help="Ray cluster address ('auto' for a running cluster)."),
+        click.option("--num-gpus", type=click.FloatRange(0), default=None,
+                     help="GPUs per swap actor (fractional allowed). Default 1 when CUDA is present, else 0."),
+        click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Actors per stage on Ray."),
+        click.option("--chunk-frames", type=click.IntRange(1), default=48, show_default=True,
+                     help="Frames per chunk: the unit of parallel work, memory and resume."),
+        click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Face crops per model call."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@swap_options
+def swap(paths: tuple[str, ...], **opts) -> None:
+    """Swap the face in SOURCE photo(s) into TARGET: a video, a folder of frames, an image,
+    or a folder / .txt list of videos (batch).
+
+    \b
+      apple-video swap face.jpg clip.mp4 -o out.mp4
+      apple-video swap face.jpg frames/ -o out_frames/
+      apple-video swap face.jpg photo.jpg -o out.png
+      apple-video swap face.jpg clips/ -o out/ --ray-address auto
+
+    An interrupted video or folder job resumes when the same command is run again."""
+    from apple_video.engine.batch import swap_batch
+    from apple_video.engine.run import swap_any
+
+    sources, target = _split_paths(paths, opts["extra_sources"])
+    _check_sources(sources, target)
+    kind = _kind_of(target)
+    output = Path(opts["output"])
+    _check_output_for(kind, target, output, sources, opts["force"])
+    _resolve_runtime(opts)
+    settings = _settings_from(opts)
+    if kind == "batch":
+        summaries = swap_batch(sources, target, output, settings)
+        failed = [s for s in summaries if s.status != "ok"]
+        for summary in summaries:
+            click.echo(summary.line())
+        click.echo(f"{len(summaries) - len(failed)} of {len(summaries)} clips done -> {output}")
+        if failed:
+            sys.exit(1)
+        return
+    summary = swap_any(sources, target, output, settings)
+    click.echo(summary.line())
+
+
+def _resolve_runtime(opts: dict) -> None:
+    if opts["executor"] is None:
+        opts["executor"] = "ray" if opts["ray_address"] else "local"
+    if opts["num_gpus"] is None:
+        import torch
+
+        opts["num_gpus"] = 1.0 if torch.cuda.is_available() else 0.0
+    elif opts["num_gpus"] > 0:
+        import torch
+
+        if not torch.cuda.is_available() and opts["ray_address"] in (None, "local"):
+            from apple_video.errors import DeviceError
+
+            raise DeviceError("--num-gpus was given but CUDA is not usable on this machine (refusing to run on the CPU)")
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--frames", "count", type=click.IntRange(1, 16), default=4, show_default=True, help="Frames in the sheet.")
+@swap_options
+def preview(paths: tuple[str, ...], count: int, **opts) -> None:
+    """Swap a few frames spread over a clip and write a before/after contact sheet (PNG)."""
+    from apple_video.engine.preview import make_preview
+
+    sources, target = _split_paths(paths, opts["extra_sources"])
+    _check_sources(sources, target)
+    output = Path(opts["output"])
+    if output.suffix.lower() != ".png":
+        raise OutputError(f"the preview sheet is a PNG: {output}")
+    from apple_video.media.paths import check_output
+
+    check_output(output, [target, *sources], opts["force"])
+    _resolve_runtime(opts)
+    settings = _settings_from(opts)
+    click.echo(make_preview(sources, target, output, settings, count))
+
+
+@cli.group()
+def weights() -> None:
+    """Which model files are present, where they go, and fetching them."""
+
+
+@weights.command("check")
+def weights_check() -> None:
+    """Report each model file as present, missing or corrupt (exit 1 if any APPLE file is missing)."""
+    from apple_video.models import registry
+
+    missing = 0
+    for entry in registry.REGISTRY:
+        state, path = registry.status(entry)
+        missing += state != "present"
+        click.echo(f"{state:8s} {entry.name:20s} {path}")
+    click.echo("all model files present" if not missing else
+               f"{missing} missing: the classic swapper is used until they are present (`apple-video weights where`)")
+
+
+@weights.command("where")
+def weights_where() -> None:
+    """Where each model file is looked for and how to get it."""
+    from apple_video.models import registry
+
+    click.echo(f"weights home: {registry.weights_home()}  (set APPLE_VIDEO_HOME to move it)")
+    for entry in registry.REGISTRY:
+        source = f"hf://{entry.repo}/{entry.repo_file or ''}" if entry.repo else "see description"
+        click.echo(f"{entry.name:20s} -> {registry.candidates(entry)[0]}\n{'':20s}    {entry.purpose}; from {source}"
+                   f"{' (gated: accept the licence on huggingface.co and set HF_TOKEN)' if entry.gated else ''}")
+
+
+@weights.command("download")
+@click.argument("names", nargs=-1)
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the hub.")
+def weights_download(names: tuple[str, ...], timeout: float) -> None:
+    """Download model files from the Hugging Face hub (resumable)."""
+    from apple_video.models.download import download
+
+    for line in download(list(names), timeout):
+        click.echo(line)
+
+
+def _not_built(name: str) -> None:
+    raise NotBuiltError(f"`apple-video {name}` is not built yet in this version")
+
+
+@cli.group()
+def train() -> None:
+    """Train the APPLE teacher, make pseudo-labels, train the student."""
+
+
+for _stage in ("teacher", "pseudo-labels", "student"):
+
+    @train.command(_stage)
+    @click.option("--config", type=click.Path(), required=False, help="Stage config (configs/train/*.yaml).")
+    def _train_stage(config: str | None, _name: str = _stage) -> None:
+        _not_built(f"train {_name}")
+
+
+@cli.command("prepare-data")
+@click.argument("raw_dir", type=click.Path())
+@click.option("-o", "--output", type=click.Path(), required=False)
+def prepare_data(raw_dir: str, output: str | None) -> None:
+    """Align, parse and cache a face data set for training."""
+    _not_built("prepare-data")
+
+
+@cli.command("eval")
+@click.argument("args", nargs=-1)
+def evaluate(args: tuple[str, ...]) -> None:
+    """Identity / pose / expression / temporal metrics of swapped outputs."""
+    _not_built("eval")
+
+
+def main(argv: list[str] | None = None) -> None:
+    debug = "--debug" in (argv if argv is not None else sys.argv)
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.UsageError as error:
+        click.echo(f"error: {error.format_message()}", err=True)
+        sys.exit(2)
+    except UserError as error:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except AppleVideoError as error:
+        if debug:
+            traceback.print_exc()
+        click.echo(f"error: {error}", err=True)
+        sys.exit(error.exit_code)
+    except KeyboardInterrupt:
+        click.echo("interrupted: run the same command again to resume", err=True)
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 - the last line of defence: one line, exit 1
+        if debug:
+            traceback.print_exc()
+        else:
+            click.echo(f"internal error: {error.__class__.__name__}: {error} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

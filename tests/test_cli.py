@@ -1,0 +1,92 @@
+"""The command line as a user meets it: help, version, one-line errors with exit code 2."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXE = [sys.executable, "-c", "from cli import main; main()"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run([*EXE, *args], cwd=cwd, capture_output=True, text=True, timeout=600)
+
+
+def test_help_lists_commands() -> None:
+    result = run("--help")
+    assert result.returncode == 0
+    for command in ("swap", "preview", "weights", "train", "prepare-data", "eval"):
+        assert command in result.stdout
+
+
+def test_version() -> None:
+    result = run("--version")
+    assert result.returncode == 0 and "apple-video" in result.stdout
+
+
+def _one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_input(tmp_path: Path, source_photo: Path) -> None:
+    _one_line_error(run("swap", str(source_photo), str(tmp_path / "nope.mp4"), "-o", str(tmp_path / "o.mp4")), "not found")
+
+
+def test_empty_and_fake_video(tmp_path: Path, source_photo: Path) -> None:
+    empty = tmp_path / "empty.mp4"
+    empty.write_bytes(b"")
+    _one_line_error(run("swap", str(source_photo), str(empty), "-o", str(tmp_path / "o.mp4")), "empty")
+    fake = tmp_path / "fake.mp4"
+    fake.write_text("this is not a video\n" * 20)
+    _one_line_error(run("swap", str(source_photo), str(fake), "-o", str(tmp_path / "o.mp4")), "fake.mp4")
+    assert not (tmp_path / "o.mp4").exists()
+
+
+def test_output_rules(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    exists = tmp_path / "exists.mp4"
+    exists.write_bytes(b"keep me")
+    _one_line_error(run("swap", str(source_photo), str(face_clip), "-o", str(exists)), "exists")
+    assert exists.read_bytes() == b"keep me"
+    _one_line_error(run("swap", str(source_photo), str(face_clip), "-o", str(face_clip)), "equals")
+    _one_line_error(run("swap", str(source_photo), str(face_clip), "-o", str(tmp_path / "no" / "o.mp4")), "does not exist")
+    _one_line_error(run("swap", str(source_photo), str(face_clip), "-o", str(tmp_path / "o.txt")), "video file")
+
+
+def test_unsupported_and_usage(tmp_path: Path, source_photo: Path) -> None:
+    odd = tmp_path / "data.xyz"
+    odd.write_text("x")
+    _one_line_error(run("swap", str(source_photo), str(odd), "-o", str(tmp_path / "o.mp4")), "unsupported")
+    _one_line_error(run("swap", str(source_photo)), "")
+    _one_line_error(run("swap", "--face-selector-mode", "bogus", "a", "b", "-o", "c"), "bogus")
+
+
+def test_source_without_face(tmp_path: Path, face_clip: Path) -> None:
+    import numpy as np
+    from PIL import Image
+
+    blank = tmp_path / "blank.png"
+    Image.fromarray(np.full((200, 200, 3), 120, np.uint8)).save(blank)
+    _one_line_error(run("swap", str(blank), str(face_clip), "-o", str(tmp_path / "o.mp4")), "no face")
+    assert not (tmp_path / "o.mp4").exists()
+
+
+@pytest.mark.parametrize("command", [["train", "teacher"], ["prepare-data", "x"], ["eval"]])
+def test_not_built_commands_exit_2(command: list[str]) -> None:
+    _one_line_error(run(*command), "not built")
+
+
+def test_weights_where_and_check(tmp_path: Path) -> None:
+    import os
+
+    env = {**os.environ, "APPLE_VIDEO_HOME": str(tmp_path)}
+    result = subprocess.run([*EXE, "weights", "where"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and str(tmp_path) in result.stdout and "pulid-flux-v0.9.1" in result.stdout
+    result = subprocess.run([*EXE, "weights", "check"], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert "missing" in result.stdout

@@ -1,0 +1,1 @@
+"""Training pipeline: teacher, pseudo-labels, student."""
