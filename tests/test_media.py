@@ -13,7 +13,7 @@ from PIL import Image
 from apple_video.errors import InputError, OutputError
 from apple_video.media import synth
 from apple_video.media.images import list_frames, read_image, write_image
-from apple_video.media.metadata import is_synthetic_tag
+from apple_video.media.metadata import comment_of, is_synthetic_tag
 from apple_video.media.paths import check_output
 from apple_video.media.video import EncodeSettings, VideoWriter, concat_chunks, decode_frames, probe
 
@@ -74,7 +74,7 @@ def test_round_trip_keeps_everything(tmp_path: Path, case: str) -> None:
     for src_s, dst_s in zip(_audio_seconds(src), _audio_seconds(dst), strict=True):
         assert abs(src_s - dst_s) <= frame
     with av.open(str(dst)) as container:
-        assert is_synthetic_tag(container.metadata.get("comment"))
+        assert is_synthetic_tag(comment_of(container.metadata))
     decoded = [f.rgb for f in decode_frames(b)]
     original = [f.rgb for f in decode_frames(a)]
     assert np.mean([np.abs(x.astype(int) - y).mean() for x, y in zip(decoded, original, strict=True)]) < 4

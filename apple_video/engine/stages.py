@@ -70,11 +70,22 @@ class RenderStats:
 class Analyzer:
     """Detect faces (boxes, landmarks, embeddings) on every frame of a chunk."""
 
-    def __init__(self, settings: SwapSettings) -> None:
+    def __init__(self, settings: SwapSettings, embed_every: int = 8) -> None:
         self.detector = create_detector(settings.detector)
+        self.embed_every = embed_every
 
     def analyze(self, frames) -> dict[int, list[Face]]:
-        return {index: self.detector.detect(rgb) for index, _, rgb in frames}
+        """Identity embeddings (costly) only every `embed_every` frames and where the face count changes:
+        tracks average them, which is all selection needs."""
+        found: dict[int, list[Face]] = {}
+        previous = -1
+        for index, _, rgb in frames:
+            faces = self.detector.detect(rgb, embed=False)
+            if faces and (index % self.embed_every == 0 or len(faces) != previous):
+                faces = self.detector.detect(rgb, embed=True)
+            previous = len(faces)
+            found[index] = faces
+        return found
 
 
 def mask_for(target_landmarks: np.ndarray | None, size: int, settings: SwapSettings) -> np.ndarray:

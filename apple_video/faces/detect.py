@@ -34,7 +34,8 @@ class DetectorSettings:
 class FaceDetector(Protocol):
     name: str
 
-    def detect(self, rgb: np.ndarray) -> list[Face]: ...
+    def detect(self, rgb: np.ndarray, embed: bool = True) -> list[Face]:
+        """Faces in an RGB image; `embed=False` skips identity embeddings (the costly part on CPU)."""
 
 
 def _sigmoid(x: float) -> float:
@@ -64,7 +65,7 @@ class DlibDetector:
         rects, scores, _ = self._hog.run(small, upsample, threshold)
         return [((r.left(), r.top(), r.right(), r.bottom()), _sigmoid(s)) for r, s in zip(rects, scores, strict=True)]
 
-    def _detect_upright(self, rgb: np.ndarray) -> list[Face]:
+    def _detect_upright(self, rgb: np.ndarray, embed: bool) -> list[Face]:
         scale = min(1.0, self.settings.size / max(rgb.shape[:2]))
         small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
         faces = []
@@ -72,13 +73,13 @@ class DlibDetector:
             rect = self._dlib.rectangle(int(x0 / scale), int(y0 / scale), int(x1 / scale), int(y1 / scale))
             shape = self._shape(rgb, rect)
             landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
-            embedding = np.array(self._rec.compute_face_descriptor(rgb, shape)) if self._rec is not None else None
+            embedding = np.array(self._rec.compute_face_descriptor(rgb, shape)) if embed and self._rec else None
             bbox = np.array([rect.left(), rect.top(), rect.right(), rect.bottom()], dtype=np.float64)
             faces.append(Face(bbox, kps_from_68(landmarks), score, landmarks, embedding))
         return faces
 
-    def detect(self, rgb: np.ndarray) -> list[Face]:
-        return detect_with_angles(self._detect_upright, rgb, self.settings.angles)
+    def detect(self, rgb: np.ndarray, embed: bool = True) -> list[Face]:
+        return detect_with_angles(lambda image: self._detect_upright(image, embed), rgb, self.settings.angles)
 
 
 class InsightFaceDetector:
@@ -96,7 +97,7 @@ class InsightFaceDetector:
             self._rec = get_model(str(registry.require("antelopev2-arcface")), providers=["CPUExecutionProvider"])
             self._rec.prepare(ctx_id=-1)
 
-    def _detect_upright(self, rgb: np.ndarray) -> list[Face]:
+    def _detect_upright(self, rgb: np.ndarray, embed: bool) -> list[Face]:
         from insightface.utils.face_align import norm_crop
 
         bgr = np.ascontiguousarray(rgb[..., ::-1])
@@ -104,13 +105,13 @@ class InsightFaceDetector:
         faces = []
         for box, kps in zip(boxes, kpss, strict=True):
             embedding = None
-            if self._rec is not None:
+            if embed and self._rec is not None:
                 embedding = self._rec.get_feat(norm_crop(bgr, kps)).ravel()
             faces.append(Face(np.asarray(box[:4], np.float64), np.asarray(kps, np.float64), float(box[4]), None, embedding))
         return faces
 
-    def detect(self, rgb: np.ndarray) -> list[Face]:
-        return detect_with_angles(self._detect_upright, rgb, self.settings.angles)
+    def detect(self, rgb: np.ndarray, embed: bool = True) -> list[Face]:
+        return detect_with_angles(lambda image: self._detect_upright(image, embed), rgb, self.settings.angles)
 
 
 def _rotate_back(face: Face, angle: int, shape: tuple[int, int]) -> Face:

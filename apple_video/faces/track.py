@@ -14,8 +14,8 @@ from apple_video.faces.types import Face, Track
 class TrackSettings:
     iou_threshold: float = 0.2
     max_gap: int = 5  # frames a track may miss and still be continued (and interpolated)
-    min_cutoff: float = 1.0  # One-Euro: Hz
-    beta: float = 0.05  # One-Euro: speed coefficient
+    min_cutoff: float = 1.5  # One-Euro: Hz
+    beta: float = 0.01  # One-Euro: speed coefficient
     d_cutoff: float = 1.0
 
 

@@ -13,3 +13,11 @@ def synthetic_tag() -> str:
 
 def is_synthetic_tag(text: str | None) -> bool:
     return bool(text) and text.startswith("SYNTHETIC MEDIA")
+
+
+def comment_of(metadata: dict[str, str]) -> str | None:
+    """The comment tag of a container's metadata, whatever case the container uses for keys (mkv: COMMENT)."""
+    for key, value in metadata.items():
+        if key.lower() == SYNTHETIC_KEY:
+            return value
+    return None

@@ -1,0 +1,173 @@
+"""The video engine end to end (classic + tiny swappers, dlib detector, local and Ray executors)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+from PIL import Image
+
+from apple_video.engine.batch import swap_batch
+from apple_video.engine.run import job_dir_for, plan_chunks, swap_folder, swap_image, swap_video
+from apple_video.engine.settings import SwapSettings
+from apple_video.media.metadata import comment_of, is_synthetic_tag
+from apple_video.media.video import EncodeSettings, decode_frames, probe
+
+ROOT = Path(__file__).resolve().parent.parent
+LOSSLESS = EncodeSettings(codec="ffv1")
+
+
+def _frames(path: Path) -> list[np.ndarray]:
+    return [f.rgb for f in decode_frames(probe(path))]
+
+
+def _times(path: Path) -> np.ndarray:
+    info = probe(path)
+    return np.array([float((p - info.pts[0]) * info.time_base) for p in info.pts])
+
+
+def _audio_duration(path: Path) -> float:
+    with av.open(str(path)) as container:
+        stream = container.streams.audio[0]
+        last = max(p.pts + p.duration for p in container.demux(stream) if p.pts is not None)
+        return float(last * stream.time_base)
+
+
+def test_plan_chunks_snaps_to_keyframes() -> None:
+    assert plan_chunks(100, (0, 30, 60, 90), 25) == [(0, 30), (30, 60), (60, 90), (90, 100)]
+    assert plan_chunks(10, (0,), 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def test_video_swap_keeps_frames_timestamps_audio(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    output = tmp_path / "out.mkv"
+    settings = SwapSettings(swapper="classic", encode=LOSSLESS, chunk_frames=16)
+    summary = swap_video([source_photo], face_clip, output, settings)
+    a, b = probe(face_clip), probe(output)
+    assert b.frame_count == a.frame_count == 51
+    assert np.abs(_times(output) - _times(face_clip)).max() <= 0.001  # mkv stores milliseconds
+    assert abs(_audio_duration(output) - _audio_duration(face_clip)) <= 1 / 15
+    with av.open(str(output)) as container:
+        assert is_synthetic_tag(comment_of(container.metadata))
+    before, after = _frames(face_clip), _frames(output)
+    assert summary.frames_passed_through >= 6
+    for i in range(45, 51):  # no face: bit-exact copies
+        assert np.array_equal(before[i], after[i])
+    changed = sum(not np.array_equal(before[i], after[i]) for i in range(45))
+    assert changed >= 40
+    assert not job_dir_for(output).exists()
+
+
+def test_tiny_apple_swap_on_video(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    output = tmp_path / "tiny.mkv"
+    settings = SwapSettings(swapper="apple", encode=LOSSLESS, chunk_frames=24)
+    from apple_video.engine.settings import ModelOptions
+
+    settings = SwapSettings(**{**settings.__dict__, "model": ModelOptions(preset="tiny")})
+    summary = swap_video([source_photo], face_clip, output, settings)
+    assert summary.faces_swapped >= 40
+    before, after = _frames(face_clip), _frames(output)
+    assert all(np.array_equal(before[i], after[i]) for i in range(45, 51))
+    assert sum(not np.array_equal(before[i], after[i]) for i in range(45)) >= 40
+
+
+def test_image_swap_background_untouched(tmp_path: Path, source_photo: Path, clip_frames) -> None:
+    target = tmp_path / "target.png"
+    rgba = np.dstack([clip_frames[10], np.full(clip_frames[10].shape[:2], 200, np.uint8)])
+    Image.fromarray(rgba, "RGBA").save(target)
+    output = tmp_path / "out.png"
+    summary = swap_image([source_photo], target, output, SwapSettings(swapper="classic"))
+    assert summary.faces_swapped == 1
+    out = np.asarray(Image.open(output))
+    assert out.shape == rgba.shape and np.array_equal(out[..., 3], rgba[..., 3])
+    diff = (out[..., :3] != rgba[..., :3]).any(axis=2)
+    ys, xs = np.nonzero(diff)
+    assert diff.sum() > 2000
+    # every changed pixel lies inside the face region; the rest of the frame is bit-exact
+    assert xs.min() > 100 and xs.max() < 400 and ys.min() > 20 and ys.max() < 340
+    assert is_synthetic_tag(Image.open(output).text.get("Comment"))
+
+
+def test_frame_folder_names_kept(tmp_path: Path, source_photo: Path, frames_dir: Path) -> None:
+    output = tmp_path / "out_frames"
+    summary = swap_folder([source_photo], frames_dir, output, SwapSettings(swapper="classic", chunk_frames=5))
+    names = sorted(p.name for p in frames_dir.iterdir())
+    assert sorted(p.name for p in output.iterdir()) == names
+    assert summary.frames == len(names) and summary.faces_swapped >= len(names) - 3
+    last = f"frame{len(names)}.png"  # the clip's last frames have no face -> byte copy
+    assert (output / last).read_bytes() == (frames_dir / last).read_bytes()
+
+
+def test_ray_equals_local(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    local = tmp_path / "local.mkv"
+    remote = tmp_path / "ray.mkv"
+    base = dict(swapper="classic", encode=LOSSLESS, chunk_frames=16)
+    swap_video([source_photo], face_clip, local, SwapSettings(**base))
+    summary = swap_video([source_photo], face_clip, remote, SwapSettings(**base, executor="ray", workers=2))
+    assert summary.faces_swapped >= 40
+    assert probe(remote).pts == probe(local).pts
+    assert all(np.array_equal(a, b) for a, b in zip(_frames(local), _frames(remote), strict=True))
+
+
+def test_kill_and_resume_gives_identical_output(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    reference = tmp_path / "ref.mkv"
+    swap_video([source_photo], face_clip, reference, SwapSettings(swapper="classic", encode=LOSSLESS, chunk_frames=8))
+    output = tmp_path / "resumed.mkv"
+    command = [sys.executable, "-c", "from cli import main; main()", "swap", str(source_photo), str(face_clip), "-o",
+               str(output), "--swapper", "classic", "--output-video-encoder", "ffv1", "--chunk-frames", "8"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    manifest = job_dir_for(output) / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if manifest.exists():
+            try:
+                if json.loads(manifest.read_text())["rendered"]:
+                    break
+            except (json.JSONDecodeError, KeyError):
+                pass
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not output.exists(), "killed before the end: no output yet"
+    done = json.loads(manifest.read_text())["rendered"]
+    assert 0 < len(done) < 7
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "chunks resumed" in result.stdout
+    assert probe(output).pts == probe(reference).pts
+    assert all(np.array_equal(a, b) for a, b in zip(_frames(reference), _frames(output), strict=True))
+
+
+def test_batch_reports_bad_clip(tmp_path: Path, source_photo: Path, face_clip: Path, noface_clip: Path) -> None:
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    os.link(face_clip, clips / "a.mp4")
+    os.link(noface_clip, clips / "b.mp4")
+    (clips / "c.mp4").write_bytes(face_clip.read_bytes()[:3000])  # corrupt
+    out = tmp_path / "out"
+    summaries = swap_batch([source_photo], clips, out, SwapSettings(swapper="classic"))
+    status = {Path(s.input).name: s.status for s in summaries}
+    assert status == {"a.mp4": "ok", "b.mp4": "ok", "c.mp4": "failed"}
+    assert probe(out / "a.mp4").frame_count == 51 and probe(out / "b.mp4").frame_count == 20
+    assert not (out / "c.mp4").exists()
+
+
+@pytest.mark.parametrize("rotation", [90])
+def test_rotated_clip_is_swapped_in_display_orientation(tmp_path: Path, source_photo: Path, clip_frames, rotation) -> None:
+    from apple_video.media import synth
+    from apple_video.media.video import from_display
+
+    stored = [from_display(f, rotation) for f in clip_frames[:20]]
+    clip = synth.write_clip(tmp_path / "rot.mp4", stored, fps=15, rotation=rotation)
+    output = tmp_path / "rot_out.mp4"
+    summary = swap_video([source_photo], clip, output, SwapSettings(swapper="classic"))
+    assert summary.faces_swapped >= 18
+    info = probe(output)
+    assert info.rotation == rotation and (info.width, info.height) == (360, 480) and info.frame_count == 20

@@ -1,0 +1,123 @@
+"""Face layer on real photos and generated clips (dlib backend)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from apple_video.errors import NoFaceError, WeightsError
+from apple_video.faces.align import alignment_matrix, invert, template, transform_points, warp_crop
+from apple_video.faces.detect import DetectorSettings, create_detector
+from apple_video.faces.mask import feather, hull_mask
+from apple_video.faces.paste import paste_back
+from apple_video.faces.select import SelectorSettings, select_targets
+from apple_video.faces.track import TrackSettings, smooth_track
+from apple_video.faces.types import Track
+from apple_video.swappers.base import source_faces
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return create_detector(DetectorSettings(name="dlib"))
+
+
+def test_detects_faces_in_photos(detector, hopper, astronaut) -> None:
+    for photo in (hopper, astronaut):
+        faces = detector.detect(photo)
+        assert len(faces) == 1
+        face = faces[0]
+        assert face.landmarks.shape == (68, 2) and face.kps.shape == (5, 2) and face.embedding.shape == (128,)
+    x0, y0, x1, y1 = detector.detect(astronaut)[0].bbox
+    assert 150 < (x0 + x1) / 2 < 290 and 60 < (y0 + y1) / 2 < 180
+
+
+def test_align_round_trip_under_one_pixel(detector, astronaut) -> None:
+    face = detector.detect(astronaut)[0]
+    matrix = alignment_matrix(face.kps, 512)
+    assert np.abs(transform_points(transform_points(face.kps, matrix), invert(matrix)) - face.kps).max() < 1e-9
+    crop = warp_crop(astronaut, matrix, 512)
+    again = detector.detect(crop)[0]
+    back = transform_points(again.kps, invert(matrix))
+    assert np.linalg.norm(back - face.kps, axis=1).mean() < 1.0
+    assert np.linalg.norm(again.kps - template(512), axis=1).mean() < 12
+
+
+def test_paste_back_outside_mask_is_bit_exact(detector, astronaut) -> None:
+    face = detector.detect(astronaut)[0]
+    matrix = alignment_matrix(face.kps, 256)
+    crop_landmarks = transform_points(face.landmarks, matrix)
+    hard = hull_mask(crop_landmarks, 256)
+    soft = feather(hard, 0.3)
+    swapped = np.full((256, 256, 3), 255, np.uint8)
+    out = paste_back(astronaut, swapped, matrix, soft)
+    # the dilated mask in frame space: everything outside must be untouched
+    import cv2
+
+    frame_mask = cv2.warpAffine(hard, invert(matrix), astronaut.shape[1::-1], flags=cv2.INTER_NEAREST)
+    dilated = cv2.dilate(frame_mask, np.ones((5, 5), np.uint8))
+    outside = dilated == 0
+    assert np.array_equal(out[outside], astronaut[outside])
+    assert (out != astronaut).any(axis=2).sum() > 1000
+
+
+def test_source_without_face_is_clear(detector) -> None:
+    with pytest.raises(NoFaceError, match="no face"):
+        source_faces([np.full((120, 120, 3), 90, np.uint8)], ["blank.png"], detector, 256)
+
+
+def _second_difference(points: np.ndarray) -> float:
+    return float(np.abs(np.diff(points, n=2, axis=0)).mean())
+
+
+def test_smoothing_reduces_jitter_without_lag(detector, clip_frames, clip_path_plan, astronaut_patch) -> None:
+    from apple_video.faces.align import kps_from_68
+
+    patch_lm = detector.detect(astronaut_patch)
+    assert patch_lm, "the face patch itself must be detectable"
+    h, w = astronaut_patch.shape[:2]
+    truth = np.stack([kps_from_68(patch_lm[0].landmarks) * p.scale + (p.cx - p.scale * w / 2, p.cy - p.scale * h / 2)
+                      for p in clip_path_plan])
+    rng = np.random.default_rng(1)  # camera noise on top of the clip, so the detector jitters as on real footage
+    noisy = [np.clip(f + rng.normal(0, 8, f.shape), 0, 255).astype(np.uint8) for f in clip_frames[: len(clip_path_plan)]]
+    faces = [detector.detect(frame, embed=False) for frame in noisy]
+    assert all(len(f) == 1 for f in faces)
+    raw = np.stack([f[0].kps for f in faces])
+    track = Track(0, list(range(len(faces))), [f[0] for f in faces])
+    _, smoothed, _ = smooth_track(track, 15.0, TrackSettings())
+    smoothed = np.stack([kps_from_68(p) for p in smoothed])
+    jitter_raw, jitter_smooth = _second_difference(raw - truth), _second_difference(smoothed - truth)
+    assert jitter_smooth <= 0.5 * jitter_raw, (jitter_raw, jitter_smooth)
+    errors = {shift: np.abs(smoothed[5 + shift: -5 + shift] - truth[5:-5]).mean() for shift in (-1, 0, 1)}
+    assert min(errors, key=errors.get) == 0, errors
+
+
+def test_reference_mode_keeps_one_person(detector, two_person_frames) -> None:
+    detections = [detector.detect(frame) for frame in two_person_frames]
+    assert all(len(d) == 2 for d in detections)
+    for position, side in ((0, "left"), (1, "right")):
+        selector = SelectorSettings(mode="reference", order="left-right", reference_face_position=position)
+        chosen = select_targets(detections, 12.0, selector, TrackSettings())
+        assert sorted(chosen.targets) == list(range(len(two_person_frames)))
+        track_ids = {t.track_id for targets in chosen.targets.values() for t in targets}
+        assert len(track_ids) == 1
+        for targets in chosen.targets.values():
+            assert len(targets) == 1
+            x = targets[0].kps[:, 0].mean()
+            assert (x < 320) == (side == "left")
+    many = select_targets(detections, 12.0, SelectorSettings(mode="many"), TrackSettings())
+    assert all(len(t) == 2 for t in many.targets.values())
+
+
+def test_tracks_fill_short_gaps(detector, clip_frames) -> None:
+    detections = [detector.detect(frame, embed=False) for frame in clip_frames[:12]]
+    detections[5] = []  # a missed detection
+    chosen = select_targets(detections, 15.0, SelectorSettings(), TrackSettings(max_gap=3))
+    assert 5 in chosen.targets and chosen.targets[5][0].interpolated
+
+
+def test_insightface_missing_weights_is_clear(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("APPLE_VIDEO_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with pytest.raises(WeightsError, match="scrfd_10g_bnkps|antelopev2-det"):
+        create_detector(DetectorSettings(name="insightface"))
+    assert create_detector(DetectorSettings(name="auto")).name == "dlib"
