@@ -1,0 +1,69 @@
+"""The condition-branch LoRA (peft, adapter "default"): add, save and load in diffusers' format."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors.torch import load_file, save_file
+
+from apple_video.errors import WeightsError
+
+# OminiControl's target modules (x_embedder, double-block image-side modules, single-block modules).
+LORA_TARGETS = (
+    r"(.*x_embedder|.*(?<!single_)transformer_blocks\.[0-9]+\.norm1\.linear"
+    r"|.*(?<!single_)transformer_blocks\.[0-9]+\.attn\.to_k|.*(?<!single_)transformer_blocks\.[0-9]+\.attn\.to_q"
+    r"|.*(?<!single_)transformer_blocks\.[0-9]+\.attn\.to_v|.*(?<!single_)transformer_blocks\.[0-9]+\.attn\.to_out\.0"
+    r"|.*(?<!single_)transformer_blocks\.[0-9]+\.ff\.net\.2|.*single_transformer_blocks\.[0-9]+\.norm\.linear"
+    r"|.*single_transformer_blocks\.[0-9]+\.proj_mlp|.*single_transformer_blocks\.[0-9]+\.proj_out"
+    r"|.*single_transformer_blocks\.[0-9]+\.attn.to_k|.*single_transformer_blocks\.[0-9]+\.attn.to_q"
+    r"|.*single_transformer_blocks\.[0-9]+\.attn.to_v|.*single_transformer_blocks\.[0-9]+\.attn.to_out)"
+)
+ADAPTER = "default"
+PREFIX = "transformer."
+
+
+def add_condition_lora(transformer, rank: int, adapter: str = ADAPTER, init: str | bool = "gaussian") -> None:
+    """Inject an (unfused) LoRA on the condition-branch modules; r == alpha as OminiControl recommends."""
+    transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=init, target_modules=LORA_TARGETS),
+                            adapter_name=adapter)
+    transformer.refresh_lora_layers()
+
+
+def lora_state_dict(transformer, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
+    """diffusers format: `transformer.<module>.lora_A.weight` (adapter name stripped)."""
+    state = get_peft_model_state_dict(transformer, adapter_name=adapter)
+    return {f"{PREFIX}{key}": value.detach().contiguous().cpu() for key, value in state.items()}
+
+
+def save_lora(transformer, path: Path, adapter: str = ADAPTER) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(lora_state_dict(transformer, adapter), str(tmp), metadata={"format": "pt", "apple_video": "condition-lora"})
+    tmp.replace(path)
+    return path
+
+
+def lora_rank_of(state: dict[str, torch.Tensor]) -> int:
+    for key, value in state.items():
+        if key.endswith("lora_A.weight"):
+            return int(value.shape[0])
+    raise WeightsError("not a LoRA file: no lora_A weights found")
+
+
+def load_lora(transformer, path: Path, adapter: str = ADAPTER) -> None:
+    """Load an APPLE teacher/student LoRA (`default.safetensors`, diffusers keys) into `adapter`."""
+    if not path.is_file():
+        raise WeightsError(f"LoRA file missing: {path}")
+    try:
+        raw = load_file(str(path))
+    except Exception as error:  # safetensors raises several types for truncated files
+        raise WeightsError(f"LoRA file corrupt or unreadable: {path} ({error.__class__.__name__})") from None
+    state = {key.removeprefix(PREFIX): value for key, value in raw.items()}
+    if adapter not in getattr(transformer, "peft_config", {}):
+        add_condition_lora(transformer, lora_rank_of(state), adapter)
+    result = set_peft_model_state_dict(transformer, state, adapter_name=adapter)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise WeightsError(f"LoRA file {path} does not fit this model ({len(unexpected)} unexpected keys, e.g. {unexpected[0]})")

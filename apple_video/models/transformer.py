@@ -1,0 +1,268 @@
+"""APPLE's transformer: diffusers' FLUX transformer run over three token branches (text, image, condition)
+with per-branch LoRA and PuLID identity injection.
+
+Semantics follow the official APPLE code (OminiControl's multi-branch forward + PuLID-FLUX):
+- every branch has its own adaLN modulation from its own timestep embedding (double AND single blocks);
+  the text branch uses the image branch's timestep; condition tokens use timestep 0 and guidance 1;
+- the condition tokens carry the same RoPE position ids as the image tokens;
+- the LoRA adapter acts only while computing the condition branch (scale exactly 1 there, 0 elsewhere);
+- PuLID: after double block i (i % double_interval == 0) and single block j (j % single_interval == 0) the
+  image tokens get `id_weight * pulid_ca[k](id, image)`;
+- attention: every query attends to the keys of every branch, except that with `independent_condition`
+  condition queries attend only to condition keys. Then condition K/V are the same at every step and a
+  `ConditionKVCache` computes them once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from diffusers import FluxTransformer2DModel
+from diffusers.configuration_utils import register_to_config
+from diffusers.models.embeddings import apply_rotary_emb
+from peft.tuners.lora import LoraLayer
+from torch import nn
+
+from apple_video.models.pulid import IDFormer, PerceiverAttentionCA
+
+
+@contextmanager
+def lora_scope(layers: list[LoraLayer], adapter: str | None) -> Iterator[None]:
+    """Within the block, only `adapter` is on, at scale exactly 1 (the official switch; alpha/r is ignored)."""
+    saved = [dict(layer.scaling) for layer in layers]
+    for layer in layers:
+        for name in layer.scaling:
+            layer.scaling[name] = 1.0 if name == adapter else 0.0
+    try:
+        yield
+    finally:
+        for layer, scales in zip(layers, saved, strict=True):
+            layer.scaling.update(scales)
+
+
+@dataclass
+class Branch:
+    """One token branch of a forward call."""
+
+    hidden: torch.Tensor  # (B, N, inner_dim)
+    temb: torch.Tensor  # (B, inner_dim)
+    rope: tuple[torch.Tensor, torch.Tensor]
+    adapter: str | None
+    kind: str  # "text" | "image" | "condition"
+
+
+@dataclass
+class ConditionKVCache:
+    """Condition-branch keys/values per attention layer, written at the first step and read afterwards.
+    Exact only when condition tokens attend to themselves alone (`independent_condition`)."""
+
+    keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+
+    @property
+    def filled(self) -> bool:
+        return bool(self.keys)
+
+
+@dataclass
+class TransformerInputs:
+    """Inputs of one velocity evaluation. Shapes: B batch, N image tokens, T text tokens, C packed channels."""
+
+    latents: torch.Tensor  # (B, N, C) noisy image tokens
+    timestep: torch.Tensor  # (B,) in [0, 1]
+    prompt_embeds: torch.Tensor  # (B, T, joint_dim)
+    pooled_embeds: torch.Tensor  # (B, pooled_dim)
+    img_ids: torch.Tensor  # (N, 3)
+    txt_ids: torch.Tensor  # (T, 3)
+    guidance: torch.Tensor | None = None  # (B,)
+    condition: torch.Tensor | None = None  # (B, N_c, C) attribute tokens
+    cond_ids: torch.Tensor | None = None  # (N_c, 3); None: same as img_ids
+    id_embed: torch.Tensor | None = None  # (B, n_id, kv_dim)
+    id_weight: float = 1.0
+    adapter: str = "default"
+
+
+class AppleFluxTransformer(FluxTransformer2DModel):
+    """`FluxTransformer2DModel` + PuLID (`pulid_ca`, optional `pulid_encoder`) with the multi-branch forward."""
+
+    @register_to_config
+    def __init__(
+        self,
+        patch_size: int = 1,
+        in_channels: int = 64,
+        out_channels: int | None = None,
+        num_layers: int = 19,
+        num_single_layers: int = 38,
+        attention_head_dim: int = 128,
+        num_attention_heads: int = 24,
+        joint_attention_dim: int = 4096,
+        pooled_projection_dim: int = 768,
+        guidance_embeds: bool = True,
+        axes_dims_rope: tuple[int, int, int] = (16, 56, 56),
+        pulid_dim_head: int = 128,
+        pulid_heads: int = 16,
+        pulid_kv_dim: int = 2048,
+        pulid_double_interval: int = 2,
+        pulid_single_interval: int = 4,
+        pulid_num_ca: int | None = None,
+        idformer: dict | None = None,
+        independent_condition: bool = False,
+    ) -> None:
+        super().__init__(
+            patch_size=patch_size, in_channels=in_channels, out_channels=out_channels, num_layers=num_layers,
+            num_single_layers=num_single_layers, attention_head_dim=attention_head_dim,
+            num_attention_heads=num_attention_heads, joint_attention_dim=joint_attention_dim,
+            pooled_projection_dim=pooled_projection_dim, guidance_embeds=guidance_embeds, axes_dims_rope=axes_dims_rope,
+        )
+        needed = len(range(0, num_layers, pulid_double_interval)) + len(range(0, num_single_layers, pulid_single_interval))
+        count = max(needed, pulid_num_ca or 0)  # PuLID/APPLE always build 20, whatever the depth
+        self.pulid_ca = nn.ModuleList(
+            PerceiverAttentionCA(dim=self.inner_dim, dim_head=pulid_dim_head, heads=pulid_heads, kv_dim=pulid_kv_dim)
+            for _ in range(count)
+        )
+        self.pulid_encoder = IDFormer(**idformer) if idformer is not None else None
+        self._block_loras: dict[int, list[LoraLayer]] = {}
+
+    # -- helpers -------------------------------------------------------------------------------------------------
+    def refresh_lora_layers(self) -> None:
+        """Forget the cached LoRA layer lists (call after adding or removing adapters)."""
+        self._block_loras = {}
+
+    def _loras(self, module: nn.Module) -> list[LoraLayer]:
+        key = id(module)
+        if key not in self._block_loras:
+            self._block_loras[key] = [m for m in module.modules() if isinstance(m, LoraLayer)]
+        return self._block_loras[key]
+
+    def _temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
+        dtype = pooled.dtype
+        timestep = timestep.to(dtype) * 1000
+        if self.config.guidance_embeds:
+            guidance = (guidance if guidance is not None else torch.ones_like(timestep)).to(dtype) * 1000
+            return self.time_text_embed(timestep, guidance, pooled)
+        return self.time_text_embed(timestep, pooled)
+
+    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, heads, -1).transpose(1, 2)
+
+    def _attend(self, qkv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], kinds: list[str], layer: int,
+                cache: ConditionKVCache | None, reading: bool) -> list[torch.Tensor]:
+        """Joint attention over branches, honouring independent_condition and the condition K/V cache."""
+        independent = self.config.independent_condition
+        keys = [k for _, k, _ in qkv]
+        values = [v for _, _, v in qkv]
+        if cache is not None and reading:
+            cached_k, cached_v = cache.keys[layer]
+            keys, values = [*keys, cached_k], [*values, cached_v]
+        elif cache is not None:
+            cond = [i for i, kind in enumerate(kinds) if kind == "condition"]
+            cache.keys[layer] = (torch.cat([keys[i] for i in cond], 2), torch.cat([values[i] for i in cond], 2))
+        main = [i for i, kind in enumerate(kinds) if not (independent and kind == "condition")]
+        outputs: dict[int, torch.Tensor] = {}
+        if main:
+            q = torch.cat([qkv[i][0] for i in main], dim=2)
+            out = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2))
+            for i, piece in zip(main, out.split([qkv[i][0].shape[2] for i in main], dim=2), strict=True):
+                outputs[i] = piece
+        for i, kind in enumerate(kinds):
+            if i not in outputs:  # independent condition: attends only to condition keys
+                cond = [j for j, other in enumerate(kinds) if other == "condition"]
+                outputs[i] = F.scaled_dot_product_attention(
+                    qkv[i][0], torch.cat([qkv[j][1] for j in cond], 2), torch.cat([qkv[j][2] for j in cond], 2))
+        b = qkv[0][0].shape[0]
+        return [outputs[i].transpose(1, 2).reshape(b, outputs[i].shape[2], -1) for i in range(len(kinds))]
+
+    def _qkv(self, attn, h: torch.Tensor, rope, text: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if text:
+            q, k, v = attn.add_q_proj(h), attn.add_k_proj(h), attn.add_v_proj(h)
+            norm_q, norm_k = attn.norm_added_q, attn.norm_added_k
+        else:
+            q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
+            norm_q, norm_k = attn.norm_q, attn.norm_k
+        q, k, v = (self._heads(t, attn.heads) for t in (q, k, v))
+        q, k = norm_q(q), norm_k(k)
+        return apply_rotary_emb(q, rope), apply_rotary_emb(k, rope), v
+
+    def _double_block(self, block, branches: list[Branch], layer: int, cache: ConditionKVCache | None,
+                      reading: bool) -> None:
+        loras = self._loras(block)
+        mods, qkv = [], []
+        for br in branches:
+            with lora_scope(loras, br.adapter):
+                if br.kind == "text":
+                    normed, *mod = block.norm1_context(br.hidden, emb=br.temb)
+                else:
+                    normed, *mod = block.norm1(br.hidden, emb=br.temb)
+                mods.append(mod)
+                qkv.append(self._qkv(block.attn, normed, br.rope, text=br.kind == "text"))
+        attn_out = self._attend(qkv, [br.kind for br in branches], layer, cache, reading)
+        for br, (gate_msa, shift_mlp, scale_mlp, gate_mlp), out in zip(branches, mods, attn_out, strict=True):
+            with lora_scope(loras, br.adapter):
+                if br.kind == "text":
+                    h = br.hidden + block.attn.to_add_out(out) * gate_msa.unsqueeze(1)
+                    normed = block.norm2_context(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+                    h = h + block.ff_context(normed) * gate_mlp.unsqueeze(1)
+                else:
+                    h = br.hidden + block.attn.to_out[0](out) * gate_msa.unsqueeze(1)
+                    normed = block.norm2(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
+                    h = h + block.ff(normed) * gate_mlp.unsqueeze(1)
+            br.hidden = h
+
+    def _single_block(self, block, branches: list[Branch], layer: int, cache: ConditionKVCache | None,
+                      reading: bool) -> None:
+        loras = self._loras(block)
+        gates, mlps, qkv = [], [], []
+        for br in branches:
+            with lora_scope(loras, br.adapter):
+                normed, gate = block.norm(br.hidden, emb=br.temb)
+                mlps.append(block.act_mlp(block.proj_mlp(normed)))
+                gates.append(gate)
+                qkv.append(self._qkv(block.attn, normed, br.rope, text=False))
+        attn_out = self._attend(qkv, [br.kind for br in branches], layer, cache, reading)
+        for br, gate, mlp, out in zip(branches, gates, mlps, attn_out, strict=True):
+            with lora_scope(loras, br.adapter):
+                br.hidden = gate.unsqueeze(1) * block.proj_out(torch.cat([out, mlp], dim=2)) + br.hidden
+
+    # -- forward -------------------------------------------------------------------------------------------------
+    def forward(self, inputs: TransformerInputs, cache: ConditionKVCache | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Velocity for the image tokens, (B, N, C)."""
+        x = inputs
+        if cache is not None and not self.config.independent_condition:
+            raise ValueError("the condition K/V cache is exact only with independent_condition=True")
+        loras = self._loras(self.x_embedder)
+        with lora_scope(loras, None):
+            image = self.x_embedder(x.latents)
+        temb = self._temb(x.timestep, x.guidance, x.pooled_embeds)
+        branches = [
+            Branch(self.context_embedder(x.prompt_embeds), temb, self.pos_embed(x.txt_ids), None, "text"),
+            Branch(image, temb, self.pos_embed(x.img_ids), None, "image"),
+        ]
+        reading = cache is not None and cache.filled
+        use_condition = x.condition is not None and not reading
+        if use_condition:
+            with lora_scope(loras, x.adapter):
+                cond = self.x_embedder(x.condition)
+            zeros = torch.zeros_like(x.timestep)
+            cond_temb = self._temb(zeros, torch.ones_like(x.timestep), x.pooled_embeds)
+            cond_ids = x.cond_ids if x.cond_ids is not None else x.img_ids
+            branches.append(Branch(cond, cond_temb, self.pos_embed(cond_ids), x.adapter, "condition"))
+        elif cache is not None and not cache.filled:
+            cache = None  # nothing to cache without a condition
+        ca = 0
+        for i, block in enumerate(self.transformer_blocks):
+            self._double_block(block, branches, i, cache, reading)
+            if x.id_embed is not None and i % self.config.pulid_double_interval == 0:
+                branches[1].hidden = branches[1].hidden + x.id_weight * self.pulid_ca[ca](x.id_embed, branches[1].hidden)
+            if i % self.config.pulid_double_interval == 0:
+                ca += 1
+        for j, block in enumerate(self.single_transformer_blocks):
+            self._single_block(block, branches, len(self.transformer_blocks) + j, cache, reading)
+            if x.id_embed is not None and j % self.config.pulid_single_interval == 0:
+                branches[1].hidden = branches[1].hidden + x.id_weight * self.pulid_ca[ca](x.id_embed, branches[1].hidden)
+            if j % self.config.pulid_single_interval == 0:
+                ca += 1
+        return self.proj_out(self.norm_out(branches[1].hidden, temb))
