@@ -32,7 +32,7 @@ from apple_video.engine.stages import (
     target_to_dict,
     write_json,
 )
-from apple_video.errors import UserError
+from apple_video.errors import NoFaceError, UserError
 from apple_video.faces.detect import create_detector
 from apple_video.faces.select import select_targets
 from apple_video.media.images import is_image_path, read_image, write_image
@@ -271,13 +271,15 @@ def swap_image(source_paths: list[Path], input_path: Path, output: Path, setting
     started = time.perf_counter()
     data = read_image(input_path)
     swapper = create_swapper(settings)
-    sources = load_sources(source_paths, settings, swapper.crop_size)
-    detections = [Analyzer(settings).detector.detect(data.rgb)]
+    detector = create_detector(settings.detector)
+    sources = source_faces([read_image(p).rgb for p in source_paths], [str(p) for p in source_paths], detector,
+                           swapper.crop_size)
+    detections = [detector.detect(data.rgb)]
+    if not detections[0]:
+        raise NoFaceError(f"no face found in the target image {input_path}; nothing to swap")
     selection = select_targets(detections, 1.0, settings.selector, settings.tracking)
     renderer = Renderer(settings, swapper, sources)
     [(_, _, rgb, swapped)], stats = renderer.render([(0, 0, data.rgb)], selection.targets)
-    if not detections[0]:
-        logger.warning("no face found in %s: written unchanged", input_path)
     write_image(output, data, rgb)
     return Summary(str(input_path), str(output), frames=1, frames_swapped=int(swapped), frames_passed_through=int(not swapped),
                    faces_swapped=stats.faces_swapped, faces_skipped=stats.faces_skipped,

@@ -168,7 +168,7 @@ class AppleFluxTransformer(FluxTransformer2DModel):
             out = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2))
             for i, piece in zip(main, out.split([qkv[i][0].shape[2] for i in main], dim=2), strict=True):
                 outputs[i] = piece
-        for i, kind in enumerate(kinds):
+        for i in range(len(kinds)):
             if i not in outputs:  # independent condition: attends only to condition keys
                 cond = [j for j, other in enumerate(kinds) if other == "condition"]
                 outputs[i] = F.scaled_dot_product_attention(

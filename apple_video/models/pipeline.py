@@ -1,0 +1,214 @@
+"""Build the APPLE model (tiny random or real checkpoints) and run one batch of crops through it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from safetensors.torch import load_file, save_file
+
+from apple_video.config import Preset
+from apple_video.errors import DeviceError, WeightsError
+from apple_video.models import latents as L
+from apple_video.models import registry
+from apple_video.models.identity import IdentityFeatureExtractor, TinyIdentity
+from apple_video.models.lora import add_condition_lora, load_lora
+from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache
+from apple_video.sampling.flow import FlowCondition, invert, sample
+from apple_video.sampling.schedule import flux_schedule
+from apple_video.swappers.base import SourceFace
+
+logger = logging.getLogger(__name__)
+
+PROMPT = "a photo of human face"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class PromptEmbeddings:
+    prompt_embeds: torch.Tensor  # (1, T, joint_dim)
+    pooled_embeds: torch.Tensor  # (1, pooled_dim)
+
+    @property
+    def txt_ids(self) -> torch.Tensor:
+        return torch.zeros(self.prompt_embeds.shape[1], 3, dtype=self.prompt_embeds.dtype)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DeviceError(f"--device {name} was asked for but CUDA is not usable here (refusing to fall back to the CPU)")
+    return torch.device(name)
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def build_tiny(preset: Preset) -> tuple[AppleFluxTransformer, AutoencoderKL, PromptEmbeddings, TinyIdentity]:
+    """The real classes with small seeded random weights (tests and smoke runs)."""
+    m = preset.model
+    identity = TinyIdentity(m.seed)
+    p = m.pulid_settings
+    generator = _seeded(m.seed)
+    transformer = AppleFluxTransformer(
+        **(m.transformer or {}), pulid_dim_head=p.dim_head, pulid_heads=p.heads, pulid_kv_dim=p.kv_dim,
+        pulid_double_interval=p.double_interval, pulid_single_interval=p.single_interval,
+        independent_condition=preset.sampling.independent_condition,
+        idformer=dict(dim=p.idformer_dim, depth=p.idformer_depth, dim_head=8, heads=2, num_id_token=5,
+                      num_queries=p.id_tokens, output_dim=p.kv_dim, id_dim=identity.id_dim, vit_dim=identity.vit_dim),
+    )
+    add_condition_lora(transformer, m.lora_rank, init=False)
+    vae = AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(m.vae.block_out_channels),
+        up_block_types=("UpDecoderBlock2D",) * len(m.vae.block_out_channels), block_out_channels=tuple(m.vae.block_out_channels),
+        layers_per_block=m.vae.layers_per_block, latent_channels=m.vae.latent_channels, norm_num_groups=m.vae.norm_num_groups,
+        scaling_factor=m.vae.scaling_factor, shift_factor=m.vae.shift_factor, use_quant_conv=False, use_post_quant_conv=False,
+    )
+    cfg = m.transformer or {}
+    prompt = PromptEmbeddings(
+        torch.randn(1, m.text_tokens, cfg.get("joint_attention_dim", 4096), generator=generator),
+        torch.randn(1, cfg.get("pooled_projection_dim", 768), generator=generator),
+    )
+    return transformer.eval(), vae.eval(), prompt, identity
+
+
+def load_transformer(flux_dir: Path, pulid_file: Path, dtype: torch.dtype, independent_condition: bool) -> AppleFluxTransformer:
+    """FLUX transformer shards (diffusers layout) + PuLID-FLUX safetensors into one model, built on the meta device."""
+    config = dict(AppleFluxTransformer.load_config(str(flux_dir), subfolder="transformer"))
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    pulid = load_file(str(pulid_file))
+    has_encoder = any(key.startswith("pulid_encoder.") for key in pulid)
+    with torch.device("meta"):
+        model = AppleFluxTransformer(**config, independent_condition=independent_condition,
+                                     idformer={} if has_encoder else None, pulid_num_ca=20)
+    state: dict[str, torch.Tensor] = {}
+    shards = sorted((flux_dir / "transformer").glob("*.safetensors"))
+    if not shards:
+        raise WeightsError(f"no transformer weights (*.safetensors) under {flux_dir / 'transformer'}")
+    for shard in shards:
+        state.update(load_file(str(shard)))
+    state.update(pulid)
+    try:
+        missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, strict=False, assign=True)
+    except RuntimeError as error:  # shape mismatches
+        raise WeightsError(f"checkpoint does not fit the model: {str(error).splitlines()[-1].strip()}") from None
+    if missing or unexpected:
+        raise WeightsError(f"checkpoint does not fit the model: {len(missing)} missing (e.g. {missing[:1]}), "
+                           f"{len(unexpected)} unexpected (e.g. {unexpected[:1]})")
+    return model.eval()
+
+
+def prompt_cache_path(flux_dir: Path) -> Path:
+    key = hashlib.sha256(f"{flux_dir.resolve()}|{PROMPT}".encode()).hexdigest()[:12]
+    return registry.weights_home() / "cache" / f"prompt-{key}.safetensors"
+
+
+def load_prompt_embeddings(flux_dir: Path, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
+    """T5/CLIP embeddings of the fixed prompt, computed once and cached on disk; encoders freed afterwards."""
+    path = prompt_cache_path(flux_dir)
+    if not path.is_file():
+        from diffusers import FluxPipeline
+
+        logger.warning("encoding the fixed prompt once with the FLUX text encoders (cached at %s)", path)
+        pipe = FluxPipeline.from_pretrained(str(flux_dir), transformer=None, vae=None, torch_dtype=dtype).to(device)
+        embeds, pooled, _ = pipe.encode_prompt(prompt=PROMPT, prompt_2=None, device=device, max_sequence_length=512)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"prompt_embeds": embeds.cpu().contiguous(), "pooled_embeds": pooled.cpu().contiguous()}, str(path))
+        del pipe
+    tensors = load_file(str(path))
+    return PromptEmbeddings(tensors["prompt_embeds"], tensors["pooled_embeds"])
+
+
+class ApplePipeline:
+    """Aligned target crops + source identity -> swapped crops, as APPLE does:
+    encode -> attribute-aware inversion (null id, F_att) -> sampling (id_src, F_att) -> decode."""
+
+    def __init__(self, preset: Preset, transformer: AppleFluxTransformer, vae: AutoencoderKL, prompt: PromptEmbeddings,
+                 identity: IdentityFeatureExtractor, device: torch.device, real: bool) -> None:
+        self.preset = preset
+        self.transformer = transformer.to(device)
+        self.vae = vae.to(device)
+        self.prompt = prompt
+        self.identity = identity
+        self.device = device
+        self.real = real
+        self.dtype = DTYPES[preset.model.dtype] if device.type == "cuda" else torch.float32
+
+    @classmethod
+    def from_preset(cls, preset: Preset, device: torch.device) -> ApplePipeline:
+        if preset.model.kind == "tiny":
+            transformer, vae, prompt, identity = build_tiny(preset)
+            return cls(preset, transformer, vae, prompt, identity, device, real=False)
+        return cls._from_checkpoints(preset, device)
+
+    @classmethod
+    def _from_checkpoints(cls, preset: Preset, device: torch.device) -> ApplePipeline:
+        from apple_video.models.real_identity import PulidIdentity
+
+        dtype = DTYPES[preset.model.dtype] if device.type == "cuda" else torch.float32
+        flux_dir = registry.require("flux-krea-dev")
+        transformer = load_transformer(flux_dir, registry.require(preset.model.pulid or "pulid-flux-v0.9.1"), dtype,
+                                       preset.sampling.independent_condition)
+        load_lora(transformer, registry.require(preset.model.lora or "apple-student"))
+        vae = AutoencoderKL.from_pretrained(str(flux_dir), subfolder="vae", torch_dtype=dtype)
+        prompt = load_prompt_embeddings(flux_dir, device, dtype)
+        return cls(preset, transformer, vae, prompt, PulidIdentity(device), device, real=True)
+
+    @torch.no_grad()
+    def id_embedding(self, sources: list[SourceFace]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(id tokens averaged over the source photos, null id tokens = IDFormer(zeros))."""
+        features = [self.identity(source) for source in sources]
+        encoder = self.transformer.pulid_encoder
+        if encoder is None:
+            raise WeightsError("this checkpoint has no PuLID identity encoder (pulid_encoder.*)")
+        tokens = [encoder(f.id_cond.to(self.device, self.dtype), [h.to(self.device, self.dtype) for h in f.vit_hidden])
+                  for f in features]
+        null = encoder.null_embedding(features[0].id_cond.to(self.device, self.dtype),
+                                      [h.to(self.device, self.dtype) for h in features[0].vit_hidden])
+        return torch.stack(tokens).mean(0), null
+
+    def _velocity(self, inputs, cache: ConditionKVCache | None) -> torch.Tensor:
+        return self.transformer(inputs, cache)
+
+    @torch.no_grad()
+    def swap(self, crops: np.ndarray, id_embed: torch.Tensor, null_id: torch.Tensor, seeds: list[int],
+             use_null_encoder: bool = True) -> np.ndarray:
+        """crops (B, S, S, 3) uint8 -> swapped crops, deterministic per seed; batch == one by one."""
+        s = self.preset.sampling
+        b, height, width = crops.shape[0], crops.shape[1], crops.shape[2]
+        tokens = L.encode(self.vae, crops).to(self.dtype)
+        cond = FlowCondition(
+            prompt_embeds=self.prompt.prompt_embeds.to(self.device, self.dtype).expand(b, -1, -1),
+            pooled_embeds=self.prompt.pooled_embeds.to(self.device, self.dtype).expand(b, -1),
+            img_ids=L.image_ids(height, width, self.vae, self.device, self.dtype),
+            txt_ids=self.prompt.txt_ids.to(self.device, self.dtype),
+            guidance=s.guidance,
+            condition=tokens,  # the student's attribute condition: the clean target crop
+            id_embed=id_embed.to(self.device, self.dtype).expand(b, -1, -1),
+            id_weight=s.id_weight,
+        )
+        null = null_id.to(self.device, self.dtype).expand(b, -1, -1) if use_null_encoder else None
+        use_cache = s.independent_condition
+        if s.inversion:
+            schedule = flux_schedule(s.inversion_steps, tokens.shape[1])
+            noise = invert(self._velocity, tokens, cond.attribute_only(null), schedule, s.second_order,
+                           ConditionKVCache() if use_cache else None)
+        else:
+            noise = torch.cat([L.noise_tokens(1, height, width, self.vae, self.vae.config.latent_channels,
+                                              torch.Generator().manual_seed(seed)) for seed in seeds]).to(self.device, self.dtype)
+        schedule = flux_schedule(s.sampling_steps, tokens.shape[1])
+        out = sample(self._velocity, noise, cond, schedule, null, s.id_guidance, ConditionKVCache() if use_cache else None)
+        return L.decode(self.vae, out, height, width)
+
+
+def describe(pipeline: ApplePipeline) -> str:
+    return json.dumps({"preset": pipeline.preset.name, "device": str(pipeline.device), "real": pipeline.real})

@@ -1,0 +1,53 @@
+"""The APPLE swapper: one aligned target crop -> swapped crop (invert with attribute-only, sample with full)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+from apple_video.config import Preset, load_preset, with_overrides
+from apple_video.engine.settings import ModelOptions
+from apple_video.models import registry
+from apple_video.models.pipeline import ApplePipeline, resolve_device
+from apple_video.swappers.base import CropJob, SourceFace
+
+logger = logging.getLogger(__name__)
+
+
+class AppleSwapper:
+    """The `Swapper` for the diffusion model. The source identity is embedded once in `prepare`."""
+
+    name = "apple"
+
+    def __init__(self, pipeline: ApplePipeline) -> None:
+        self.pipeline = pipeline
+        self.preset: Preset = pipeline.preset
+        self.crop_size = pipeline.preset.sampling.crop_size
+        self.real = pipeline.real
+        self._id = None
+        self._null = None
+
+    @classmethod
+    def from_options(cls, options: ModelOptions, seed: int) -> AppleSwapper:
+        name = options.preset or "krea-512"
+        preset = load_preset(name)
+        steps = options.steps
+        preset = with_overrides(preset, inversion_steps=steps, sampling_steps=steps, id_weight=options.id_weight,
+                                inversion=options.inversion)
+        if preset.model.kind != "tiny":
+            for weight in ("flux-krea-dev", preset.model.lora or "apple-student", preset.model.pulid or "pulid-flux-v0.9.1"):
+                registry.require(weight)
+        return cls(ApplePipeline.from_preset(preset, resolve_device(options.device)))
+
+    def prepare(self, sources: list[SourceFace]) -> None:
+        self._id, self._null = self.pipeline.id_embedding(sources)
+
+    def swap(self, jobs: list[CropJob]) -> list[np.ndarray | None]:
+        if self._id is None:
+            raise RuntimeError("prepare() must be called before swap()")
+        if not jobs:
+            return []
+        crops = np.stack([job.crop for job in jobs])
+        out = self.pipeline.swap(crops, self._id, self._null, [job.seed for job in jobs])
+        return list(out)
