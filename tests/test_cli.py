@@ -90,3 +90,16 @@ def test_weights_where_and_check(tmp_path: Path) -> None:
     assert result.returncode == 0 and str(tmp_path) in result.stdout and "pulid-flux-v0.9.1" in result.stdout
     result = subprocess.run([*EXE, "weights", "check"], cwd=ROOT, capture_output=True, text=True, env=env)
     assert "missing" in result.stdout
+
+
+def test_weights_download_fails_fast_offline(tmp_path: Path) -> None:
+    import os
+    import time
+
+    env = {**os.environ, "APPLE_VIDEO_HOME": str(tmp_path), "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}
+    start = time.time()
+    result = subprocess.run([*EXE, "weights", "download", "apple-student", "--timeout", "2"], cwd=ROOT,
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2 and "cannot reach the Hugging Face hub" in result.stderr
+    assert time.time() - start < 30

@@ -171,3 +171,16 @@ def test_rotated_clip_is_swapped_in_display_orientation(tmp_path: Path, source_p
     assert summary.faces_swapped >= 18
     info = probe(output)
     assert info.rotation == rotation and (info.width, info.height) == (360, 480) and info.frame_count == 20
+
+
+def test_preview_sheet(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    output = tmp_path / "sheet.png"
+    result = subprocess.run([sys.executable, "-c", "from cli import main; main()", "preview", str(source_photo),
+                             str(face_clip), "-o", str(output), "--frames", "3", "--swapper", "classic"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    sheet = np.asarray(Image.open(output))
+    assert sheet.shape == (3 * 360, 960, 3)
+    left, right = sheet[:360, :480], sheet[:360, 480:]
+    assert (left != right).any()
+    assert is_synthetic_tag(Image.open(output).text.get("Comment"))

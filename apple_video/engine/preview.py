@@ -1,0 +1,48 @@
+"""`apple-video preview`: swap a few frames spread over a clip and write a before/after contact sheet."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from apple_video.engine.run import load_sources
+from apple_video.engine.settings import SwapSettings
+from apple_video.engine.stages import Renderer
+from apple_video.faces.detect import create_detector
+from apple_video.faces.select import select_targets
+from apple_video.media.images import ImageData, is_image_path, read_image, write_image
+from apple_video.media.video import decode_frames, probe, to_display
+from apple_video.swappers.factory import create_swapper
+
+CELL_WIDTH = 480
+
+
+def _sample_frames(target: Path, count: int) -> list[np.ndarray]:
+    if is_image_path(target):
+        return [read_image(target).rgb]
+    info = probe(target)
+    picks = sorted({int(round(x)) for x in np.linspace(0, info.frame_count - 1, count)})
+    return [to_display(next(decode_frames(info, i, i + 1)).rgb, info.rotation) for i in picks]
+
+
+def _cell(rgb: np.ndarray) -> np.ndarray:
+    scale = CELL_WIDTH / rgb.shape[1]
+    return cv2.resize(rgb, (CELL_WIDTH, max(1, int(round(rgb.shape[0] * scale)))), interpolation=cv2.INTER_AREA)
+
+
+def make_preview(sources: list[Path], target: Path, output: Path, settings: SwapSettings, count: int) -> str:
+    frames = _sample_frames(target, count)
+    swapper = create_swapper(settings)
+    detector = create_detector(settings.detector)
+    renderer = Renderer(settings, swapper, load_sources(sources, settings, swapper.crop_size))
+    rows, swapped_faces = [], 0
+    for rgb in frames:
+        selection = select_targets([detector.detect(rgb)], 1.0, settings.selector, settings.tracking)
+        [(_, _, out, _)], stats = renderer.render([(0, 0, rgb)], selection.targets)
+        swapped_faces += stats.faces_swapped
+        rows.append(np.concatenate([_cell(rgb), _cell(out)], axis=1))
+    sheet = np.concatenate(rows, axis=0)
+    write_image(output, ImageData(sheet, None, False, "RGB"))
+    return f"{output}: {len(frames)} frames (before | after), {swapped_faces} faces swapped"
