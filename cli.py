@@ -199,7 +199,7 @@ def swap_options(func):
         click.option("--num-gpus", type=click.FloatRange(0), default=None,
                      help="GPUs per swap actor (fractional allowed). Default 1 when CUDA is present, else 0."),
         click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Actors per stage on Ray."),
-        click.option("--chunk-frames", type=click.IntRange(1), default=48, show_default=True,
+        click.option("--chunk-frames", type=click.IntRange(1), default=96, show_default=True,
                      help="Frames per chunk: the unit of parallel work, memory and resume."),
         click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Face crops per model call."),
     ]

@@ -8,6 +8,7 @@ import logging
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
+from itertools import islice
 from pathlib import Path
 
 from tqdm import tqdm
@@ -41,6 +42,13 @@ from apple_video.swappers.base import SourceFace, source_faces
 from apple_video.swappers.factory import create_swapper
 
 logger = logging.getLogger(__name__)
+
+
+def batched(items, size: int):
+    """Groups of `size` consecutive items (itertools.batched arrives in Python 3.12)."""
+    iterator = iter(items)
+    while group := list(islice(iterator, size)):
+        yield group
 
 
 @dataclass
@@ -140,13 +148,14 @@ class RenderWorker:
             targets: dict[int, list] = {}
             for item in data:
                 targets.setdefault(item["frame"], []).append(target_from_dict(item))
-            frames = list(self.media.frames(int(start), int(stop)))
-            rendered, chunk_stats = self.renderer.render(frames, targets)
             sink = self._sink(int(chunk))
-            for index, pts, rgb, swapped in rendered:
-                sink.write(index, pts, rgb, swapped)
+            group_size = max(1, self.spec.settings.batch_size)
+            for group in batched(self.media.frames(int(start), int(stop)), group_size):
+                rendered, group_stats = self.renderer.render(list(group), targets)
+                for index, pts, rgb, swapped in rendered:
+                    sink.write(index, pts, rgb, swapped)
+                stats.add(group_stats)
             sink.close()
-            stats.add(chunk_stats)
         return {"chunk": batch["chunk"], **{k: [v] for k, v in asdict(stats).items()}}
 
 

@@ -34,7 +34,7 @@ class SwapSettings:
     tracking: TrackSettings = field(default_factory=TrackSettings)
     mask: MaskSettings = field(default_factory=MaskSettings)
     encode: EncodeSettings = field(default_factory=EncodeSettings)
-    chunk_frames: int = 48
+    chunk_frames: int = 96
     batch_size: int = 4
     seed: int = 0
     executor: ExecutorName = "local"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import heapq
 import logging
 import os
+import queue
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -124,7 +126,7 @@ def probe(path: str | Path) -> VideoInfo:
         pts = tuple(ts for ts, _ in entries)
         keyframes = tuple(i for i, (_, key) in enumerate(entries) if key) or (0,)
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
-        rotation = _first_frame_rotation(path)
+        rotation = _first_frame_rotation(container)
         audio = tuple(
             AudioInfo(a.index, a.codec_context.name, a.codec_context.sample_rate or 0, a.codec_context.channels or 0)
             for a in container.streams.audio
@@ -145,11 +147,12 @@ def probe(path: str | Path) -> VideoInfo:
         )
 
 
-def _first_frame_rotation(path: Path) -> int:
+def _first_frame_rotation(container: av.container.InputContainer) -> int:
+    """Display rotation in degrees (counter-clockwise), read off the first decoded frame."""
     try:
-        with av.open(str(path)) as container:
-            for frame in container.decode(video=0):
-                return int(round(frame.rotation or 0)) % 360
+        container.seek(0)
+        for frame in container.decode(video=0):
+            return int(round(frame.rotation or 0)) % 360
     except av.FFmpegError:
         return 0
     return 0
@@ -173,8 +176,50 @@ def from_display(rgb: np.ndarray, rotation: int) -> np.ndarray:
     return np.ascontiguousarray(np.rot90(rgb, -k)) if k else rgb
 
 
-def decode_frames(info: VideoInfo, start: int = 0, stop: int | None = None) -> Iterator[DecodedFrame]:
-    """Yield frames [start, stop) in display order, seeking to the keyframe before `start`. Bounded memory."""
+def prefetch(items: Iterator, depth: int = 8) -> Iterator:
+    """Run a producer iterator in a thread, `depth` items ahead (PyAV decodes without the GIL), re-raising its errors."""
+    buffer: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(done)
+        except BaseException as error:  # handed to the consumer
+            buffer.put(error)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+def decode_frames(info: VideoInfo, start: int = 0, stop: int | None = None, ahead: int = 8) -> Iterator[DecodedFrame]:
+    """Yield frames [start, stop) in display order, seeking to the keyframe before `start`. Bounded memory:
+    at most `ahead` frames are decoded ahead of the consumer (0: no decoding thread)."""
+    frames = _decode_frames(info, start, stop)
+    return prefetch(frames, ahead) if ahead > 0 else frames
+
+
+def _decode_frames(info: VideoInfo, start: int, stop: int | None) -> Iterator[DecodedFrame]:
     stop = info.frame_count if stop is None else min(stop, info.frame_count)
     if start >= stop:
         return
