@@ -190,3 +190,9 @@ def test_frame_folder_natural_order(tmp_path: Path) -> None:
     assert [p.name for p in list_frames(tmp_path)] == ["f1.png", "f2.png", "f10.png"]
     with pytest.raises(InputError):
         list_frames(tmp_path / "nothing")
+
+
+def test_decoded_frames_are_contiguous_for_padded_widths(tmp_path: Path) -> None:
+    src = synth.write_clip(tmp_path / "w854.mp4", _frames(3, (854, 64)), fps=10)
+    for frame in decode_frames(probe(src)):
+        assert frame.rgb.flags.c_contiguous and frame.rgb.shape == (64, 854, 3)

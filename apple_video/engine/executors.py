@@ -34,7 +34,11 @@ def ensure_ray(settings: SwapSettings) -> None:
                  configure_logging=False)
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    for name in ("ray", "ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(max(logging.getLogger().level, logging.WARNING))
 
 
 def actor_pool(size: int):

@@ -82,7 +82,8 @@ class Analyzer:
         for index, _, rgb in frames:
             faces = self.detector.detect(rgb, embed=False)
             if faces and (index % self.embed_every == 0 or len(faces) != previous):
-                faces = self.detector.detect(rgb, embed=True)
+                embed = getattr(self.detector, "embed", None)
+                faces = embed(rgb, faces) if embed and self.detector.settings.angles == (0,) else self.detector.detect(rgb)
             previous = len(faces)
             found[index] = faces
         return found

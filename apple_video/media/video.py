@@ -239,7 +239,8 @@ def _decode_frames(info: VideoInfo, start: int, stop: int | None) -> Iterator[De
                         continue
                     if stop_pts is not None and pts >= stop_pts:
                         return
-                    yield DecodedFrame(index, pts, frame.to_ndarray(format="rgb24"))
+                    # rows of widths like 854 are padded by FFmpeg: hand out contiguous arrays (dlib, OpenCV need them)
+                    yield DecodedFrame(index, pts, np.ascontiguousarray(frame.to_ndarray(format="rgb24")))
                     index += 1
                     if index >= stop:
                         return

@@ -1,0 +1,99 @@
+"""Orchestration overhead and memory of the video engine, measured in one run.
+
+1. On one clip: our wall time (tiny preset, dlib detector) against the sum of its parts run alone: plain PyAV
+   decode+encode, detection alone, tiny swap alone -> `overhead ratio local` and `overhead ratio ray`
+   (Ray start-up included). Goals: <= 1.25 local, <= 1.5 ray.
+2. Peak RSS of the whole CLI process on a 5 s and a 60 s clip (classic swapper) -> `rss ratio 60s/5s`
+   (goal <= 1.15: memory is bounded by the chunk, not the clip).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from apple_video.engine.run import load_sources, swap_video  # noqa: E402
+from apple_video.engine.settings import ModelOptions, SwapSettings  # noqa: E402
+from apple_video.engine.stages import Analyzer  # noqa: E402
+from apple_video.faces.align import alignment_matrix, warp_crop  # noqa: E402
+from apple_video.media.video import decode_frames, probe  # noqa: E402
+from apple_video.swappers.base import CropJob  # noqa: E402
+from apple_video.swappers.factory import create_swapper  # noqa: E402
+from benchmarks.common import ROOT, face_clip, timed  # noqa: E402
+from benchmarks.transcode import plain  # noqa: E402
+
+SOURCE = ROOT / "examples" / "source.jpg"
+
+
+def parts(clip: Path, settings: SwapSettings) -> dict[str, float]:
+    frames = [f.rgb for f in decode_frames(probe(clip))]
+    analyzer = Analyzer(settings)  # the detection stage alone: detector + its embedding schedule, no orchestration
+    t_detect, found = timed(analyzer.analyze, ((i, i, f) for i, f in enumerate(frames)))
+    faces = [found[i] for i in range(len(frames))]
+    start = time.perf_counter()
+    swapper = create_swapper(settings, announce=False)
+    swapper.prepare(load_sources([SOURCE], settings, swapper.crop_size))
+    size = swapper.crop_size
+    jobs = [CropJob(warp_crop(f, alignment_matrix(fs[0].kps, size), size), None, i)
+            for i, (f, fs) in enumerate(zip(frames, faces, strict=True)) if fs]
+    for k in range(0, len(jobs), settings.batch_size):
+        swapper.swap(jobs[k : k + settings.batch_size])
+    t_swap = time.perf_counter() - start
+    with tempfile.TemporaryDirectory() as tmp:
+        t_transcode, _ = timed(plain, clip, Path(tmp) / "plain.mp4")
+    return {"transcode": t_transcode, "detect": t_detect, "swap": t_swap}
+
+
+def peak_rss(args: list[str]) -> int:
+    """Peak resident memory (bytes) of the CLI process and its children, sampled every 20 ms."""
+    process = subprocess.Popen([sys.executable, "-c", "from cli import main; main()", *args], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    watched = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        try:
+            rss = watched.memory_info().rss + sum(c.memory_info().rss for c in watched.children(recursive=True))
+            peak = max(peak, rss)
+        except psutil.Error:
+            pass
+        time.sleep(0.02)
+    if process.returncode != 0:
+        raise SystemExit(process.stderr.read().decode())
+    return peak
+
+
+def main(seconds: float = 30.0) -> None:
+    settings = SwapSettings(swapper="apple", model=ModelOptions(preset="tiny", steps=2), force=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp)
+        clip = face_clip(folder / "clip.mp4", seconds=seconds, size=(480, 360), fps=15)
+        swap_video([SOURCE], clip, folder / "warm.mp4", settings)  # warm-up: first-call costs hit nobody below
+        split = parts(clip, settings)
+        total = sum(split.values())
+        t_local, _ = timed(swap_video, [SOURCE], clip, folder / "local.mp4", settings)
+        ray_settings = SwapSettings(**{**settings.__dict__, "executor": "ray", "workers": 2, "force": True})
+        t_ray, _ = timed(swap_video, [SOURCE], clip, folder / "ray.mp4", ray_settings)
+        print("parts: " + ", ".join(f"{k} {v:.2f}s" for k, v in split.items()) + f" (sum {total:.2f}s)")
+        print(f"apple-video local {t_local:.2f}s, ray {t_ray:.2f}s (ray start-up included)")
+
+        short = face_clip(folder / "short.mp4", seconds=5, size=(640, 360), fps=15)
+        long = face_clip(folder / "long.mp4", seconds=60, size=(640, 360), fps=15)
+        rss = {}
+        for name, path in (("5s", short), ("60s", long)):
+            rss[name] = peak_rss(["--quiet", "swap", str(SOURCE), str(path), "-o", str(folder / f"rss_{name}.mp4"),
+                                  "--swapper", "classic"])
+        print(f"peak RSS: 5 s clip {rss['5s'] / 2**20:.0f} MiB, 60 s clip {rss['60s'] / 2**20:.0f} MiB")
+        print(f"overhead ratio local: {t_local / total:.2f}")
+        print(f"overhead ratio ray: {t_ray / total:.2f}")
+        print(f"rss ratio 60s/5s: {rss['60s'] / rss['5s']:.2f}")
+
+
+if __name__ == "__main__":
+    main(float(sys.argv[1]) if len(sys.argv) > 1 else 30.0)
