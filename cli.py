@@ -127,7 +127,7 @@ def _settings_from(opts: dict):
     return SwapSettings(
         swapper=opts["swapper"],
         model=ModelOptions(preset=opts["preset"], steps=opts["steps"], id_weight=opts["id_weight"],
-                           inversion=not opts["no_inversion"], device=opts["device"]),
+                           inversion=not opts["no_inversion"], device=opts["device"], lora=opts["lora"]),
         detector=DetectorSettings(name=opts["face_detector"], score=opts["face_detector_score"],
                                   size=opts["face_detector_size"], angles=angles),
         selector=SelectorSettings(mode=opts["face_selector_mode"], order=opts["face_selector_order"],
@@ -165,6 +165,8 @@ def swap_options(func):
         click.option("--preset", default=None, help="Model preset: krea-512 (real weights) or tiny (random, for tests)."),
         click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Inversion and sampling steps."),
         click.option("--id-weight", type=click.FloatRange(0, 5), default=None, help="Identity strength (PuLID id_weight)."),
+        click.option("--lora", type=click.Path(), default=None,
+                     help="APPLE LoRA file to use instead of the preset's (e.g. a student you trained)."),
         click.option("--no-inversion", is_flag=True, help="Sample from seeded noise instead of attribute-aware inversion."),
         click.option("--seed", type=int, default=0, show_default=True, help="Random seed (outputs are reproducible)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
@@ -227,6 +229,8 @@ def swap(paths: tuple[str, ...], **opts) -> None:
 
     sources, target = _split_paths(paths, opts["extra_sources"])
     _check_sources(sources, target)
+    if opts["lora"] and not Path(opts["lora"]).is_file():
+        raise InputError(f"LoRA file not found: {opts['lora']}")
     kind = _kind_of(target)
     output = Path(opts["output"])
     _check_output_for(kind, target, output, sources, opts["force"])
@@ -324,36 +328,99 @@ def weights_download(names: tuple[str, ...], timeout: float) -> None:
         click.echo(line)
 
 
-def _not_built(name: str) -> None:
-    raise NotBuiltError(f"`apple-video {name}` is not built yet in this version")
-
-
 @cli.group()
 def train() -> None:
-    """Train the APPLE teacher, make pseudo-labels, train the student."""
+    """Train the APPLE teacher, make pseudo-labels, train the student (configs in configs/train/).
+
+    \b
+      apple-video prepare-data raw/ -o data/faces
+      apple-video train teacher --config configs/train/teacher.yaml
+      apple-video train pseudo-labels --config configs/train/pseudo_labels.yaml
+      apple-video train student --config configs/train/student.yaml
+
+    A killed stage resumes from its last checkpoint when run again."""
 
 
-for _stage in ("teacher", "pseudo-labels", "student"):
+def _train_options(func):
+    options = [
+        click.option("--config", "config_path", type=click.Path(), required=True, help="Stage config (configs/train/*.yaml)."),
+        click.option("--data", type=click.Path(), default=None, help="Override the config's data folder."),
+        click.option("--output", "-o", type=click.Path(), default=None, help="Override the config's output folder."),
+        click.option("--steps", type=click.IntRange(1), default=None, help="Override the number of optimizer steps."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
 
-    @train.command(_stage)
-    @click.option("--config", type=click.Path(), required=False, help="Stage config (configs/train/*.yaml).")
-    def _train_stage(config: str | None, _name: str = _stage) -> None:
-        _not_built(f"train {_name}")
+
+def _train_config(stage: str, config_path: str, **overrides):
+    from training.config import load_train_config
+
+    cfg = load_train_config(config_path, **overrides)
+    if cfg.stage != stage:
+        raise UserError(f"{config_path} is a '{cfg.stage}' config, not '{stage}'")
+    return cfg
+
+
+@train.command("teacher")
+@_train_options
+def train_teacher_cmd(config_path: str, data: str | None, output: str | None, steps: int | None) -> None:
+    """Conditional deblurring: condition = the target with its face blurred to 8x8, id = another image of the person."""
+    from training.stages import train_teacher
+
+    trainer = train_teacher(_train_config("teacher", config_path, data=data, output=output, steps=steps))
+    click.echo(f"teacher LoRA: {trainer.cfg.output / 'default.safetensors'} (last loss {trainer.history[-1]:.4f})")
+
+
+@train.command("pseudo-labels")
+@_train_options
+@click.option("--teacher-lora", type=click.Path(), default=None, help="Override the teacher LoRA file.")
+def train_pseudo_cmd(config_path: str, data: str | None, output: str | None, steps: int | None,
+                     teacher_lora: str | None) -> None:
+    """Teacher swaps target A to person B (attribute-aware inversion) -> (src of A, pseudo-label A->B, target A)."""
+    from training.stages import make_pseudo_labels
+
+    cfg = _train_config("pseudo-labels", config_path, data=data, output=output, teacher_lora=teacher_lora)
+    click.echo(f"pseudo-labels: {make_pseudo_labels(cfg)}")
+
+
+@train.command("student")
+@_train_options
+@click.option("--init-lora", type=click.Path(), default=None, help="Override the teacher LoRA the student starts from.")
+def train_student_cmd(config_path: str, data: str | None, output: str | None, steps: int | None,
+                      init_lora: str | None) -> None:
+    """Student: condition = the clean pseudo-label, id = another image of A, target = the real A."""
+    from training.stages import train_student
+
+    trainer = train_student(_train_config("student", config_path, data=data, output=output, steps=steps,
+                                          init_lora=init_lora))
+    click.echo(f"student LoRA: {trainer.cfg.output / 'default.safetensors'} (last loss {trainer.history[-1]:.4f})")
 
 
 @cli.command("prepare-data")
 @click.argument("raw_dir", type=click.Path())
-@click.option("-o", "--output", type=click.Path(), required=False)
-def prepare_data(raw_dir: str, output: str | None) -> None:
-    """Align, parse and cache a face data set for training."""
-    _not_built("prepare-data")
+@click.option("-o", "--output", type=click.Path(), required=True, help="Prepared data folder (resumable).")
+@click.option("--preset", default="krea-512", show_default=True, help="Crop size comes from the preset.")
+@click.option("--identity-list", type=click.Path(), default=None, help="CSV `file,identity` for a flat folder.")
+@click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="Parallel processes.")
+@click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True)
+def prepare_data_cmd(raw_dir: str, output: str, preset: str, identity_list: str | None, workers: int, shard_size: int) -> None:
+    """Align, mask and cache a face data set (one folder per identity) for training."""
+    from apple_video.config import load_preset
+    from training.data import prepare_data
+
+    size = load_preset(preset).sampling.crop_size
+    manifest = prepare_data(Path(raw_dir), Path(output), size, Path(identity_list) if identity_list else None, workers,
+                            shard_size)
+    kept = sum(s["count"] for s in manifest["shards"])
+    click.echo(f"{output}: {kept} faces in {len(manifest['shards'])} shards, {len(manifest['skipped'])} images skipped")
 
 
 @cli.command("eval")
 @click.argument("args", nargs=-1)
 def evaluate(args: tuple[str, ...]) -> None:
     """Identity / pose / expression / temporal metrics of swapped outputs."""
-    _not_built("eval")
+    raise NotBuiltError("`apple-video eval` is not built yet in this version")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -36,9 +36,13 @@ class AppleSwapper:
         preset = with_overrides(preset, inversion_steps=steps, sampling_steps=steps, id_weight=options.id_weight,
                                 inversion=options.inversion)
         if preset.model.kind != "tiny":
-            for weight in ("flux-krea-dev", preset.model.lora or "apple-student", preset.model.pulid or "pulid-flux-v0.9.1"):
+            needed = ["flux-krea-dev", preset.model.pulid or "pulid-flux-v0.9.1"]
+            if options.lora is None:
+                needed.append(preset.model.lora or "apple-student")
+            for weight in needed:
                 registry.require(weight)
-        return cls(ApplePipeline.from_preset(preset, resolve_device(options.device)))
+        pipeline = ApplePipeline.from_preset(preset, resolve_device(options.device), lora=options.lora)
+        return cls(pipeline)
 
     def prepare(self, sources: list[SourceFace]) -> None:
         self._id, self._null = self.pipeline.id_embedding(sources)

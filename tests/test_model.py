@@ -12,7 +12,7 @@ from oracle import oracle_files, oracle_models
 from safetensors.torch import save_file
 
 from apple_video.config import load_preset
-from apple_video.errors import WeightsError
+from apple_video.errors import InputError, WeightsError
 from apple_video.models import registry
 from apple_video.models.lora import add_condition_lora, load_lora, save_lora
 from apple_video.models.pipeline import build_tiny, load_transformer
@@ -213,7 +213,7 @@ def test_missing_and_corrupt_weights(tmp_path: Path, monkeypatch) -> None:
     transformer, _, _ = _tiny()
     with pytest.raises(WeightsError, match="corrupt or unreadable"):
         load_lora(transformer, bad)
-    with pytest.raises(WeightsError, match="missing"):
+    with pytest.raises(InputError, match="not found"):
         load_lora(transformer, tmp_path / "nope.safetensors")
 
 

@@ -23,6 +23,7 @@ class ModelOptions:
     id_weight: float | None = None
     inversion: bool = True
     device: str = "auto"
+    lora: str | None = None  # a LoRA file (e.g. a student you trained) instead of the preset's
 
 
 @dataclass(frozen=True)

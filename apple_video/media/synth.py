@@ -135,3 +135,22 @@ def face_patch(photo: np.ndarray, box: tuple[int, int, int, int], margin: float 
     mx, my = int(w * margin), int(h * margin)
     H, W = photo.shape[:2]
     return np.ascontiguousarray(photo[max(0, y0 - my) : min(H, y1 + my), max(0, x0 - mx) : min(W, x1 + mx)])
+
+
+def face_variants(photo: np.ndarray, box: tuple[int, int, int, int], count: int, seed: int, size: int = 200) -> list[np.ndarray]:
+    """`count` different photos of the same face: shifted, scaled, slightly rotated, re-lit, on varied backgrounds."""
+    rng = np.random.default_rng(seed)
+    patch = face_patch(photo, box, margin=0.5)
+    out = []
+    for i in range(count):
+        angle = rng.uniform(-8, 8)
+        scale = rng.uniform(0.75, 0.95) * size / max(patch.shape[:2])
+        h, w = patch.shape[:2]
+        matrix = cv2.getRotationMatrix2D((w / 2, h / 2), angle, scale)
+        matrix[:, 2] += (size / 2 - w / 2 + rng.uniform(-8, 8), size / 2 - h / 2 + rng.uniform(-8, 8))
+        bg = background(size, size, seed=seed * 100 + i)
+        warped = cv2.warpAffine(patch, matrix, (size, size), borderMode=cv2.BORDER_CONSTANT)
+        alpha = cv2.warpAffine(np.ones(patch.shape[:2], np.float32), matrix, (size, size))[..., None]
+        lit = np.clip(warped.astype(np.float32) * rng.uniform(0.85, 1.15), 0, 255)
+        out.append(np.clip(bg * (1 - alpha) + lit * alpha, 0, 255).astype(np.uint8))
+    return out

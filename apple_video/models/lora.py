@@ -8,7 +8,7 @@ import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
-from apple_video.errors import WeightsError
+from apple_video.errors import InputError, WeightsError
 
 # OminiControl's target modules (x_embedder, double-block image-side modules, single-block modules).
 LORA_TARGETS = (
@@ -55,14 +55,19 @@ def lora_rank_of(state: dict[str, torch.Tensor]) -> int:
 def load_lora(transformer, path: Path, adapter: str = ADAPTER) -> None:
     """Load an APPLE teacher/student LoRA (`default.safetensors`, diffusers keys) into `adapter`."""
     if not path.is_file():
-        raise WeightsError(f"LoRA file missing: {path}")
+        raise InputError(f"LoRA file not found: {path}")
     try:
         raw = load_file(str(path))
     except Exception as error:  # safetensors raises several types for truncated files
         raise WeightsError(f"LoRA file corrupt or unreadable: {path} ({error.__class__.__name__})") from None
     state = {key.removeprefix(PREFIX): value for key, value in raw.items()}
-    if adapter not in getattr(transformer, "peft_config", {}):
-        add_condition_lora(transformer, lora_rank_of(state), adapter)
+    rank = lora_rank_of(state)
+    existing = getattr(transformer, "peft_config", {}).get(adapter)
+    if existing is not None and existing.r != rank:
+        transformer.delete_adapters(adapter)
+        existing = None
+    if existing is None:
+        add_condition_lora(transformer, rank, adapter)
     result = set_peft_model_state_dict(transformer, state, adapter_name=adapter)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:

@@ -144,21 +144,24 @@ class ApplePipeline:
         self.dtype = DTYPES[preset.model.dtype] if device.type == "cuda" else torch.float32
 
     @classmethod
-    def from_preset(cls, preset: Preset, device: torch.device) -> ApplePipeline:
+    def from_preset(cls, preset: Preset, device: torch.device, lora: str | Path | None = None) -> ApplePipeline:
+        """Build the preset's model; `lora` replaces the preset's LoRA (e.g. a student you trained)."""
         if preset.model.kind == "tiny":
             transformer, vae, prompt, identity = build_tiny(preset)
+            if lora is not None:
+                load_lora(transformer, Path(lora))
             return cls(preset, transformer, vae, prompt, identity, device, real=False)
-        return cls._from_checkpoints(preset, device)
+        return cls._from_checkpoints(preset, device, lora)
 
     @classmethod
-    def _from_checkpoints(cls, preset: Preset, device: torch.device) -> ApplePipeline:
+    def _from_checkpoints(cls, preset: Preset, device: torch.device, lora: str | Path | None) -> ApplePipeline:
         from apple_video.models.real_identity import PulidIdentity
 
         dtype = DTYPES[preset.model.dtype] if device.type == "cuda" else torch.float32
         flux_dir = registry.require("flux-krea-dev")
         transformer = load_transformer(flux_dir, registry.require(preset.model.pulid or "pulid-flux-v0.9.1"), dtype,
                                        preset.sampling.independent_condition)
-        load_lora(transformer, registry.require(preset.model.lora or "apple-student"))
+        load_lora(transformer, Path(lora) if lora else registry.require(preset.model.lora or "apple-student"))
         vae = AutoencoderKL.from_pretrained(str(flux_dir), subfolder="vae", torch_dtype=dtype)
         prompt = load_prompt_embeddings(flux_dir, device, dtype)
         return cls(preset, transformer, vae, prompt, PulidIdentity(device), device, real=True)
@@ -181,18 +184,22 @@ class ApplePipeline:
 
     @torch.no_grad()
     def swap(self, crops: np.ndarray, id_embed: torch.Tensor, null_id: torch.Tensor, seeds: list[int],
-             use_null_encoder: bool = True) -> np.ndarray:
-        """crops (B, S, S, 3) uint8 -> swapped crops, deterministic per seed; batch == one by one."""
+             use_null_encoder: bool = True, conditions: np.ndarray | None = None) -> np.ndarray:
+        """crops (B, S, S, 3) uint8 -> swapped crops, deterministic per seed; batch == one by one.
+
+        `conditions` are the attribute images (default: the crops themselves, as the student uses them;
+        the teacher takes the deblurred crops). `id_embed` is (1 or B, n_id, dim)."""
         s = self.preset.sampling
         b, height, width = crops.shape[0], crops.shape[1], crops.shape[2]
         tokens = L.encode(self.vae, crops).to(self.dtype)
+        cond_tokens = tokens if conditions is None else L.encode(self.vae, conditions).to(self.dtype)
         cond = FlowCondition(
             prompt_embeds=self.prompt.prompt_embeds.to(self.device, self.dtype).expand(b, -1, -1),
             pooled_embeds=self.prompt.pooled_embeds.to(self.device, self.dtype).expand(b, -1),
             img_ids=L.image_ids(height, width, self.vae, self.device, self.dtype),
             txt_ids=self.prompt.txt_ids.to(self.device, self.dtype),
             guidance=s.guidance,
-            condition=tokens,  # the student's attribute condition: the clean target crop
+            condition=cond_tokens,
             id_embed=id_embed.to(self.device, self.dtype).expand(b, -1, -1),
             id_weight=s.id_weight,
         )

@@ -45,8 +45,9 @@ REGISTRY: tuple[WeightFile, ...] = (
                "glintr100.onnx", "ArcFace identity embedding (insightface antelopev2)", min_bytes=1_000_000),
     WeightFile("bisenet-parsing", "facexlib/parsing_bisenet.pth", None, None,
                "BiSeNet face parsing (facexlib release v0.2.0: parsing_bisenet.pth)", min_bytes=1_000_000),
-    WeightFile("arcface-irse50", "arcface/model_ir_se50.pth", "Sanoojan/REFace", "Other_dependencies/arcface/model_ir_se50.pth",
-               "differentiable ArcFace IR-SE50 for identity loss and evaluation", min_bytes=1_000_000),
+    WeightFile("arcface-r50", "arcface/backbone_r50.pth", None, None,
+               "insightface arcface_torch IResNet-50 (ms1mv3_arcface_r50_fp16/backbone.pth): differentiable identity loss",
+               min_bytes=1_000_000),
 )
 
 

@@ -227,6 +227,23 @@ class AppleFluxTransformer(FluxTransformer2DModel):
             with lora_scope(loras, br.adapter):
                 br.hidden = gate.unsqueeze(1) * block.proj_out(torch.cat([out, mlp], dim=2)) + br.hidden
 
+    def _run_block(self, fn, block, branches: list[Branch], layer: int, cache: ConditionKVCache | None,
+                   reading: bool) -> None:
+        """Run one block, recomputing its activations in the backward pass when gradient checkpointing is on."""
+        if not (self.gradient_checkpointing and torch.is_grad_enabled() and cache is None):
+            fn(block, branches, layer, cache, reading)
+            return
+
+        def run(*hiddens: torch.Tensor) -> tuple[torch.Tensor, ...]:
+            for branch, hidden in zip(branches, hiddens, strict=True):
+                branch.hidden = hidden
+            fn(block, branches, layer, None, False)
+            return tuple(branch.hidden for branch in branches)
+
+        outputs = torch.utils.checkpoint.checkpoint(run, *[br.hidden for br in branches], use_reentrant=False)
+        for branch, hidden in zip(branches, outputs, strict=True):
+            branch.hidden = hidden
+
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, inputs: TransformerInputs, cache: ConditionKVCache | None = None) -> torch.Tensor:  # type: ignore[override]
         """Velocity for the image tokens, (B, N, C)."""
@@ -254,13 +271,13 @@ class AppleFluxTransformer(FluxTransformer2DModel):
             cache = None  # nothing to cache without a condition
         ca = 0
         for i, block in enumerate(self.transformer_blocks):
-            self._double_block(block, branches, i, cache, reading)
+            self._run_block(self._double_block, block, branches, i, cache, reading)
             if x.id_embed is not None and i % self.config.pulid_double_interval == 0:
                 branches[1].hidden = branches[1].hidden + x.id_weight * self.pulid_ca[ca](x.id_embed, branches[1].hidden)
             if i % self.config.pulid_double_interval == 0:
                 ca += 1
         for j, block in enumerate(self.single_transformer_blocks):
-            self._single_block(block, branches, len(self.transformer_blocks) + j, cache, reading)
+            self._run_block(self._single_block, block, branches, len(self.transformer_blocks) + j, cache, reading)
             if x.id_embed is not None and j % self.config.pulid_single_interval == 0:
                 branches[1].hidden = branches[1].hidden + x.id_weight * self.pulid_ca[ca](x.id_embed, branches[1].hidden)
             if j % self.config.pulid_single_interval == 0:

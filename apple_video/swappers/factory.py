@@ -18,7 +18,7 @@ def apple_weights_present() -> bool:
 def resolve_swapper_name(settings: SwapSettings) -> str:
     if settings.swapper != "auto":
         return settings.swapper
-    if settings.model.preset is not None or apple_weights_present():
+    if settings.model.preset is not None or settings.model.lora is not None or apple_weights_present():
         return "apple"
     return "classic"
 

@@ -1,0 +1,65 @@
+"""Training stage settings (configs/train/*.yaml), validated with clear errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from apple_video.errors import ConfigError
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    stage: Literal["teacher", "pseudo-labels", "student"]
+    preset: str = "krea-512"
+    data: Path  # prepare-data output (teacher, pseudo-labels) or pseudo-label folder (student)
+    output: Path
+    steps: int = Field(65000, ge=1)
+    id_loss_start: int = Field(15000, ge=0)  # steps without the identity loss first
+    id_loss_weight: float = Field(1.0, ge=0)
+    id_loss_max_t: float = Field(0.35, ge=0, le=1)  # identity loss only where t <= this
+    id_loss_model: Literal["tiny", "iresnet50", "iresnet100"] = "iresnet50"
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(4, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.001, ge=0)
+    max_grad_norm: float = Field(0.5, gt=0)
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    sample_every: int = Field(1000, ge=1)
+    seed: int = 0
+    drop_condition: float = Field(0.1, ge=0, le=1)
+    drop_id: float = Field(0.1, ge=0, le=1)
+    independent_condition: bool = False
+    gradient_checkpointing: bool = True
+    mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
+    init_lora: Path | None = None  # student: the teacher's default.safetensors
+    lora_rank: int | None = None  # default: the preset's
+    # pseudo-labels
+    teacher_lora: Path | None = None
+    pairs: int = Field(100000, ge=1)
+    shard_size: int = Field(64, ge=1)
+    inversion_steps: int | None = None
+
+
+def load_train_config(path: str | Path, **overrides) -> TrainConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"training config not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"{path}: not valid YAML") from None
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as error:
+        first = error.errors()[0]
+        key = ".".join(str(p) for p in first["loc"])
+        if first["type"] == "extra_forbidden":
+            raise ConfigError(f"{path}: unknown key '{key}'") from None
+        raise ConfigError(f"{path}: bad value for '{key}': {first['msg']}") from None

@@ -1,0 +1,236 @@
+"""The training loop shared by the teacher and the student (accelerate; LoRA on the condition branch only).
+
+One readable loop: settings at the top (TrainConfig), a sampler that builds the batch of a given step from
+(seed, step) alone, so that a resumed run sees exactly the batches, times and noise it would have seen; one
+checkpoint record (LoRA + optimizer + step) that restores everything.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from peft import set_peft_model_state_dict
+from PIL import Image
+from safetensors.torch import load_file
+from tqdm import tqdm
+
+from apple_video.config import load_preset
+from apple_video.faces.arcface import identity_loss, load_arcface, tiny_iresnet
+from apple_video.faces.types import Face
+from apple_video.models import latents as L
+from apple_video.models import registry
+from apple_video.models.lora import ADAPTER, PREFIX, load_lora, save_lora
+from apple_video.models.pipeline import ApplePipeline
+from apple_video.models.transformer import TransformerInputs
+from apple_video.sampling.flow import FlowCondition, sample
+from apple_video.sampling.schedule import flux_schedule
+from apple_video.swappers.base import SourceFace
+from training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class IdentityImage:
+    """An aligned crop with what the identity encoder needs."""
+
+    image: np.ndarray
+    landmarks: np.ndarray
+    embedding: np.ndarray
+    key: int  # cache key (data set index)
+
+    def source_face(self) -> SourceFace:
+        lm = self.landmarks.astype(np.float64)
+        from apple_video.faces.align import kps_from_68
+
+        box = np.concatenate([lm.min(0), lm.max(0)])
+        return SourceFace(self.image, Face(box, kps_from_68(lm), 1.0, lm, self.embedding.astype(np.float64)), self.image, lm)
+
+
+@dataclass
+class Batch:
+    target: np.ndarray  # (B, S, S, 3) uint8: what the model must produce
+    condition: np.ndarray  # (B, S, S, 3) uint8: the attribute image
+    identity: list[IdentityImage]  # whose id conditions each sample
+
+
+class Sampler(Protocol):
+    def batch(self, rng: np.random.Generator, size: int) -> Batch: ...
+
+
+def arcface_for(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
+    if cfg.id_loss_model == "tiny":
+        return tiny_iresnet(cfg.seed).to(device).eval()
+    return load_arcface(registry.require("arcface-r50"), cfg.id_loss_model).to(device).eval()
+
+
+class Trainer:
+    """Owns the model pieces and runs `steps` optimizer steps with checkpoints and sample grids."""
+
+    def __init__(self, cfg: TrainConfig, sampler: Sampler) -> None:
+        self.cfg = cfg
+        self.sampler = sampler
+        cuda = torch.cuda.is_available()
+        self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
+                                       mixed_precision=cfg.mixed_precision if cuda else "no", cpu=not cuda)
+        preset = load_preset(cfg.preset)
+        preset = preset.model_copy(update={"sampling": preset.sampling.model_copy(
+            update={"independent_condition": cfg.independent_condition})})
+        self.pipe = ApplePipeline.from_preset(preset, self.accelerator.device)
+        self.transformer = self.pipe.transformer
+        if cfg.init_lora is not None:
+            load_lora(self.transformer, cfg.init_lora)
+            logger.info("LoRA initialised from %s", cfg.init_lora)
+        self.transformer.requires_grad_(False)
+        self.params = [p for n, p in self.transformer.named_parameters() if f"lora_A.{ADAPTER}" in n or f"lora_B.{ADAPTER}" in n]
+        for p in self.params:
+            p.requires_grad_(True)
+        self.transformer.gradient_checkpointing = cfg.gradient_checkpointing
+        self.pipe.vae.requires_grad_(False)
+        self.arcface = arcface_for(cfg, self.accelerator.device)
+        self.arcface.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
+        self._id_cache: dict[int, torch.Tensor] = {}
+        self.null_id: torch.Tensor | None = None
+
+    # -- pieces ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def _id_tokens(self, images: list[IdentityImage]) -> torch.Tensor:
+        out = []
+        for item in images:
+            if item.key not in self._id_cache:
+                tokens, null = self.pipe.id_embedding([item.source_face()])
+                self._id_cache[item.key] = tokens[0]
+                self.null_id = null[0]
+            out.append(self._id_cache[item.key])
+        return torch.stack(out)
+
+    def _generator(self, step: int, micro: int) -> tuple[np.random.Generator, torch.Generator]:
+        key = [self.cfg.seed, step, micro, self.accelerator.process_index]
+        seed = int(np.random.SeedSequence(key).generate_state(1)[0])
+        return np.random.default_rng(key), torch.Generator().manual_seed(seed)
+
+    def loss(self, batch: Batch, step: int, rng: np.random.Generator, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
+        cfg, pipe, device = self.cfg, self.pipe, self.accelerator.device
+        b, size = batch.target.shape[0], batch.target.shape[1]
+        condition = batch.condition.copy()
+        condition[rng.random(b) < cfg.drop_condition] = 0  # image drop: black condition (as the official data set)
+        x0 = L.encode(pipe.vae, batch.target).to(device)
+        cond = L.encode(pipe.vae, condition).to(device)
+        id_tokens = self._id_tokens(batch.identity).to(device)
+        drop_id = torch.as_tensor(rng.random(b) < cfg.drop_id, device=device)
+        id_tokens = torch.where(drop_id[:, None, None], self.null_id.to(device).expand_as(id_tokens), id_tokens)
+        t = torch.sigmoid(torch.randn(b, generator=gen)).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
+        xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
+        inputs = TransformerInputs(
+            latents=xt, timestep=t, prompt_embeds=pipe.prompt.prompt_embeds.to(device).expand(b, -1, -1),
+            pooled_embeds=pipe.prompt.pooled_embeds.to(device).expand(b, -1), img_ids=L.image_ids(size, size, pipe.vae, device),
+            txt_ids=pipe.prompt.txt_ids.to(device), guidance=torch.ones(b, device=device), condition=cond, id_embed=id_tokens)
+        v = self.model(inputs)
+        mse = ((noise - x0) - v).pow(2).mean(dim=(1, 2))
+        total = mse.mean()
+        stats = {"mse": float(total.detach())}
+        if cfg.id_loss_weight > 0 and step >= cfg.id_loss_start:
+            near = t <= cfg.id_loss_max_t
+            if near.any():
+                x0_hat = xt[near] - t[near][:, None, None] * v[near]
+                pixels = L.decode_latents(pipe.vae, x0_hat, size, size).float()
+                source = L.to_unit(np.stack([batch.identity[i].image for i in np.nonzero(near.cpu().numpy())[0]])).to(device)
+                id_term = identity_loss(self.arcface, pixels, source).mean() * near.float().mean()
+                total = total + cfg.id_loss_weight * id_term
+                stats["id"] = float(id_term.detach())
+        return total, stats
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        found = [p for p in self.cfg.output.glob("checkpoint-*") if (p / "state.json").is_file()]
+        return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+    def save(self, step: int, history: list[float]) -> Path:
+        folder = self.cfg.output / f"checkpoint-{step}"
+        tmp = self.cfg.output / f".checkpoint-{step}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_lora(self.accelerator.unwrap_model(self.model), tmp / f"{ADAPTER}.safetensors")
+        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "losses": history}))
+        shutil.rmtree(folder, ignore_errors=True)
+        tmp.rename(folder)
+        for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+        return folder
+
+    def resume(self) -> tuple[int, list[float]]:
+        found = self.checkpoints()
+        if not found:
+            return 0, []
+        folder = found[-1]
+        state = {k.removeprefix(PREFIX): v for k, v in load_file(str(folder / f"{ADAPTER}.safetensors")).items()}
+        set_peft_model_state_dict(self.accelerator.unwrap_model(self.model), state, adapter_name=ADAPTER)
+        self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
+        info = json.loads((folder / "state.json").read_text())
+        logger.warning("resuming from %s (step %d)", folder, info["step"])
+        return info["step"], info["losses"]
+
+    @torch.no_grad()
+    def sample_grid(self, step: int, steps: int = 4) -> Path:
+        """condition | sample from noise | target, one row per sample of a fixed batch."""
+        pipe = self.pipe
+        rng, gen = np.random.default_rng([self.cfg.seed, 10**9]), torch.Generator().manual_seed(self.cfg.seed)
+        batch = self.sampler.batch(rng, 2)
+        b, size = batch.target.shape[:2]
+        cond = FlowCondition(pipe.prompt.prompt_embeds.expand(b, -1, -1), pipe.prompt.pooled_embeds.expand(b, -1),
+                             L.image_ids(size, size, pipe.vae), pipe.prompt.txt_ids, 1.0,
+                             L.encode(pipe.vae, batch.condition), self._id_tokens(batch.identity))
+        noise = torch.randn((b, *L.encode(pipe.vae, batch.target).shape[1:]), generator=gen)
+        model = self.accelerator.unwrap_model(self.model)
+        out = sample(lambda inputs, cache: model(inputs, cache), noise, cond, flux_schedule(steps, noise.shape[1]))
+        images = L.decode(pipe.vae, out, size, size)
+        grid = np.concatenate([np.concatenate([c, o, t], axis=1) for c, o, t in zip(batch.condition, images, batch.target, strict=True)])
+        path = self.cfg.output / "samples" / f"step-{step:06d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(grid).save(path)
+        return path
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    def train(self, stop_after: int | None = None) -> Path:
+        cfg = self.cfg
+        cfg.output.mkdir(parents=True, exist_ok=True)
+        start, history = self.resume()
+        self.model.train()
+        end = cfg.steps if stop_after is None else min(cfg.steps, start + stop_after)
+        with tqdm(range(start, end), desc=f"train {cfg.stage}", unit="step", initial=start, total=cfg.steps, disable=None) as bar:
+            for step in bar:
+                step_loss = 0.0
+                for micro in range(cfg.grad_accum):
+                    with self.accelerator.accumulate(self.model):
+                        rng, gen = self._generator(step, micro)
+                        loss, stats = self.loss(self.sampler.batch(rng, cfg.batch_size), step, rng, gen)
+                        self.accelerator.backward(loss)
+                        if self.accelerator.sync_gradients:
+                            self.accelerator.clip_grad_norm_(self.params, cfg.max_grad_norm)
+                        self.optimizer.step()
+                        self.optimizer.zero_grad()
+                    step_loss += float(loss.detach()) / cfg.grad_accum
+                history.append(step_loss)
+                bar.set_postfix(loss=f"{step_loss:.4f}", **{k: f"{v:.3f}" for k, v in stats.items()})
+                done = step + 1
+                if done % cfg.checkpoint_every == 0 or done == cfg.steps:
+                    self.save(done, history)
+                if done % cfg.sample_every == 0:
+                    self.sample_grid(done)
+        final = cfg.output / f"{ADAPTER}.safetensors"
+        if end == cfg.steps:
+            save_lora(self.accelerator.unwrap_model(self.model), final)
+        self.history = history
+        return final

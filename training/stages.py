@@ -1,0 +1,142 @@
+"""The three APPLE stages: teacher (conditional deblurring), pseudo-labels (attribute-aware inversion), student."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from tqdm import tqdm
+
+from apple_video.config import load_preset
+from apple_video.errors import InputError, UserError
+from apple_video.models.lora import load_lora
+from apple_video.models.pipeline import ApplePipeline
+from training.config import TrainConfig
+from training.data import FaceData
+from training.deblur import deblur_condition
+from training.loop import Batch, IdentityImage, Trainer
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherSampler:
+    """Target = a clean image of identity A; condition = its deblurred version; id = ANOTHER image of A."""
+
+    def __init__(self, data: FaceData) -> None:
+        self.data = data
+        self.groups = data.pairable()
+        self.names = sorted(self.groups)
+
+    def _identity(self, index: int) -> IdentityImage:
+        d = self.data
+        return IdentityImage(d.images[index], d.landmarks[index], d.embeddings[index], index)
+
+    def batch(self, rng: np.random.Generator, size: int) -> Batch:
+        targets, conditions, identity = [], [], []
+        for _ in range(size):
+            group = self.groups[self.names[rng.integers(len(self.names))]]
+            target, source = rng.choice(group, size=2, replace=False)
+            targets.append(self.data.images[target])
+            conditions.append(deblur_condition(self.data.images[target], self.data.masks[target]))
+            identity.append(self._identity(int(source)))
+        return Batch(np.stack(targets), np.stack(conditions), identity)
+
+
+class StudentSampler:
+    """Target = the real image of A; condition = the teacher's pseudo-label A->B; id = another image of A."""
+
+    def __init__(self, folder: Path) -> None:
+        manifest = folder / "manifest.json"
+        if not manifest.is_file():
+            raise InputError(f"not a pseudo-label folder (no manifest.json): {folder}; run `apple-video train pseudo-labels`")
+        shards = [np.load(folder / name) for name in json.loads(manifest.read_text())["shards"]]
+        if not shards:
+            raise InputError(f"no pseudo-labels in {folder}")
+        self.arrays = {k: np.concatenate([s[k] for s in shards]) for k in shards[0].files}
+
+    def batch(self, rng: np.random.Generator, size: int) -> Batch:
+        a = self.arrays
+        picks = rng.integers(len(a["target"]), size=size)
+        identity = [IdentityImage(a["src_image"][i], a["src_landmarks"][i], a["src_embedding"][i], 1_000_000 + int(i))
+                    for i in picks]
+        return Batch(a["target"][picks], a["pseudo"][picks], identity)
+
+
+def train_teacher(cfg: TrainConfig, stop_after: int | None = None) -> Trainer:
+    trainer = Trainer(cfg, TeacherSampler(FaceData.load(cfg.data)))
+    trainer.train(stop_after)
+    return trainer
+
+
+def train_student(cfg: TrainConfig, stop_after: int | None = None) -> Trainer:
+    if cfg.init_lora is None:
+        logger.warning("student without init_lora: the paper resumes the student from the teacher's LoRA")
+    trainer = Trainer(cfg, StudentSampler(cfg.data))
+    trainer.train(stop_after)
+    return trainer
+
+
+def plan_pairs(data: FaceData, count: int, seed: int) -> list[tuple[int, int, int]]:
+    """(target of A, another image of A, source of B != A), shuffled with a fixed seed."""
+    groups = data.pairable()
+    names = sorted(groups)
+    all_names = sorted(data.by_identity())
+    if len(all_names) < 2:
+        raise UserError("pseudo-labels need at least two identities (a target A and a source B of someone else)")
+    rng = random.Random(seed)
+    pairs = []
+    for _ in range(count):
+        a = rng.choice(names)
+        target, src_a = rng.sample(groups[a], 2)
+        b = rng.choice([n for n in all_names if n != a])
+        pairs.append((target, src_a, rng.choice(data.by_identity()[b])))
+    return pairs
+
+
+def make_pseudo_labels(cfg: TrainConfig) -> Path:
+    """Teacher swaps target A to identity B by attribute-aware inversion of the deblurred target -> triplet shards."""
+    if cfg.teacher_lora is None:
+        raise UserError("pseudo-labels need `teacher_lora` (the teacher's default.safetensors)")
+    data = FaceData.load(cfg.data)
+    pairs = plan_pairs(data, cfg.pairs, cfg.seed)
+    state = PartialState()
+    preset = load_preset(cfg.preset)
+    if cfg.inversion_steps:
+        preset = preset.model_copy(update={"sampling": preset.sampling.model_copy(
+            update={"inversion_steps": cfg.inversion_steps, "sampling_steps": cfg.inversion_steps})})
+    pipe = ApplePipeline.from_preset(preset, state.device)
+    load_lora(pipe.transformer, cfg.teacher_lora)
+    out = cfg.output
+    out.mkdir(parents=True, exist_ok=True)
+    shards = [pairs[i : i + cfg.shard_size] for i in range(0, len(pairs), cfg.shard_size)]
+    mine = [k for k in range(len(shards)) if k % state.num_processes == state.process_index]
+    todo = [k for k in mine if not (out / f"pseudo_{k:05d}.npz").exists()]
+    for k in tqdm(todo, desc="pseudo-labels", unit="shard", disable=None):
+        chunk = shards[k]
+        targets = np.stack([data.images[t] for t, _, _ in chunk])
+        conditions = np.stack([deblur_condition(data.images[t], data.masks[t]) for t, _, _ in chunk])
+        ids, nulls = [], None
+        for _, _, b in chunk:
+            item = IdentityImage(data.images[b], data.landmarks[b], data.embeddings[b], b)
+            tokens, nulls = pipe.id_embedding([item.source_face()])
+            ids.append(tokens[0])
+        pseudo = pipe.swap(targets, torch.stack(ids), nulls, [cfg.seed + k * cfg.shard_size + i for i in range(len(chunk))],
+                           conditions=conditions)
+        tmp = out / f".pseudo_{k:05d}.tmp.npz"
+        np.savez(tmp, target=targets, pseudo=pseudo, src_image=np.stack([data.images[s] for _, s, _ in chunk]),
+                 src_landmarks=np.stack([data.landmarks[s] for _, s, _ in chunk]),
+                 src_embedding=np.stack([data.embeddings[s] for _, s, _ in chunk]),
+                 identity=np.array([str(data.identities[t]) for t, _, _ in chunk]),
+                 source_identity=np.array([str(data.identities[b]) for _, _, b in chunk]))
+        os.replace(tmp, out / f"pseudo_{k:05d}.npz")
+    state.wait_for_everyone()
+    if state.is_main_process:
+        done = sorted(p.name for p in out.glob("pseudo_*.npz"))
+        (out / "manifest.json").write_text(json.dumps({"shards": done, "pairs": len(pairs), "teacher": str(cfg.teacher_lora)}))
+    return out
