@@ -134,7 +134,7 @@ def _settings_from(opts: dict):
                                   reference_frame_number=opts["reference_frame_number"],
                                   reference_face_position=opts["reference_face_position"],
                                   reference_face_distance=opts["reference_face_distance"]),
-        mask=MaskSettings(regions=regions, blur=opts["face_mask_blur"], padding=tuple(opts["face_mask_padding"])),
+        mask=MaskSettings(parser=opts["face_parser"], regions=regions, blur=opts["face_mask_blur"], padding=tuple(opts["face_mask_padding"])),
         encode=_video_encode(opts["output_video_encoder"], opts["output_video_quality"], opts["output_video_preset"],
                              Path(opts["output"])),
         chunk_frames=opts["chunk_frames"],
@@ -151,7 +151,7 @@ def _settings_from(opts: dict):
 def swap_options(func):
     from apple_video.engine.settings import SWAPPER_CHOICES
     from apple_video.faces.detect import DETECTOR_CHOICES
-    from apple_video.faces.mask import MASK_REGIONS
+    from apple_video.faces.mask import MASK_REGIONS, PARSER_CHOICES
     from apple_video.faces.select import SELECTOR_MODES, SELECTOR_ORDERS
     from apple_video.media.video import VIDEO_CODECS
 
@@ -186,6 +186,8 @@ def swap_options(func):
                      help="K-th face of the reference frame, in --face-selector-order."),
         click.option("--reference-face-distance", type=click.FloatRange(0, 1), default=0.3, show_default=True,
                      help="Other tracks this close to the reference identity are swapped too."),
+        click.option("--face-parser", type=click.Choice(PARSER_CHOICES), default="auto", show_default=True,
+                     help="Face masks from BiSeNet parsing (local weights) or from landmarks; auto picks parsing if present."),
         click.option("--face-mask-regions", multiple=True, type=click.Choice(MASK_REGIONS),
                      help="Regions to replace (default all); leave out 'mouth' to keep the target's mouth."),
         click.option("--face-mask-blur", type=click.FloatRange(0, 1), default=0.3, show_default=True),

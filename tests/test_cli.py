@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 EXE = [sys.executable, "-c", "from cli import main; main()"]
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,9 +75,11 @@ def test_source_without_face(tmp_path: Path, face_clip: Path) -> None:
     assert not (tmp_path / "o.mp4").exists()
 
 
-@pytest.mark.parametrize("command", [["train", "teacher"], ["prepare-data", "x"], ["eval"]])
-def test_not_built_commands_exit_2(command: list[str]) -> None:
-    _one_line_error(run(*command), "not built")
+def test_not_built_and_usage_errors_exit_2() -> None:
+    _one_line_error(run("eval"), "not built")
+    _one_line_error(run("train", "teacher"), "--config")
+    _one_line_error(run("train", "teacher", "--config", "nope.yaml"), "not found")
+    _one_line_error(run("prepare-data", "missing_dir", "-o", "x"), "not found")
 
 
 def test_weights_where_and_check(tmp_path: Path) -> None:

@@ -121,3 +121,39 @@ def test_insightface_missing_weights_is_clear(tmp_path, monkeypatch) -> None:
     with pytest.raises(WeightsError, match="scrfd_10g_bnkps|antelopev2-det"):
         create_detector(DetectorSettings(name="insightface"))
     assert create_detector(DetectorSettings(name="auto")).name == "dlib"
+
+
+def test_bisenet_parser_random_weights_and_missing_file(tmp_path, monkeypatch, astronaut) -> None:
+    import torch
+    from facexlib.parsing.bisenet import BiSeNet
+
+    from apple_video.faces.mask import parsing_mask
+    from apple_video.faces.parsing import FaceParser, create_parser
+
+    torch.manual_seed(0)
+    parser = FaceParser(BiSeNet(num_class=19))
+    labels = parser.labels(np.ascontiguousarray(astronaut[:128, :128]))
+    assert labels.shape == (128, 128) and labels.max() < 19
+    mask = parsing_mask(labels, ("skin", "nose"))
+    assert set(np.unique(mask)) <= {0, 255}
+    monkeypatch.setenv("APPLE_VIDEO_HOME", str(tmp_path))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert create_parser("auto") is None and create_parser("landmarks") is None
+    with pytest.raises(WeightsError, match="bisenet-parsing"):
+        create_parser("bisenet")
+    bad = tmp_path / "facexlib" / "parsing_bisenet.pth"
+    bad.parent.mkdir(parents=True)
+    torch.save({"not": torch.zeros(1)}, bad)
+    bad.write_bytes(bad.read_bytes() + b"\0" * 1_000_000)
+    with pytest.raises(WeightsError):
+        create_parser("bisenet")
+
+
+def test_keep_target_mouth(detector, astronaut) -> None:
+    face = detector.detect(astronaut)[0]
+    matrix = alignment_matrix(face.kps, 256)
+    lm = transform_points(face.landmarks, matrix)
+    full = hull_mask(lm, 256)
+    no_mouth = hull_mask(lm, 256, regions=("skin", "nose", "left-eye", "right-eye"))
+    mouth_centre = tuple(np.round(lm[60:68].mean(0)).astype(int))
+    assert full[mouth_centre[1], mouth_centre[0]] == 255 and no_mouth[mouth_centre[1], mouth_centre[0]] == 0

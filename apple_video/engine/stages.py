@@ -13,7 +13,8 @@ import numpy as np
 from apple_video.engine.settings import SwapSettings
 from apple_video.faces.align import alignment_matrix, transform_points, warp_crop
 from apple_video.faces.detect import create_detector
-from apple_video.faces.mask import feather, hull_mask, oval_mask, pad_mask
+from apple_video.faces.mask import feather, hull_mask, oval_mask, pad_mask, parsing_mask
+from apple_video.faces.parsing import FaceParser, create_parser
 from apple_video.faces.paste import paste_back
 from apple_video.faces.types import Face, FaceTarget
 from apple_video.swappers.base import CropJob, SourceFace, Swapper
@@ -89,8 +90,15 @@ class Analyzer:
         return found
 
 
-def mask_for(target_landmarks: np.ndarray | None, size: int, settings: SwapSettings) -> np.ndarray:
-    hard = hull_mask(target_landmarks, size, settings.mask.regions) if target_landmarks is not None else oval_mask(size)
+def mask_for(target_landmarks: np.ndarray | None, size: int, settings: SwapSettings, parser: FaceParser | None = None,
+             crop: np.ndarray | None = None) -> np.ndarray:
+    """Feathered mask of the regions to replace, in crop space: parsing when a parser is given, else landmarks."""
+    if parser is not None and crop is not None:
+        hard = parsing_mask(parser.labels(crop), settings.mask.regions)
+    elif target_landmarks is not None:
+        hard = hull_mask(target_landmarks, size, settings.mask.regions)
+    else:
+        hard = oval_mask(size)
     return feather(pad_mask(hard, settings.mask.padding), settings.mask.blur)
 
 
@@ -100,6 +108,7 @@ class Renderer:
     def __init__(self, settings: SwapSettings, swapper: Swapper, sources: list[SourceFace]) -> None:
         self.settings = settings
         self.swapper = swapper
+        self.parser = create_parser(settings.mask.parser)
         swapper.prepare(sources)
 
     def render(self, frames: list[tuple[int, int, np.ndarray]], targets: dict[int, list[FaceTarget]]):
@@ -112,18 +121,19 @@ class Renderer:
                 landmarks = transform_points(target.landmarks, matrix) if target.landmarks is not None else None
                 jobs.append(CropJob(warp_crop(rgb, matrix, size), landmarks,
                                     face_seed(self.settings.seed, index, target.track_id)))
-                places.append((position, matrix, landmarks))
+                places.append((position, matrix, landmarks, jobs[-1].crop))
         results: list[np.ndarray | None] = []
         for start in range(0, len(jobs), max(1, self.settings.batch_size)):
             results.extend(self.swapper.swap(jobs[start : start + self.settings.batch_size]))
         outputs = [[index, pts, rgb, False] for index, pts, rgb in frames]
         stats = RenderStats(frames=len(frames))
-        for (position, matrix, landmarks), swapped in zip(places, results, strict=True):
+        for (position, matrix, landmarks, crop), swapped in zip(places, results, strict=True):
             if swapped is None:
                 stats.faces_skipped += 1
                 continue
             entry = outputs[position]
-            entry[2] = paste_back(entry[2], swapped, matrix, mask_for(landmarks, size, self.settings))
+            mask = mask_for(landmarks, size, self.settings, self.parser, crop)
+            entry[2] = paste_back(entry[2], swapped, matrix, mask)
             entry[3] = True
             stats.faces_swapped += 1
         stats.swapped_frames = sum(1 for entry in outputs if entry[3])

@@ -16,8 +16,12 @@ REGION_LABELS = {"skin": [1], "left-eyebrow": [3], "right-eyebrow": [2], "left-e
                  "glasses": [6], "nose": [10], "mouth": [11], "upper-lip": [12], "lower-lip": [13]}
 
 
+PARSER_CHOICES: tuple[str, ...] = ("auto", "bisenet", "landmarks")
+
+
 @dataclass(frozen=True)
 class MaskSettings:
+    parser: str = "auto"  # auto | bisenet | landmarks
     regions: tuple[str, ...] = MASK_REGIONS
     blur: float = 0.3  # fraction of the feather width relative to the face size
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, right, bottom, left, percent of crop size

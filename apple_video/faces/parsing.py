@@ -1,0 +1,55 @@
+"""Face parsing with facexlib's BiSeNet (CelebAMask-HQ 19 classes) from local weights."""
+
+from __future__ import annotations
+
+import logging
+
+import cv2
+import numpy as np
+import torch
+from facexlib.parsing.bisenet import BiSeNet
+
+from apple_video.errors import WeightsError
+from apple_video.models import registry
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class FaceParser:
+    """Per-pixel CelebAMask-HQ labels for an aligned face crop."""
+
+    def __init__(self, model: BiSeNet, device: torch.device | str = "cpu") -> None:
+        self.model = model.eval().to(device)
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_weights(cls, device: torch.device | str = "cpu") -> FaceParser:
+        path = registry.require("bisenet-parsing")
+        model = BiSeNet(num_class=19)
+        try:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+            model.load_state_dict(state, strict=True)
+        except (RuntimeError, OSError, ValueError) as error:
+            raise WeightsError(f"{path} is not a facexlib parsing_bisenet.pth ({error.__class__.__name__})") from None
+        return cls(model, device)
+
+    @torch.no_grad()
+    def labels(self, crop: np.ndarray) -> np.ndarray:
+        size = crop.shape[0]
+        image = cv2.resize(crop, (512, 512), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
+        tensor = torch.from_numpy((image - IMAGENET_MEAN) / IMAGENET_STD).permute(2, 0, 1)[None].float().to(self.device)
+        labels = self.model(tensor)[0].argmax(1)[0].cpu().numpy().astype(np.uint8)
+        return cv2.resize(labels, (size, size), interpolation=cv2.INTER_NEAREST)
+
+
+def create_parser(name: str) -> FaceParser | None:
+    """`bisenet` (weights required), `landmarks` (none), `auto` (bisenet when its weights are present)."""
+    if name == "landmarks":
+        return None
+    if name == "bisenet" or registry.is_present("bisenet-parsing"):
+        return FaceParser.from_weights()
+    logger.info("face masks from landmarks (BiSeNet parsing weights not found; see `apple-video weights where`)")
+    return None
