@@ -144,6 +144,8 @@ def _settings_from(opts: dict):
         ray_address=opts["ray_address"],
         num_gpus=opts["num_gpus"],
         workers=opts["workers"],
+        trim_start=opts["trim_start"],
+        trim_end=opts["trim_end"],
         force=opts["force"],
     )
 
@@ -203,6 +205,10 @@ def swap_options(func):
         click.option("--num-gpus", type=click.FloatRange(0), default=None,
                      help="GPUs per swap actor (fractional allowed). Default 1 when CUDA is present, else 0."),
         click.option("--workers", type=click.IntRange(1), default=2, show_default=True, help="Actors per stage on Ray."),
+        click.option("--trim-start", "--trim-frame-start", "trim_start", type=click.IntRange(0), default=None,
+                     help="First frame to keep (videos); the output starts there, audio cut to match."),
+        click.option("--trim-end", "--trim-frame-end", "trim_end", type=click.IntRange(1), default=None,
+                     help="Frame to stop before (videos)."),
         click.option("--chunk-frames", type=click.IntRange(1), default=96, show_default=True,
                      help="Frames per chunk: the unit of parallel work, memory and resume."),
         click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Face crops per model call."),

@@ -184,3 +184,38 @@ def test_preview_sheet(tmp_path: Path, source_photo: Path, face_clip: Path) -> N
     left, right = sheet[:360, :480], sheet[:360, 480:]
     assert (left != right).any()
     assert is_synthetic_tag(Image.open(output).text.get("Comment"))
+
+
+def test_trim_keeps_range_and_cuts_audio(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    output = tmp_path / "trim.mp4"
+    settings = SwapSettings(swapper="classic", trim_start=10, trim_end=40, chunk_frames=12)
+    summary = swap_video([source_photo], face_clip, output, settings)
+    info, src = probe(output), probe(face_clip)
+    assert info.frame_count == 30 and summary.frames == 30
+    assert info.pts[0] == 0 and [p - src.pts[10] for p in src.pts[10:40]] == list(info.pts)
+    assert abs(_audio_duration(output) - 30 / 15) <= 2 / 15
+
+
+def test_truncated_video_is_one_line_exit_2(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    broken = tmp_path / "broken.mkv"
+    data = face_clip.read_bytes()
+    # remux to mkv (index at the front), then cut: the first frames decode, the rest is missing
+    import av as _av
+
+    whole = tmp_path / "whole.mkv"
+    with _av.open(str(face_clip)) as src, _av.open(str(whole), "w") as dst:
+        stream = dst.add_stream_from_template(src.streams.video[0])
+        for packet in src.demux(src.streams.video[0]):
+            if packet.dts is not None:
+                packet.stream = stream
+                dst.mux(packet)
+    broken.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    assert data
+    result = subprocess.run([sys.executable, "-c", "from cli import main; main()", "swap", str(source_photo), str(broken),
+                             "-o", str(tmp_path / "out.mp4"), "--swapper", "classic"], cwd=ROOT, capture_output=True, text=True)
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode in (0, 2), result.stderr
+    if result.returncode == 2:
+        assert len(lines) == 1 and "Traceback" not in result.stderr
+    else:  # a clean cut at a packet boundary just yields a shorter, valid clip
+        assert probe(tmp_path / "out.mp4").frame_count == probe(broken).frame_count

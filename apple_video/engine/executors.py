@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from apple_video.engine.settings import SwapSettings
+from apple_video.errors import AppleVideoError
 
 logger = logging.getLogger(__name__)
 
@@ -70,5 +71,21 @@ def run_stage(worker_cls: type, args: tuple, items: list[dict], settings: SwapSe
         compute=actor_pool(max(1, min(settings.workers, len(items)))),
         **resources,
     )
-    for row in mapped.iter_rows():
-        yield {key: value.item() if hasattr(value, "item") else value for key, value in row.items()}
+    try:
+        for row in mapped.iter_rows():
+            yield {key: value.item() if hasattr(value, "item") else value for key, value in row.items()}
+    except Exception as error:  # Ray wraps worker errors: show ours as themselves (one line, right exit code)
+        cause = _our_error(error)
+        if cause is not None:
+            raise cause from None
+        raise
+
+
+def _our_error(error: BaseException) -> AppleVideoError | None:
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, AppleVideoError):
+            return error
+        error = getattr(error, "cause", None) or error.__cause__
+    return None

@@ -37,7 +37,7 @@ from apple_video.errors import NoFaceError, UserError
 from apple_video.faces.detect import create_detector
 from apple_video.faces.select import select_targets
 from apple_video.media.images import is_image_path, read_image, write_image
-from apple_video.media.video import VideoInfo, concat_chunks, is_video_path
+from apple_video.media.video import VideoInfo, concat_chunks, is_video_path, trim
 from apple_video.swappers.base import SourceFace, source_faces
 from apple_video.swappers.factory import create_swapper
 
@@ -250,8 +250,14 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
     started = time.perf_counter()
     if spec.kind == "video":
         info = spec.info
+        trimmed = settings.trim_start is not None or settings.trim_end is not None
+        pts = [p - info.pts[0] for p in info.pts] if trimmed else list(info.pts)
+        window = None
+        if trimmed:
+            start_s = float(info.pts[0] * info.time_base)
+            window = (start_s, start_s + info.duration)
         concat_chunks([spec.chunk_file(c) for c in range(len(chunks))], spec.output, info.path if info.audio else None,
-                      info.pts, info.time_base, info.rotation)
+                      pts, info.time_base, info.rotation, window)
     stats = manifest["stats"].values()
     summary.frames_swapped = sum(s["swapped_frames"] for s in stats)
     summary.faces_swapped = sum(s["faces_swapped"] for s in stats)
@@ -264,6 +270,8 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
 
 def swap_video(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> Summary:
     info = open_video(input_path).info
+    if settings.trim_start is not None or settings.trim_end is not None:
+        info = trim(info, settings.trim_start, settings.trim_end)
     spec = JobSpec("video", input_path, output, job_dir_for(output), settings, info=info)
     return run_frames_job(spec, source_paths, info.frame_count, float(info.fps), info.keyframes)
 

@@ -8,7 +8,7 @@ import os
 import queue
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from pathlib import Path
 
@@ -163,6 +163,16 @@ class DecodedFrame:
     index: int
     pts: int
     rgb: np.ndarray  # stored orientation; see `to_display`
+
+
+def trim(info: VideoInfo, start: int | None, end: int | None) -> VideoInfo:
+    """The clip restricted to frames [start, end) (frame numbers in display order)."""
+    first = max(0, start or 0)
+    last = min(info.frame_count, end if end is not None else info.frame_count)
+    if first >= last:
+        raise InputError(f"trim range [{first}, {last}) holds no frames (the clip has {info.frame_count})")
+    keys = tuple(k - first for k in info.keyframes if first <= k < last)
+    return replace(info, pts=info.pts[first:last], keyframes=keys or (0,))
 
 
 def to_display(rgb: np.ndarray, rotation: int) -> np.ndarray:
@@ -337,8 +347,10 @@ class VideoWriter:
             self.container.close()
 
 
-def _packets(path: Path, kind: str, out_streams: dict[int, av.stream.Stream]) -> Iterator[tuple[float, int, av.Packet]]:
-    """Packets of one input file, tagged with their time in seconds for merging."""
+def _packets(path: Path, kind: str, out_streams: dict[int, av.stream.Stream],
+             window: tuple[float, float] | None = None) -> Iterator[tuple[float, int, av.Packet]]:
+    """Packets of one input file, tagged with their time in seconds for merging. With a `window`
+    (start, end) in seconds, only packets starting inside it are kept, shifted so that `start` becomes 0."""
     with av.open(str(path)) as container:
         streams = [s for s in container.streams if s.type == kind]
         for packet in container.demux(streams):
@@ -348,6 +360,15 @@ def _packets(path: Path, kind: str, out_streams: dict[int, av.stream.Stream]) ->
             if target is None:
                 continue
             seconds = float(packet.dts * packet.time_base)
+            if window is not None:
+                start_s, end_s = window
+                if not start_s <= float((packet.pts if packet.pts is not None else packet.dts) * packet.time_base) < end_s:
+                    continue
+                shift = int(round(start_s / packet.time_base))
+                packet.dts -= shift
+                if packet.pts is not None:
+                    packet.pts -= shift
+                seconds -= start_s
             packet.stream = target
             yield seconds, id(target), packet
 
@@ -396,7 +417,8 @@ def _restamped(packets: Iterator[tuple[float, int, av.Packet]], pts: Sequence[in
 
 
 def concat_chunks(
-    chunks: list[Path], output: Path, audio_source: Path | None, pts: Sequence[int], time_base: Fraction, rotation: int = 0
+    chunks: list[Path], output: Path, audio_source: Path | None, pts: Sequence[int], time_base: Fraction, rotation: int = 0,
+    audio_window: tuple[float, float] | None = None,
 ) -> Path:
     """Join chunk files into `output` (temp file + rename), muxing the audio of `audio_source` beside them.
 
@@ -418,7 +440,7 @@ def concat_chunks(
             video_packets = _restamped(
                 (p for chunk in chunks for p in _packets(chunk, "video", {video_in.index: video_out})), pts, time_base
             )
-            audio_packets = _packets(audio_source, "audio", copies) if copies else iter(())
+            audio_packets = _packets(audio_source, "audio", copies, audio_window) if copies else iter(())
             encoded = _reencoded_audio(audio_source, reencode) if reencode else iter(())
             for _, _, packet in heapq.merge(video_packets, audio_packets, encoded, key=lambda item: item[0]):
                 out.mux(packet)
