@@ -431,15 +431,36 @@ def evaluate(args: tuple[str, ...]) -> None:
     raise NotBuiltError("`apple-video eval` is not built yet in this version")
 
 
+GLOBAL_FLAGS = ("-v", "-vv", "-vvv", "--verbose", "-q", "--quiet", "--debug")
+
+
+def _globals_first(argv: list[str]) -> list[str]:
+    """Accept -v/-q/--debug anywhere on the line (`apple-video swap ... --debug`), as users type them."""
+    if "--" in argv:
+        cut = argv.index("--")
+        head, tail = argv[:cut], argv[cut:]
+    else:
+        head, tail = argv, []
+    flags = [a for a in head if a in GLOBAL_FLAGS]
+    return flags + [a for a in head if a not in GLOBAL_FLAGS] + tail
+
+
 def main(argv: list[str] | None = None) -> None:
-    debug = "--debug" in (argv if argv is not None else sys.argv)
+    argv = _globals_first(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in argv
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(130)
+    except click.exceptions.Abort as error:  # click turns KeyboardInterrupt and EOFError into Abort
+        if isinstance(error.__cause__, KeyboardInterrupt) or error.__cause__ is None:
+            click.echo("interrupted: run the same command again to resume", err=True)
+            sys.exit(130)
+        if debug:
+            traceback.print_exception(error.__cause__)
+        cause = error.__cause__
+        click.echo(f"internal error: {cause.__class__.__name__}: {cause} (run with --debug for the traceback)", err=True)
+        sys.exit(1)
     except click.UsageError as error:
         click.echo(f"error: {error.format_message()}", err=True)
         sys.exit(2)

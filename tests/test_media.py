@@ -196,3 +196,13 @@ def test_decoded_frames_are_contiguous_for_padded_widths(tmp_path: Path) -> None
     src = synth.write_clip(tmp_path / "w854.mp4", _frames(3, (854, 64)), fps=10)
     for frame in decode_frames(probe(src)):
         assert frame.rgb.flags.c_contiguous and frame.rgb.shape == (64, 854, 3)
+
+
+def test_webm_output_reencodes_audio_it_cannot_copy(tmp_path: Path) -> None:
+    src = synth.write_clip(tmp_path / "in.mp4", _frames(10, (96, 64)), fps=10)
+    dst = tmp_path / "out.webm"
+    _transcode(src, dst, chunk=4, codec="libvpx-vp9")
+    info = probe(dst)
+    assert info.frame_count == 10 and info.codec == "vp9"
+    assert [a.codec for a in info.audio] == ["opus"]
+    assert abs(_audio_seconds(dst)[0] - _audio_seconds(src)[0]) <= 0.1

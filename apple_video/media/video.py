@@ -384,25 +384,31 @@ def _add_audio_streams(out: av.container.OutputContainer, source: Path, suffix: 
                 copies[stream.index] = out.add_stream_from_template(stream)
             else:
                 codec = "libopus" if suffix == ".webm" else "aac"
-                new = out.add_stream(codec, rate=stream.codec_context.sample_rate or 48000)
+                rate = 48000 if codec == "libopus" else (stream.codec_context.sample_rate or 48000)  # opus: 48 kHz family
+                new = out.add_stream(codec, rate=rate)
                 new.layout = stream.codec_context.layout.name if stream.codec_context.layout else "stereo"
                 reencode.append((stream.index, new))
     return copies, reencode
 
 
-def _reencoded_audio(source: Path, targets: list[tuple[int, av.stream.Stream]]) -> Iterator[tuple[float, int, av.Packet]]:
+def _reencoded_audio(source: Path, targets: list[tuple[int, av.stream.Stream]],
+                     window: tuple[float, float] | None = None) -> Iterator[tuple[float, int, av.Packet]]:
     if not targets:
         return
     by_index = dict(targets)
     with av.open(str(source)) as container:
         streams = [s for s in container.streams.audio if s.index in by_index]
         for packet in container.demux(streams):
+            if packet.size == 0:  # demuxer flush packets; the encoders are flushed once, by the caller
+                continue
             target = by_index[packet.stream.index]
-            frames = packet.decode() if packet.size else [None]
-            for frame in frames:
-                if frame is not None:
-                    frame.pts = None
-                for out_packet in target.encode(frame):
+            for frame in packet.decode():
+                if window is not None and frame.pts is not None:
+                    at = float(frame.pts * frame.time_base)
+                    if not window[0] <= at < window[1]:
+                        continue
+                    frame.pts -= int(round(window[0] / frame.time_base))
+                for out_packet in target.encode(frame):  # PyAV resamples; keeping pts keeps the timing
                     if out_packet.dts is None:
                         continue
                     yield float(out_packet.dts * out_packet.time_base), id(target), out_packet
@@ -441,7 +447,7 @@ def concat_chunks(
                 (p for chunk in chunks for p in _packets(chunk, "video", {video_in.index: video_out})), pts, time_base
             )
             audio_packets = _packets(audio_source, "audio", copies, audio_window) if copies else iter(())
-            encoded = _reencoded_audio(audio_source, reencode) if reencode else iter(())
+            encoded = _reencoded_audio(audio_source, reencode, audio_window) if reencode else iter(())
             for _, _, packet in heapq.merge(video_packets, audio_packets, encoded, key=lambda item: item[0]):
                 out.mux(packet)
             for _, stream in reencode:

@@ -49,18 +49,12 @@ def _mapping(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
                          nn.LayerNorm(hidden), nn.LeakyReLU(), nn.Linear(hidden, out_dim))
 
 
-class PerceiverAttention(nn.Module):
-    """IDFormer layer attention: latents attend to (context, latents)."""
+class PerceiverAttention(PerceiverAttentionCA):
+    """IDFormer layer attention: latents attend to (context, latents). Same tensors as the CA module."""
 
     def __init__(self, *, dim: int, dim_head: int = 64, heads: int = 16) -> None:
-        super().__init__()
-        inner = dim_head * heads
-        self.dim_head, self.heads = dim_head, heads
-        self.norm1 = nn.LayerNorm(dim)
-        self.norm2 = nn.LayerNorm(dim)
-        self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, inner * 2, bias=False)
-        self.to_out = nn.Linear(inner, dim, bias=False)
+        super().__init__(dim=dim, dim_head=dim_head, heads=heads, kv_dim=dim)
+        self.dim_head = dim_head
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         x, latents = self.norm1(x), self.norm2(latents)
