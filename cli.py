@@ -12,22 +12,38 @@ import click
 from apple_video import __version__
 from apple_video.errors import AppleVideoError, InputError, NotBuiltError, OutputError, UserError
 
-logger = logging.getLogger("apple_video")
+logger = logging.getLogger("cli")
 
 QUALITY_HELP = "0 (smallest) .. 100 (best); mapped to the encoder's CRF like FaceFusion (80 -> CRF 10)"
 
 
+class _Formatter(logging.Formatter):
+    """Plain messages for information, `warning:`/`error:` prefixes for the rest."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        if record.levelno >= logging.ERROR:
+            return f"error: {message}"
+        if record.levelno >= logging.WARNING:
+            return f"warning: {message}"
+        return message
+
+
 def _setup_logging(verbose: int, quiet: bool) -> None:
-    level = logging.ERROR if quiet else (logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING)
-    logging.basicConfig(level=level, format="%(levelname)s: %(message)s", stream=sys.stderr)
-    logging.getLogger().setLevel(level)
-    for noisy in ("ray", "filelock", "urllib3", "PIL", "matplotlib"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+    """Our own messages at INFO by default (which swapper, which detector); other libraries only warn."""
+    level = logging.ERROR if quiet else (logging.DEBUG if verbose else logging.INFO)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose > 1 else max(level, logging.WARNING))
+    for name in ("apple_video", "training", "cli"):
+        logging.getLogger(name).setLevel(level)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="apple-video")
-@click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+@click.option("-v", "--verbose", count=True, help="Debug output (-vv: also from libraries).")
 @click.option("-q", "--quiet", is_flag=True, help="Only errors.")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 @click.pass_context
@@ -127,7 +143,8 @@ def _settings_from(opts: dict):
     return SwapSettings(
         swapper=opts["swapper"],
         model=ModelOptions(preset=opts["preset"], steps=opts["steps"], id_weight=opts["id_weight"],
-                           inversion=not opts["no_inversion"], device=opts["device"], lora=opts["lora"]),
+                           inversion=not opts["no_inversion"], device=opts["device"], lora=opts["lora"],
+                           second_order=opts["second_order"]),
         detector=DetectorSettings(name=opts["face_detector"], score=opts["face_detector_score"],
                                   size=opts["face_detector_size"], angles=angles),
         selector=SelectorSettings(mode=opts["face_selector_mode"], order=opts["face_selector_order"],
@@ -169,6 +186,8 @@ def swap_options(func):
         click.option("--id-weight", type=click.FloatRange(0, 5), default=None, help="Identity strength (PuLID id_weight)."),
         click.option("--lora", type=click.Path(), default=None,
                      help="APPLE LoRA file to use instead of the preset's (e.g. a student you trained)."),
+        click.option("--second-order", is_flag=True,
+                     help="Second-order inversion steps (reuses the previous velocity; fewer steps for the same error)."),
         click.option("--no-inversion", is_flag=True, help="Sample from seeded noise instead of attribute-aware inversion."),
         click.option("--seed", type=int, default=0, show_default=True, help="Random seed (outputs are reproducible)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),

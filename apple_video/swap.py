@@ -34,7 +34,7 @@ class AppleSwapper:
         preset = load_preset(name)
         steps = options.steps
         preset = with_overrides(preset, inversion_steps=steps, sampling_steps=steps, id_weight=options.id_weight,
-                                inversion=options.inversion)
+                                inversion=options.inversion, second_order=options.second_order or None)
         if preset.model.kind != "tiny":
             needed = ["flux-krea-dev", preset.model.pulid or "pulid-flux-v0.9.1"]
             if options.lora is None:

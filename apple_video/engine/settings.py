@@ -24,6 +24,7 @@ class ModelOptions:
     inversion: bool = True
     device: str = "auto"
     lora: str | None = None  # a LoRA file (e.g. a student you trained) instead of the preset's
+    second_order: bool = False
 
 
 @dataclass(frozen=True)

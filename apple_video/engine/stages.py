@@ -72,7 +72,7 @@ class Analyzer:
     """Detect faces (boxes, landmarks, embeddings) on every frame of a chunk."""
 
     def __init__(self, settings: SwapSettings, embed_every: int = 8) -> None:
-        self.detector = create_detector(settings.detector)
+        self.detector = create_detector(settings.detector, announce=False)
         self.embed_every = embed_every
 
     def analyze(self, frames) -> dict[int, list[Face]]:
@@ -109,7 +109,20 @@ class Renderer:
         self.settings = settings
         self.swapper = swapper
         self.parser = create_parser(settings.mask.parser)
+        self._previous_masks: dict[int, tuple[int, np.ndarray]] = {}  # track -> (frame, parsing mask)
         swapper.prepare(sources)
+
+    def _mask(self, landmarks, crop, track: int, frame: int) -> np.ndarray:
+        """Feathered mask; parsing masks are averaged with the track's previous frame (aligned crops share a frame
+        of reference), which removes the one-frame flicker of per-frame segmentation."""
+        mask = mask_for(landmarks, self.swapper.crop_size, self.settings, self.parser, crop)
+        if self.parser is None:
+            return mask  # landmark masks are already smooth: the landmarks are
+        previous = self._previous_masks.get(track)
+        self._previous_masks[track] = (frame, mask)
+        if previous is not None and previous[0] == frame - 1:
+            mask = 0.5 * (mask + previous[1])
+        return mask
 
     def render(self, frames: list[tuple[int, int, np.ndarray]], targets: dict[int, list[FaceTarget]]):
         """Return [(index, pts, rgb, swapped)] and stats. Frames without targets are returned as given."""
@@ -121,19 +134,18 @@ class Renderer:
                 landmarks = transform_points(target.landmarks, matrix) if target.landmarks is not None else None
                 jobs.append(CropJob(warp_crop(rgb, matrix, size), landmarks,
                                     face_seed(self.settings.seed, index, target.track_id)))
-                places.append((position, matrix, landmarks, jobs[-1].crop))
+                places.append((position, matrix, landmarks, jobs[-1].crop, target.track_id, index))
         results: list[np.ndarray | None] = []
         for start in range(0, len(jobs), max(1, self.settings.batch_size)):
             results.extend(self.swapper.swap(jobs[start : start + self.settings.batch_size]))
         outputs = [[index, pts, rgb, False] for index, pts, rgb in frames]
         stats = RenderStats(frames=len(frames))
-        for (position, matrix, landmarks, crop), swapped in zip(places, results, strict=True):
+        for (position, matrix, landmarks, crop, track, frame), swapped in zip(places, results, strict=True):
             if swapped is None:
                 stats.faces_skipped += 1
                 continue
             entry = outputs[position]
-            mask = mask_for(landmarks, size, self.settings, self.parser, crop)
-            entry[2] = paste_back(entry[2], swapped, matrix, mask)
+            entry[2] = paste_back(entry[2], swapped, matrix, self._mask(landmarks, crop, track, frame))
             entry[3] = True
             stats.faces_swapped += 1
         stats.swapped_frames = sum(1 for entry in outputs if entry[3])

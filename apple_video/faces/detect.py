@@ -169,7 +169,7 @@ def detect_with_angles(detect, rgb: np.ndarray, angles: tuple[int, ...]) -> list
     return []
 
 
-def create_detector(settings: DetectorSettings) -> FaceDetector:
+def create_detector(settings: DetectorSettings, announce: bool = True) -> FaceDetector:
     """Build the detector asked for; `auto` prefers insightface when its weights are present, else dlib."""
     if settings.name == "insightface":
         return InsightFaceDetector(settings)
@@ -178,10 +178,11 @@ def create_detector(settings: DetectorSettings) -> FaceDetector:
     if settings.name == "auto" and registry.is_present("antelopev2-det"):
         try:
             detector = InsightFaceDetector(settings)
-            logger.info("face detector: insightface (antelopev2)")
+            if announce:
+                logger.info("face detector: insightface (antelopev2)")
             return detector
         except WeightsError:
             pass
-    if settings.name == "auto":
+    if settings.name == "auto" and announce:
         logger.info("face detector: dlib HOG (insightface antelopev2 weights not found; see `apple-video weights where`)")
     return DlibDetector(settings)

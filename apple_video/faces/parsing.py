@@ -45,11 +45,12 @@ class FaceParser:
         return cv2.resize(labels, (size, size), interpolation=cv2.INTER_NEAREST)
 
 
-def create_parser(name: str) -> FaceParser | None:
+def create_parser(name: str, announce: bool = True) -> FaceParser | None:
     """`bisenet` (weights required), `landmarks` (none), `auto` (bisenet when its weights are present)."""
     if name == "landmarks":
         return None
     if name == "bisenet" or registry.is_present("bisenet-parsing"):
         return FaceParser.from_weights()
-    logger.info("face masks from landmarks (BiSeNet parsing weights not found; see `apple-video weights where`)")
+    if announce:
+        logger.info("face masks from landmarks (BiSeNet parsing weights not found; see `apple-video weights where`)")
     return None

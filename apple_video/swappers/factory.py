@@ -29,13 +29,13 @@ def create_swapper(settings: SwapSettings, announce: bool = True) -> Swapper:
         from apple_video.swappers.classic import ClassicSwapper
 
         if announce and settings.swapper == "auto":
-            logger.warning("swapper: classic (APPLE weights not found; `apple-video weights where` shows where they go)")
+            logger.info("swapper: classic (APPLE weights not found; `apple-video weights where` shows where they go)")
         return ClassicSwapper()
     from apple_video.swap import AppleSwapper
 
     swapper = AppleSwapper.from_options(settings.model, settings.seed)
     if announce:
-        logger.warning("swapper: apple (preset %s)", swapper.preset.name)
+        logger.info("swapper: apple (preset %s)", swapper.preset.name)
         if not swapper.real:
             logger.warning("the '%s' preset uses small random weights: it runs every stage but does not make a real swap",
                            swapper.preset.name)
