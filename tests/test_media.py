@@ -206,3 +206,23 @@ def test_webm_output_reencodes_audio_it_cannot_copy(tmp_path: Path) -> None:
     assert info.frame_count == 10 and info.codec == "vp9"
     assert [a.codec for a in info.audio] == ["opus"]
     assert abs(_audio_seconds(dst)[0] - _audio_seconds(src)[0]) <= 0.1
+
+
+def test_sixteen_bit_png_keeps_its_depth(tmp_path: Path, astronaut: np.ndarray) -> None:
+    import cv2
+
+    rng = np.random.default_rng(0)
+    deep = (astronaut[:64, :80].astype(np.uint16) * 257 + rng.integers(0, 200, (64, 80, 3))).astype(np.uint16)
+    cv2.imwrite(str(tmp_path / "deep.png"), cv2.cvtColor(deep, cv2.COLOR_RGB2BGR))
+    data = read_image(tmp_path / "deep.png")
+    assert data.deep is not None and data.rgb.dtype == np.uint8
+    edited = data.rgb.copy()
+    edited[10:20, 10:20] = 0
+    write_image(tmp_path / "out.png", data, edited)
+    back = cv2.cvtColor(cv2.imread(str(tmp_path / "out.png"), cv2.IMREAD_UNCHANGED), cv2.COLOR_BGR2RGB)
+    assert back.dtype == np.uint16
+    untouched = np.ones((64, 80), bool)
+    untouched[10:20, 10:20] = False
+    assert np.array_equal(back[untouched], deep[untouched])
+    assert (back[10:20, 10:20] == 0).all()
+    assert is_synthetic_tag(Image.open(tmp_path / "out.png").text.get("Comment"))

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import os
 import re
+import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
+import cv2
 import numpy as np
 from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
@@ -27,6 +30,7 @@ class ImageData:
     alpha: np.ndarray | None  # (H, W) uint8 or None
     grayscale: bool
     source_mode: str
+    deep: np.ndarray | None = None  # the original 16-bit pixels (H, W[, C], RGB order), kept where untouched
 
 
 def is_image_path(path: Path) -> bool:
@@ -65,9 +69,31 @@ def _decode(image: Image.Image) -> ImageData:
     return ImageData(_to_uint8(rgb), alpha, False, mode)
 
 
+def _read_deep_png(path: Path) -> ImageData | None:
+    """16-bit PNGs (which Pillow narrows to 8 bits on open): keep the 16-bit pixels for writing back."""
+    raw = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    if raw is None or raw.dtype != np.uint16:
+        return None
+    if raw.ndim == 2:
+        deep = raw
+    elif raw.shape[2] == 4:
+        deep = cv2.cvtColor(raw, cv2.COLOR_BGRA2RGBA)
+    else:
+        deep = cv2.cvtColor(raw, cv2.COLOR_BGR2RGB)
+    narrow = _to_uint8(deep)
+    if narrow.ndim == 2:
+        return ImageData(np.repeat(narrow[..., None], 3, axis=2), None, True, "I;16", deep)
+    alpha = np.ascontiguousarray(narrow[..., 3]) if narrow.shape[2] == 4 else None
+    return ImageData(np.ascontiguousarray(narrow[..., :3]), alpha, False, "RGB;16", deep)
+
+
 def read_image(path: str | Path) -> ImageData:
     """Read any supported still image into 8-bit RGB (+ alpha), EXIF rotation applied."""
     path = Path(path)
+    if path.suffix.lower() == ".png" and path.is_file() and path.stat().st_size > 0:
+        deep = _read_deep_png(path)
+        if deep is not None:
+            return deep
     if not path.exists():
         raise InputError(f"input not found: {path}")
     if path.is_dir():
@@ -110,10 +136,42 @@ def to_pil(data: ImageData, rgb: np.ndarray | None = None) -> Image.Image:
     return Image.fromarray(rgb, "RGB")
 
 
+def _png_text_chunk(keyword: str, text: str) -> bytes:
+    body = keyword.encode("latin-1") + b"\0" + text.encode("latin-1")
+    return struct.pack(">I", len(body)) + b"tEXt" + body + struct.pack(">I", zlib.crc32(b"tEXt" + body) & 0xFFFFFFFF)
+
+
+def _deep_png_bytes(data: ImageData, rgb: np.ndarray) -> bytes:
+    """16-bit output: the original 16-bit pixels wherever the 8-bit picture is unchanged, new pixels elsewhere."""
+    deep = data.deep.copy()
+    changed = (rgb != data.rgb).any(axis=2)
+    if deep.ndim == 2:
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.uint16) * 257
+        deep[changed] = gray[changed]
+        encoded = deep
+    else:
+        deep[..., :3][changed] = rgb[changed].astype(np.uint16) * 257
+        encoded = cv2.cvtColor(deep, cv2.COLOR_RGBA2BGRA if deep.shape[2] == 4 else cv2.COLOR_RGB2BGR)
+    ok, buffer = cv2.imencode(".png", encoded)
+    if not ok:
+        raise OutputError("could not encode the 16-bit PNG")
+    png = buffer.tobytes()
+    end = png.rindex(b"IEND") - 4
+    return png[:end] + _png_text_chunk("Comment", synthetic_tag()) + png[end:]
+
+
 def write_image(path: str | Path, data: ImageData, rgb: np.ndarray | None = None) -> Path:
-    """Write `rgb` (default: data.rgb) in the form of `data` (alpha, grayscale), atomically, tagged synthetic."""
+    """Write `rgb` (default: data.rgb) in the form of `data` (alpha, grayscale, 16 bits), atomically, tagged synthetic."""
     path = Path(path)
     suffix = path.suffix.lower()
+    if data.deep is not None and suffix == ".png":
+        tmp = temp_path_for(path)
+        try:
+            tmp.write_bytes(_deep_png_bytes(data, data.rgb if rgb is None else rgb))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
     if suffix not in IMAGE_EXTENSIONS:
         raise OutputError(f"unsupported output image type '{path.suffix}' (use one of {', '.join(IMAGE_EXTENSIONS)})")
     image = to_pil(data, rgb)
