@@ -279,6 +279,10 @@ def swap(paths: tuple[str, ...], **opts) -> None:
 def _resolve_runtime(opts: dict) -> None:
     if opts["executor"] is None:
         opts["executor"] = "ray" if opts["ray_address"] else "local"
+    if opts["executor"] == "ray" and opts["ray_address"] not in (None, "", "local", "auto"):
+        from apple_video.engine.executors import _check_reachable
+
+        _check_reachable(opts["ray_address"])
     if opts["num_gpus"] is None:
         import torch
 

@@ -103,3 +103,13 @@ def test_weights_download_fails_fast_offline(tmp_path: Path) -> None:
                             capture_output=True, text=True, env=env, timeout=60)
     assert result.returncode == 2 and "cannot reach the Hugging Face hub" in result.stderr
     assert time.time() - start < 30
+
+
+def test_unreachable_ray_cluster_fails_fast(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    import time
+
+    start = time.time()
+    _one_line_error(run("swap", str(source_photo), str(face_clip), "-o", str(tmp_path / "o.mp4"), "--ray-address",
+                        "127.0.0.1:9"), "cannot reach the Ray cluster")
+    assert time.time() - start < 60
+    assert not list(tmp_path.iterdir())

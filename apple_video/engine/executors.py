@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator
 
 import numpy as np
 
 from apple_video.engine.settings import SwapSettings
-from apple_video.errors import AppleVideoError
+from apple_video.errors import AppleVideoError, UserError
 
 logger = logging.getLogger(__name__)
 
@@ -34,12 +35,30 @@ def ensure_ray(settings: SwapSettings) -> None:
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
                  configure_logging=False)
     else:
-        ray.init(address=address, log_to_driver=False, configure_logging=False)
+        check_reachable(address)
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False)
+        except (ConnectionError, RuntimeError, ValueError) as error:
+            raise UserError(f"cannot connect to the Ray cluster at '{address}': {str(error).splitlines()[0]}") from None
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
     for name in ("ray", "ray.data", "ray.data._internal.execution.streaming_executor"):
         logging.getLogger(name).setLevel(max(logging.getLogger().level, logging.WARNING))
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, not minutes, when a host:port cluster address does not answer (ray.init waits long)."""
+    if address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"--ray-address must be 'auto', 'host:port' or 'ray://host:port', not '{address}'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError:
+        raise UserError(f"cannot reach the Ray cluster at '{address}' (nothing answers there within {timeout:.0f}s)") from None
 
 
 def actor_pool(size: int):
