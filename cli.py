@@ -280,9 +280,9 @@ def _resolve_runtime(opts: dict) -> None:
     if opts["executor"] is None:
         opts["executor"] = "ray" if opts["ray_address"] else "local"
     if opts["executor"] == "ray" and opts["ray_address"] not in (None, "", "local", "auto"):
-        from apple_video.engine.executors import _check_reachable
+        from apple_video.engine.executors import check_reachable
 
-        _check_reachable(opts["ray_address"])
+        check_reachable(opts["ray_address"])
     if opts["num_gpus"] is None:
         import torch
 
