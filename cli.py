@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from apple_video import __version__
-from apple_video.errors import AppleVideoError, InputError, NotBuiltError, OutputError, UserError
+from apple_video.errors import AppleVideoError, InputError, OutputError, UserError
 
 logger = logging.getLogger("cli")
 
@@ -448,10 +448,23 @@ def prepare_data_cmd(raw_dir: str, output: str, preset: str, identity_list: str 
 
 
 @cli.command("eval")
-@click.argument("args", nargs=-1)
-def evaluate(args: tuple[str, ...]) -> None:
-    """Identity / pose / expression / temporal metrics of swapped outputs."""
-    raise NotBuiltError("`apple-video eval` is not built yet in this version")
+@click.argument("source", type=click.Path())
+@click.argument("original", type=click.Path())
+@click.argument("swapped", type=click.Path())
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the metrics as JSON.")
+def evaluate(source: str, original: str, swapped: str, json_path: str | None) -> None:
+    """Identity, pose, expression, temporal and background metrics of SWAPPED against ORIGINAL and SOURCE.
+
+    \b
+      apple-video eval face.jpg clip.mp4 out.mp4
+      apple-video eval face.jpg photo.png out.png --json metrics.json"""
+    from apple_video.evaluate import evaluate as run_eval
+    from apple_video.evaluate import report
+
+    for path in (source, original, swapped):
+        if not Path(path).exists():
+            raise InputError(f"input not found: {path}")
+    click.echo(report(run_eval(Path(source), Path(original), Path(swapped)), Path(json_path) if json_path else None))
 
 
 GLOBAL_FLAGS = ("-v", "-vv", "-vvv", "--verbose", "-q", "--quiet", "--debug")

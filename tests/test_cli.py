@@ -17,7 +17,7 @@ def run(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 def test_help_lists_commands() -> None:
     result = run("--help")
     assert result.returncode == 0
-    for command in ("swap", "preview", "weights", "train", "prepare-data", "eval"):
+    for command in ("swap", "preview", "weights", "train", "prepare-data", "eval"):  # DESIGN section 1
         assert command in result.stdout
 
 
@@ -75,8 +75,8 @@ def test_source_without_face(tmp_path: Path, face_clip: Path) -> None:
     assert not (tmp_path / "o.mp4").exists()
 
 
-def test_not_built_and_usage_errors_exit_2() -> None:
-    _one_line_error(run("eval"), "not built")
+def test_usage_errors_exit_2() -> None:
+    _one_line_error(run("eval", "a.jpg", "b.mp4", "c.mp4"), "not found")
     _one_line_error(run("train", "teacher"), "--config")
     _one_line_error(run("train", "teacher", "--config", "nope.yaml"), "not found")
     _one_line_error(run("prepare-data", "missing_dir", "-o", "x"), "not found")
