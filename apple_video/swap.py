@@ -15,6 +15,16 @@ from apple_video.swappers.base import CropJob, SourceFace
 logger = logging.getLogger(__name__)
 
 
+def required_weights(preset: Preset, options: ModelOptions) -> list[str]:
+    """Registry names of the files the preset needs (none for the tiny preset)."""
+    if preset.model.kind == "tiny":
+        return []
+    needed = ["flux-krea-dev", preset.model.pulid or "pulid-flux-v0.9.1"]
+    if options.lora is None:
+        needed.append(preset.model.lora or "apple-student")
+    return needed
+
+
 class AppleSwapper:
     """The `Swapper` for the diffusion model. The source identity is embedded once in `prepare`."""
 
@@ -35,12 +45,8 @@ class AppleSwapper:
         steps = options.steps
         preset = with_overrides(preset, inversion_steps=steps, sampling_steps=steps, id_weight=options.id_weight,
                                 inversion=options.inversion, second_order=options.second_order or None)
-        if preset.model.kind != "tiny":
-            needed = ["flux-krea-dev", preset.model.pulid or "pulid-flux-v0.9.1"]
-            if options.lora is None:
-                needed.append(preset.model.lora or "apple-student")
-            for weight in needed:
-                registry.require(weight)
+        for weight in required_weights(preset, options):
+            registry.require(weight)
         pipeline = ApplePipeline.from_preset(preset, resolve_device(options.device), lora=options.lora)
         return cls(pipeline)
 

@@ -38,7 +38,7 @@ def parts(clip: Path, settings: SwapSettings) -> dict[str, float]:
     t_detect, found = timed(analyzer.analyze, ((i, i, f) for i, f in enumerate(frames)))
     faces = [found[i] for i in range(len(frames))]
     start = time.perf_counter()
-    swapper = create_swapper(settings, announce=False)
+    swapper = create_swapper(settings)
     swapper.prepare(load_sources([SOURCE], settings, swapper.crop_size))
     size = swapper.crop_size
     jobs = [CropJob(warp_crop(f, alignment_matrix(fs[0].kps, size), size), None, i)

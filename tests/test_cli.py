@@ -113,3 +113,16 @@ def test_unreachable_ray_cluster_fails_fast(tmp_path: Path, source_photo: Path, 
                         "127.0.0.1:9"), "cannot reach the Ray cluster")
     assert time.time() - start < 60
     assert not list(tmp_path.iterdir())
+
+
+def test_apple_swapper_without_weights_is_one_line(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    import os
+
+    env = {**os.environ, "APPLE_VIDEO_HOME": str(tmp_path / "home"), "HF_HOME": str(tmp_path / "hf")}
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run([*EXE, "swap", str(source_photo), str(face_clip), "-o", str(out / "o.mp4"), "--swapper",
+                             "apple"], cwd=ROOT, capture_output=True, text=True, env=env)
+    _one_line_error(result, "flux-krea-dev")
+    assert "weights where" in result.stderr
+    assert not list(out.iterdir())  # no job folder, no partial output

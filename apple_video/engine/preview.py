@@ -14,7 +14,7 @@ from apple_video.faces.detect import create_detector
 from apple_video.faces.select import select_targets
 from apple_video.media.images import ImageData, is_image_path, read_image, write_image
 from apple_video.media.video import decode_frames, probe, to_display
-from apple_video.swappers.factory import create_swapper
+from apple_video.swappers.factory import announce_swapper, create_swapper
 
 CELL_WIDTH = 480
 
@@ -34,6 +34,7 @@ def _cell(rgb: np.ndarray) -> np.ndarray:
 
 def make_preview(sources: list[Path], target: Path, output: Path, settings: SwapSettings, count: int) -> str:
     frames = _sample_frames(target, count)
+    announce_swapper(settings)
     swapper = create_swapper(settings)
     detector = create_detector(settings.detector)
     renderer = Renderer(settings, swapper, load_sources(sources, settings, swapper.crop_size))

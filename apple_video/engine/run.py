@@ -39,7 +39,7 @@ from apple_video.faces.select import select_targets
 from apple_video.media.images import is_image_path, read_image, write_image
 from apple_video.media.video import VideoInfo, concat_chunks, is_video_path, trim
 from apple_video.swappers.base import SourceFace, source_faces
-from apple_video.swappers.factory import create_swapper
+from apple_video.swappers.factory import announce_swapper, create_swapper, crop_size_for
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ class RenderWorker:
     def __init__(self, spec: JobSpec, sources: list[SourceFace]) -> None:
         self.spec = spec
         self.media = spec.media()
-        self.renderer = Renderer(spec.settings, create_swapper(spec.settings, announce=False), sources)
+        self.renderer = Renderer(spec.settings, create_swapper(spec.settings), sources)
 
     def _sink(self, chunk: int):
         if self.spec.kind == "video":
@@ -208,12 +208,11 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
     settings = spec.settings
     summary = Summary(str(spec.input), str(spec.output), frames=frame_count)
     chunks = plan_chunks(frame_count, keyframes, settings.chunk_frames)
+    announce_swapper(settings)  # missing weights or a faceless source fail here, before any job file exists
+    sources = load_sources(source_paths, settings, crop_size_for(settings))
     manifest = _open_manifest(spec.job_dir, _fingerprint(spec.input, source_paths, settings), chunks, settings.force)
     manifest_path = spec.job_dir / "manifest.json"
     summary.chunks_resumed = len(manifest["rendered"])
-
-    swapper = create_swapper(settings)
-    sources = load_sources(source_paths, settings, swapper.crop_size)
 
     started = time.perf_counter()
     todo = [c for c in range(len(chunks)) if c not in manifest["analyzed"]]
@@ -287,6 +286,7 @@ def swap_image(source_paths: list[Path], input_path: Path, output: Path, setting
     """One still image: detect, select (largest/ordered), swap, paste, write with the synthetic tag."""
     started = time.perf_counter()
     data = read_image(input_path)
+    announce_swapper(settings)
     swapper = create_swapper(settings)
     detector = create_detector(settings.detector)
     sources = source_faces([read_image(p).rgb for p in source_paths], [str(p) for p in source_paths], detector,

@@ -23,20 +23,42 @@ def resolve_swapper_name(settings: SwapSettings) -> str:
     return "classic"
 
 
-def create_swapper(settings: SwapSettings, announce: bool = True) -> Swapper:
-    name = resolve_swapper_name(settings)
-    if name == "classic":
+def crop_size_for(settings: SwapSettings) -> int:
+    """The swapper's crop size without building it (the driver needs it; only workers load models)."""
+    if resolve_swapper_name(settings) == "classic":
         from apple_video.swappers.classic import ClassicSwapper
 
-        if announce and settings.swapper == "auto":
+        return ClassicSwapper().crop_size
+    from apple_video.config import load_preset
+
+    return load_preset(settings.model.preset or "krea-512").sampling.crop_size
+
+
+def announce_swapper(settings: SwapSettings) -> None:
+    """Say which swapper a job will use, and check that its weights are there, before any work starts."""
+    name = resolve_swapper_name(settings)
+    if name == "classic":
+        if settings.swapper == "auto":
             logger.info("swapper: classic (APPLE weights not found; `apple-video weights where` shows where they go)")
+        return
+    from apple_video.config import load_preset
+    from apple_video.swap import required_weights
+
+    preset = load_preset(settings.model.preset or "krea-512")
+    for weight in required_weights(preset, settings.model):
+        registry.require(weight)
+    logger.info("swapper: apple (preset %s)", preset.name)
+    if preset.model.kind == "tiny":
+        logger.warning("the '%s' preset uses small random weights: it runs every stage but does not make a real swap",
+                       preset.name)
+
+
+def create_swapper(settings: SwapSettings) -> Swapper:
+    """Build the swapper (loads its models); `announce_swapper` says which one, once, on the driver."""
+    if resolve_swapper_name(settings) == "classic":
+        from apple_video.swappers.classic import ClassicSwapper
+
         return ClassicSwapper()
     from apple_video.swap import AppleSwapper
 
-    swapper = AppleSwapper.from_options(settings.model, settings.seed)
-    if announce:
-        logger.info("swapper: apple (preset %s)", swapper.preset.name)
-        if not swapper.real:
-            logger.warning("the '%s' preset uses small random weights: it runs every stage but does not make a real swap",
-                           swapper.preset.name)
-    return swapper
+    return AppleSwapper.from_options(settings.model, settings.seed)
