@@ -64,6 +64,7 @@ class SamplingSettings(_Strict):
     second_order: bool = False
     independent_condition: bool = False
     inversion: bool = True
+    null_id: Literal["encoder", "none"] = "encoder"  # unconditional id: IDFormer(zeros), or no id branch
 
 
 class Preset(_Strict):

@@ -38,10 +38,6 @@ class WeightsError(UserError):
         super().__init__(f"{message} (run `apple-video weights where` to see where model files go)")
 
 
-class NotBuiltError(UserError):
-    """A command that is registered but not implemented yet."""
-
-
 class DecodeError(InputError):
     """A video could not be decoded past some frame."""
 

@@ -176,3 +176,15 @@ def test_image_swap_bad_inputs(tmp_path: Path, source_photo: Path, astronaut: np
     result = _cli("swap", str(source_photo), str(blank), "-o", str(tmp_path / "o.png"), "--preset", "tiny")
     assert result.returncode == 2 and "no face found in the target" in result.stderr
     assert not (tmp_path / "o.png").exists()
+
+
+def test_null_id_setting_is_honoured(astronaut) -> None:
+    """`null_id: none` inverts with no id branch (as id_weight 0 would), `encoder` with IDFormer(zeros)."""
+    crops = _crops(astronaut, 1)
+    id_embed = torch.randn(1, 32, 16)
+    outs = []
+    for overrides in ({"null_id": "none"}, {"null_id": "encoder"}):
+        preset = with_overrides(load_preset("tiny"), inversion_steps=2, sampling_steps=2, **overrides)
+        pipe = ApplePipeline.from_preset(preset, torch.device("cpu"))
+        outs.append(pipe.swap(crops, id_embed, torch.randn(1, 32, 16), [0]))
+    assert not np.array_equal(outs[0], outs[1])

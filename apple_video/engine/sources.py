@@ -22,8 +22,6 @@ from apple_video.media.video import (
     to_display,
 )
 
-LOSSLESS_IMAGE = (".png", ".tif", ".tiff", ".bmp", ".webp")
-
 
 @dataclass(frozen=True)
 class VideoMedia:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import torch
-from facexlib.parsing.bisenet import BiSeNet
 
 from apple_video.errors import WeightsError
 from apple_video.models import registry
+
+if TYPE_CHECKING:  # torch and facexlib load only when parsing is used (classic runs stay light)
+    import torch
+    from facexlib.parsing.bisenet import BiSeNet
 
 logger = logging.getLogger(__name__)
 
@@ -22,11 +25,16 @@ class FaceParser:
     """Per-pixel CelebAMask-HQ labels for an aligned face crop."""
 
     def __init__(self, model: BiSeNet, device: torch.device | str = "cpu") -> None:
+        import torch
+
         self.model = model.eval().to(device)
         self.device = torch.device(device)
 
     @classmethod
     def from_weights(cls, device: torch.device | str = "cpu") -> FaceParser:
+        import torch
+        from facexlib.parsing.bisenet import BiSeNet
+
         path = registry.require("bisenet-parsing")
         model = BiSeNet(num_class=19)
         try:
@@ -36,12 +44,14 @@ class FaceParser:
             raise WeightsError(f"{path} is not a facexlib parsing_bisenet.pth ({error.__class__.__name__})") from None
         return cls(model, device)
 
-    @torch.no_grad()
     def labels(self, crop: np.ndarray) -> np.ndarray:
+        import torch
+
         size = crop.shape[0]
         image = cv2.resize(crop, (512, 512), interpolation=cv2.INTER_LINEAR).astype(np.float32) / 255.0
         tensor = torch.from_numpy((image - IMAGENET_MEAN) / IMAGENET_STD).permute(2, 0, 1)[None].float().to(self.device)
-        labels = self.model(tensor)[0].argmax(1)[0].cpu().numpy().astype(np.uint8)
+        with torch.no_grad():
+            labels = self.model(tensor)[0].argmax(1)[0].cpu().numpy().astype(np.uint8)
         return cv2.resize(labels, (size, size), interpolation=cv2.INTER_NEAREST)
 
 

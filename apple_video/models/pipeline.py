@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,7 +183,7 @@ class ApplePipeline:
 
     @torch.no_grad()
     def swap(self, crops: np.ndarray, id_embed: torch.Tensor, null_id: torch.Tensor, seeds: list[int],
-             use_null_encoder: bool = True, conditions: np.ndarray | None = None) -> np.ndarray:
+             conditions: np.ndarray | None = None) -> np.ndarray:
         """crops (B, S, S, 3) uint8 -> swapped crops, deterministic per seed; batch == one by one.
 
         `conditions` are the attribute images (default: the crops themselves, as the student uses them;
@@ -203,7 +202,8 @@ class ApplePipeline:
             id_embed=id_embed.to(self.device, self.dtype).expand(b, -1, -1),
             id_weight=s.id_weight,
         )
-        null = null_id.to(self.device, self.dtype).expand(b, -1, -1) if use_null_encoder else None
+        # the null id: IDFormer(zeros) as PuLID and APPLE use it, or no id branch at all (same as id_weight 0)
+        null = null_id.to(self.device, self.dtype).expand(b, -1, -1) if s.null_id == "encoder" else None
         use_cache = s.independent_condition
         if s.inversion:
             schedule = flux_schedule(s.inversion_steps, tokens.shape[1])
@@ -215,7 +215,3 @@ class ApplePipeline:
         schedule = flux_schedule(s.sampling_steps, tokens.shape[1])
         out = sample(self._velocity, noise, cond, schedule, null, s.id_guidance, ConditionKVCache() if use_cache else None)
         return L.decode(self.vae, out, height, width)
-
-
-def describe(pipeline: ApplePipeline) -> str:
-    return json.dumps({"preset": pipeline.preset.name, "device": str(pipeline.device), "real": pipeline.real})
