@@ -174,3 +174,19 @@ def test_fixture_clip_has_audio_and_a_detectable_face(detector, face_clip) -> No
     assert info.audio and info.frame_count == 51
     first = next(decode_frames(info, 0, 1))
     assert len(detector.detect(first.rgb)) == 1
+
+
+def test_tracks_split_at_cuts(detector, astronaut_patch) -> None:
+    from apple_video.faces.track import build_tracks, find_cuts, frame_signature
+    from apple_video.media import synth
+
+    a = synth.paste_patch(synth.background(480, 360, seed=1), astronaut_patch, synth.Placement(240, 180, 1.0))
+    dark = (synth.background(480, 360, seed=2) * 0.3).astype(np.uint8)
+    b = synth.paste_patch(dark[:, ::-1].copy(), astronaut_patch, synth.Placement(242, 181, 1.0))
+    frames = [a] * 4 + [b] * 4  # same face, same place, another shot
+    cuts = find_cuts([frame_signature(f) for f in frames], TrackSettings().cut_threshold)
+    assert cuts == {4}
+    detections = [detector.detect(f, embed=False) for f in frames]
+    assert len(build_tracks(detections, TrackSettings())) == 1
+    split = build_tracks(detections, TrackSettings(), cuts)
+    assert [t.frames for t in split] == [[0, 1, 2, 3], [4, 5, 6, 7]]

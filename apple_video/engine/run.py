@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from apple_video.engine.executors import run_stage
@@ -36,6 +37,7 @@ from apple_video.engine.stages import (
 from apple_video.errors import NoFaceError, UserError
 from apple_video.faces.detect import create_detector
 from apple_video.faces.select import select_targets
+from apple_video.faces.track import find_cuts, frame_signature
 from apple_video.media.images import is_image_path, read_image, write_image
 from apple_video.media.video import VideoInfo, concat_chunks, is_video_path, trim
 from apple_video.swappers.base import SourceFace, source_faces
@@ -121,10 +123,18 @@ class AnalyzeWorker:
         self.media = spec.media()
         self.analyzer = Analyzer(spec.settings)
 
+    def _frames(self, start: int, stop: int, signatures: dict[str, list]):
+        """The chunk's frames, noting each one's thumbnail signature (for cut detection) on the way."""
+        for index, pts, rgb in self.media.frames(start, stop):
+            signatures[str(index)] = frame_signature(rgb).tolist()
+            yield index, pts, rgb
+
     def __call__(self, batch: dict) -> dict:
         for chunk, start, stop in zip(batch["chunk"], batch["start"], batch["stop"], strict=True):
-            faces = self.analyzer.analyze(self.media.frames(int(start), int(stop)))
-            write_json(self.spec.analysis_file(int(chunk)), {str(i): [face_to_dict(f) for f in fs] for i, fs in faces.items()})
+            signatures: dict[str, list] = {}
+            faces = self.analyzer.analyze(self._frames(int(start), int(stop), signatures))
+            write_json(self.spec.analysis_file(int(chunk)),
+                       {"faces": {str(i): [face_to_dict(f) for f in fs] for i, fs in faces.items()}, "signatures": signatures})
         return {"chunk": batch["chunk"]}
 
 
@@ -225,11 +235,16 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
     summary.seconds["analyze"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    detections = [[] for _ in range(frame_count)]
+    detections: list[list] = [[] for _ in range(frame_count)]
+    signatures: list = [None] * frame_count
     for c in range(len(chunks)):
-        for index, faces in json.loads(spec.analysis_file(c).read_text()).items():
+        analysis = json.loads(spec.analysis_file(c).read_text())
+        for index, faces in analysis["faces"].items():
             detections[int(index)] = [face_from_dict(f) for f in faces]
-    selection = select_targets(detections, fps, settings.selector, settings.tracking)
+        for index, signature in analysis["signatures"].items():
+            signatures[int(index)] = np.asarray(signature, np.float32)
+    cuts = find_cuts(signatures, settings.tracking.cut_threshold)
+    selection = select_targets(detections, fps, settings.selector, settings.tracking, cuts)
     summary.small_faces_skipped = selection.skipped_small
     for c, (start, stop) in enumerate(chunks):
         write_json(spec.targets_file(c), [target_to_dict(t) for i in range(start, stop) for t in selection.targets.get(i, [])])

@@ -85,12 +85,13 @@ def _reference_tracks(tracks: list[Track], detections: list[list[Face]], setting
 
 
 def select_targets(
-    detections: list[list[Face]], fps: float, selector: SelectorSettings, tracking: TrackSettings
+    detections: list[list[Face]], fps: float, selector: SelectorSettings, tracking: TrackSettings,
+    cuts: set[int] | None = None,
 ) -> Selection:
-    """Track all detections, choose tracks per the selector mode, and return smoothed targets per frame."""
+    """Track all detections (tracks end at cuts), choose tracks per the selector mode, return smoothed targets."""
     skipped = sum(1 for faces in detections for f in faces if f.size < selector.min_face_size)
     kept = [[f for f in faces if f.size >= selector.min_face_size] for faces in detections]
-    tracks = build_tracks(kept, tracking)
+    tracks = build_tracks(kept, tracking, cuts)
     if selector.mode == "reference":
         chosen = _reference_tracks(tracks, kept, selector)
     elif selector.mode == "many":

@@ -17,6 +17,26 @@ class TrackSettings:
     min_cutoff: float = 1.5  # One-Euro: Hz
     beta: float = 0.01  # One-Euro: speed coefficient
     d_cutoff: float = 1.0
+    cut_threshold: float = 40.0  # mean grey-level change of a 16x16 thumbnail that marks a cut
+
+
+def frame_signature(rgb: np.ndarray) -> np.ndarray:
+    """A 16x16 grey thumbnail: cheap to store per frame, enough to see a cut."""
+    gray = rgb.mean(axis=2) if rgb.ndim == 3 else rgb
+    h, w = gray.shape
+    ys = (np.arange(16) * h // 16)[:, None]
+    xs = (np.arange(16) * w // 16)[None, :]
+    return gray[ys, xs].astype(np.float32)
+
+
+def find_cuts(signatures: list[np.ndarray | None], threshold: float) -> set[int]:
+    """Frames that start a new shot: the thumbnail changed by more than `threshold` grey levels on average."""
+    cuts = set()
+    for i in range(1, len(signatures)):
+        a, b = signatures[i - 1], signatures[i]
+        if a is not None and b is not None and float(np.abs(a - b).mean()) > threshold:
+            cuts.add(i)
+    return cuts
 
 
 def iou(a: np.ndarray, b: np.ndarray) -> float:
@@ -27,11 +47,13 @@ def iou(a: np.ndarray, b: np.ndarray) -> float:
     return float(inter / union) if union > 0 else 0.0
 
 
-def build_tracks(detections: list[list[Face]], settings: TrackSettings) -> list[Track]:
-    """Greedy frame-to-frame association by IoU with each live track's last box."""
+def build_tracks(detections: list[list[Face]], settings: TrackSettings, cuts: set[int] | None = None) -> list[Track]:
+    """Greedy frame-to-frame association by IoU with each live track's last box; a cut ends every track."""
     tracks: list[Track] = []
     live: list[Track] = []
     for index, faces in enumerate(detections):
+        if cuts and index in cuts:
+            live = []
         live = [t for t in live if index - t.frames[-1] <= settings.max_gap + 1]
         pairs = sorted(
             ((iou(t.faces[-1].bbox, f.bbox), ti, fi) for ti, t in enumerate(live) for fi, f in enumerate(faces)),
