@@ -142,6 +142,7 @@ def _settings_from(opts: dict):
     regions = tuple(opts["face_mask_regions"]) or MASK_REGIONS
     return SwapSettings(
         swapper=opts["swapper"],
+        classic_blend=opts["classic_blend"],
         model=ModelOptions(preset=opts["preset"], steps=opts["steps"], id_weight=opts["id_weight"],
                            inversion=not opts["no_inversion"], device=opts["device"], lora=opts["lora"],
                            second_order=opts["second_order"]),
@@ -181,6 +182,8 @@ def swap_options(func):
         click.option("--force", is_flag=True, help="Overwrite the output and start the job over (no resume)."),
         click.option("--swapper", type=click.Choice(SWAPPER_CHOICES), default="auto", show_default=True,
                      help="auto: APPLE when its weights (or --preset) are available, else classic."),
+        click.option("--classic-blend", type=click.Choice(["feather", "poisson"]), default="feather", show_default=True,
+                     help="Classic swapper: copy the warped face in (feather) or blend its gradients (poisson)."),
         click.option("--preset", default=None, help="Model preset: krea-512 (real weights) or tiny (random, for tests)."),
         click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Inversion and sampling steps."),
         click.option("--id-weight", type=click.FloatRange(0, 5), default=None, help="Identity strength (PuLID id_weight)."),

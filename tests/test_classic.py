@@ -45,3 +45,20 @@ def test_folding_warp_is_skipped(source_photo: Path, hopper: np.ndarray) -> None
     mirrored = swapper._source.landmarks.copy()
     mirrored[:, 0] = 255 - mirrored[:, 0]  # a mirror image folds every triangle
     assert swapper.swap([CropJob(crop, mirrored, 0), CropJob(crop, None, 0)]) == [None, None]
+
+
+def test_poisson_blend_changes_the_face_only(tmp_path: Path, source_photo: Path, clip_frames) -> None:
+    from PIL import Image
+
+    from apple_video.engine.run import swap_image
+
+    target = tmp_path / "t.png"
+    Image.fromarray(clip_frames[20]).save(target)
+    outs = {}
+    for blend in ("feather", "poisson"):
+        swap_image([source_photo], target, tmp_path / f"{blend}.png", SwapSettings(swapper="classic", classic_blend=blend))
+        outs[blend] = np.asarray(Image.open(tmp_path / f"{blend}.png"))
+    changed = (outs["poisson"] != clip_frames[20]).any(axis=2)
+    ys, xs = np.nonzero(changed)
+    assert changed.sum() > 1000 and not np.array_equal(outs["poisson"], outs["feather"])
+    assert xs.min() > 100 and xs.max() < 400  # still only around the face

@@ -30,6 +30,7 @@ class ModelOptions:
 @dataclass(frozen=True)
 class SwapSettings:
     swapper: SwapperName = "auto"
+    classic_blend: Literal["feather", "poisson"] = "feather"
     model: ModelOptions = field(default_factory=ModelOptions)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     selector: SelectorSettings = field(default_factory=SelectorSettings)

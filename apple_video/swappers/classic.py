@@ -51,15 +51,26 @@ def warp_triangles(src: np.ndarray, src_pts: np.ndarray, dst_pts: np.ndarray, tr
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
+def poisson_blend(face: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Gradient-domain blend of `face` into `target` inside `mask` (OpenCV seamlessClone); plain copy if it can't."""
+    inner = cv2.erode(mask, np.ones((3, 3), np.uint8))
+    inner[:2], inner[-2:], inner[:, :2], inner[:, -2:] = 0, 0, 0, 0  # seamlessClone needs a margin
+    x, y, w, h = cv2.boundingRect(inner)
+    if w < 4 or h < 4:
+        return target.copy()
+    return cv2.seamlessClone(face, target, inner, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
+
+
 class ClassicSwapper:
     """The offline default swapper and evaluation baseline."""
 
     name = "classic"
     real = True
 
-    def __init__(self, crop_size: int = 256, fold_tolerance: float = 0.1) -> None:
+    def __init__(self, crop_size: int = 256, fold_tolerance: float = 0.1, poisson: bool = False) -> None:
         self.crop_size = crop_size
         self.fold_tolerance = fold_tolerance
+        self.poisson = poisson
         self._source: SourceFace | None = None
         self._src_points: np.ndarray | None = None
         self._triangles: np.ndarray | None = None
@@ -85,6 +96,8 @@ class ClassicSwapper:
         warped = warp_triangles(self._source.crop, self._src_points, dst_points, self._triangles, self.crop_size)
         mask = hull_mask(job.landmarks, self.crop_size)
         warped = color_transfer(warped, job.crop, mask)
+        if self.poisson:
+            return poisson_blend(warped, job.crop, mask)
         out = job.crop.copy()
         inside = mask > 0
         out[inside] = warped[inside]

@@ -58,7 +58,7 @@ def create_swapper(settings: SwapSettings) -> Swapper:
     if resolve_swapper_name(settings) == "classic":
         from apple_video.swappers.classic import ClassicSwapper
 
-        return ClassicSwapper()
+        return ClassicSwapper(poisson=settings.classic_blend == "poisson")
     from apple_video.swap import AppleSwapper
 
     return AppleSwapper.from_options(settings.model, settings.seed)
