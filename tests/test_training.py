@@ -88,7 +88,8 @@ def test_pipeline_outputs(pipeline_run) -> None:
     teacher, pseudo, student = pipeline_run["teacher"], pipeline_run["pseudo"], pipeline_run["student"]
     assert (teacher / "default.safetensors").is_file() and list((teacher / "samples").glob("*.png"))
     manifest = json.loads((pseudo / "manifest.json").read_text())
-    shards = [np.load(pseudo / name) for name in manifest["shards"]]
+    shards = [{k: np.load(pseudo / name / f"{k}.npy") for k in ("pseudo", "target", "identity", "source_identity")}
+              for name in manifest["shards"]]
     assert sum(len(s["pseudo"]) for s in shards) == 12
     for shard in shards:
         assert shard["pseudo"].shape[1:] == (128, 128, 3)

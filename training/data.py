@@ -1,7 +1,7 @@
 """`apple-video prepare-data`: a face data set -> aligned crops, face masks, identity embeddings, in shards.
 
 Input: one folder per identity (VGGFace2-HQ style), or a flat folder plus an identity list (CSV lines
-`file,identity`). Output: `shards/shard_XXXXX.npz` + `manifest.json`. Resumable (finished shards are kept),
+`file,identity`). Output: `shards/shard_XXXXX/` (memory-mappable .npy files) + `manifest.json`. Resumable (finished shards are kept),
 parallel (a process pool), and unreadable or faceless images are skipped, counted and listed.
 """
 
@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,12 +88,49 @@ class _Worker:
                 "embedding": np.asarray(face.embedding, np.float32), "identity": item.identity, "path": item.path}
 
 
-def _write_shard(path: Path, records: list[dict]) -> None:
-    tmp = path.with_name(f".{path.stem}.tmp.npz")
-    np.savez(tmp, images=np.stack([r["image"] for r in records]), masks=np.stack([r["mask"] for r in records]),
-             landmarks=np.stack([r["landmarks"] for r in records]), embeddings=np.stack([r["embedding"] for r in records]),
-             identities=np.array([r["identity"] for r in records]), paths=np.array([r["path"] for r in records]))
+SHARD_KEYS = ("images", "masks", "landmarks", "embeddings", "identities")
+
+
+def write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """A shard is a folder of .npy files (memory-mappable: training reads single samples, not whole shards),
+    written under a temporary name and renamed when complete."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for key, value in arrays.items():
+        np.save(tmp / f"{key}.npy", value)
+    shutil.rmtree(path, ignore_errors=True)
     os.replace(tmp, path)
+
+
+def _write_shard(path: Path, records: list[dict]) -> None:
+    write_shard(path, {
+        "images": np.stack([r["image"] for r in records]), "masks": np.stack([r["mask"] for r in records]),
+        "landmarks": np.stack([r["landmarks"] for r in records]), "embeddings": np.stack([r["embedding"] for r in records]),
+        "identities": np.array([r["identity"] for r in records]), "paths": np.array([r["path"] for r in records]),
+    })
+
+
+class ShardArray:
+    """One array spread over shards (memory-mapped), indexed by a global sample number."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        index = int(index)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return np.asarray(self.parts[shard][index - self.offsets[shard]])
+
+
+def open_shards(folder: Path, names: list[str], keys: tuple[str, ...]) -> dict[str, ShardArray]:
+    return {key: ShardArray([np.load(folder / name / f"{key}.npy", mmap_mode="r") for name in names]) for key in keys}
 
 
 def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None = None, workers: int = 1,
@@ -121,7 +159,7 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
                 records = [r for r in results if isinstance(r, dict)]
                 skipped = [{"path": item.path, "reason": r} for item, r in zip(group, results, strict=True) if isinstance(r, str)]
                 if records:
-                    name = f"shard_{len(manifest['shards']):05d}.npz"
+                    name = f"shard_{len(manifest['shards']):05d}"
                     _write_shard(output / "shards" / name, records)
                     manifest["shards"].append({"file": name, "count": len(records), "sources": [r["path"] for r in records]})
                 manifest["skipped"].extend(skipped)
@@ -139,13 +177,13 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
 
 @dataclass
 class FaceData:
-    """All prepared crops in memory (toy and mid-size sets; large sets would stream shards)."""
+    """Prepared crops, memory-mapped from the shards: a sample is read when it is used."""
 
-    images: np.ndarray  # (N, S, S, 3) uint8
-    masks: np.ndarray  # (N, S, S) uint8
-    landmarks: np.ndarray  # (N, 68, 2)
-    embeddings: np.ndarray  # (N, 128)
-    identities: np.ndarray  # (N,) str
+    images: ShardArray  # (N, S, S, 3) uint8
+    masks: ShardArray  # (N, S, S) uint8
+    landmarks: ShardArray  # (N, 68, 2)
+    embeddings: ShardArray  # (N, 128)
+    identities: np.ndarray  # (N,) str, in memory
 
     @classmethod
     def load(cls, folder: Path) -> FaceData:
@@ -153,11 +191,12 @@ class FaceData:
         if not manifest_path.is_file():
             raise InputError(f"not a prepared data set (no manifest.json): {folder}; run `apple-video prepare-data` first")
         manifest = json.loads(manifest_path.read_text())
-        parts = [np.load(folder / "shards" / shard["file"]) for shard in manifest["shards"]]
-        if not parts:
+        names = [shard["file"] for shard in manifest["shards"]]
+        if not names:
             raise InputError(f"the prepared data set {folder} holds no usable faces")
-        cat = {key: np.concatenate([p[key] for p in parts]) for key in ("images", "masks", "landmarks", "embeddings", "identities")}
-        return cls(**cat)
+        arrays = open_shards(folder / "shards", names, SHARD_KEYS)
+        identities = np.concatenate([np.load(folder / "shards" / n / "identities.npy") for n in names])
+        return cls(arrays["images"], arrays["masks"], arrays["landmarks"], arrays["embeddings"], identities)
 
     def by_identity(self) -> dict[str, list[int]]:
         groups: dict[str, list[int]] = {}

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from apple_video.errors import InputError, UserError
 from apple_video.models.lora import load_lora
 from apple_video.models.pipeline import ApplePipeline
 from training.config import TrainConfig
-from training.data import FaceData
+from training.data import FaceData, open_shards, write_shard
 from training.deblur import deblur_condition
 from training.loop import Batch, IdentityImage, Trainer
 
@@ -48,6 +47,9 @@ class TeacherSampler:
         return Batch(np.stack(targets), np.stack(conditions), identity)
 
 
+PSEUDO_KEYS = ("target", "pseudo", "src_image", "src_landmarks", "src_embedding")
+
+
 class StudentSampler:
     """Target = the real image of A; condition = the teacher's pseudo-label A->B; id = another image of A."""
 
@@ -55,17 +57,17 @@ class StudentSampler:
         manifest = folder / "manifest.json"
         if not manifest.is_file():
             raise InputError(f"not a pseudo-label folder (no manifest.json): {folder}; run `apple-video train pseudo-labels`")
-        shards = [np.load(folder / name) for name in json.loads(manifest.read_text())["shards"]]
-        if not shards:
+        names = json.loads(manifest.read_text())["shards"]
+        if not names:
             raise InputError(f"no pseudo-labels in {folder}")
-        self.arrays = {k: np.concatenate([s[k] for s in shards]) for k in shards[0].files}
+        self.arrays = open_shards(folder, names, PSEUDO_KEYS)
 
     def batch(self, rng: np.random.Generator, size: int) -> Batch:
         a = self.arrays
         picks = rng.integers(len(a["target"]), size=size)
         identity = [IdentityImage(a["src_image"][i], a["src_landmarks"][i], a["src_embedding"][i], 1_000_000 + int(i))
                     for i in picks]
-        return Batch(a["target"][picks], a["pseudo"][picks], identity)
+        return Batch(np.stack([a["target"][i] for i in picks]), np.stack([a["pseudo"][i] for i in picks]), identity)
 
 
 def train_teacher(cfg: TrainConfig, stop_after: int | None = None) -> Trainer:
@@ -116,7 +118,7 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     shards = [pairs[i : i + cfg.shard_size] for i in range(0, len(pairs), cfg.shard_size)]
     mine = [k for k in range(len(shards)) if k % state.num_processes == state.process_index]
-    todo = [k for k in mine if not (out / f"pseudo_{k:05d}.npz").exists()]
+    todo = [k for k in mine if not (out / f"pseudo_{k:05d}").exists()]
     for k in tqdm(todo, desc="pseudo-labels", unit="shard", disable=None):
         chunk = shards[k]
         targets = np.stack([data.images[t] for t, _, _ in chunk])
@@ -128,15 +130,15 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
             ids.append(tokens[0])
         pseudo = pipe.swap(targets, torch.stack(ids), nulls, [cfg.seed + k * cfg.shard_size + i for i in range(len(chunk))],
                            conditions=conditions)
-        tmp = out / f".pseudo_{k:05d}.tmp.npz"
-        np.savez(tmp, target=targets, pseudo=pseudo, src_image=np.stack([data.images[s] for _, s, _ in chunk]),
-                 src_landmarks=np.stack([data.landmarks[s] for _, s, _ in chunk]),
-                 src_embedding=np.stack([data.embeddings[s] for _, s, _ in chunk]),
-                 identity=np.array([str(data.identities[t]) for t, _, _ in chunk]),
-                 source_identity=np.array([str(data.identities[b]) for _, _, b in chunk]))
-        os.replace(tmp, out / f"pseudo_{k:05d}.npz")
+        write_shard(out / f"pseudo_{k:05d}", {
+            "target": targets, "pseudo": pseudo, "src_image": np.stack([data.images[s] for _, s, _ in chunk]),
+            "src_landmarks": np.stack([data.landmarks[s] for _, s, _ in chunk]),
+            "src_embedding": np.stack([data.embeddings[s] for _, s, _ in chunk]),
+            "identity": np.array([str(data.identities[t]) for t, _, _ in chunk]),
+            "source_identity": np.array([str(data.identities[b]) for _, _, b in chunk]),
+        })
     state.wait_for_everyone()
     if state.is_main_process:
-        done = sorted(p.name for p in out.glob("pseudo_*.npz"))
+        done = sorted(p.name for p in out.glob("pseudo_*") if p.is_dir())
         (out / "manifest.json").write_text(json.dumps({"shards": done, "pairs": len(pairs), "teacher": str(cfg.teacher_lora)}))
     return out
