@@ -225,12 +225,15 @@ class Trainer:
                 history.append(step_loss)
                 bar.set_postfix(loss=f"{step_loss:.4f}", **{k: f"{v:.3f}" for k, v in stats.items()})
                 done = step + 1
+                main = self.accelerator.is_main_process  # one writer; the others wait for it
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
-                    self.save(done, history)
-                if done % cfg.sample_every == 0:
+                    if main:
+                        self.save(done, history)
+                    self.accelerator.wait_for_everyone()
+                if done % cfg.sample_every == 0 and main:
                     self.sample_grid(done)
         final = cfg.output / f"{ADAPTER}.safetensors"
-        if end == cfg.steps:
+        if end == cfg.steps and self.accelerator.is_main_process:
             save_lora(self.accelerator.unwrap_model(self.model), final)
         self.history = history
         return final
