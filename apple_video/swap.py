@@ -6,23 +6,13 @@ import logging
 
 import numpy as np
 
-from apple_video.config import Preset, load_preset, with_overrides
+from apple_video.config import Preset
 from apple_video.engine.settings import ModelOptions
 from apple_video.models import registry
 from apple_video.models.pipeline import ApplePipeline, resolve_device
 from apple_video.swappers.base import CropJob, SourceFace
 
 logger = logging.getLogger(__name__)
-
-
-def required_weights(preset: Preset, options: ModelOptions) -> list[str]:
-    """Registry names of the files the preset needs (none for the tiny preset)."""
-    if preset.model.kind == "tiny":
-        return []
-    needed = ["flux-krea-dev", preset.model.pulid or "pulid-flux-v0.9.1"]
-    if options.lora is None:
-        needed.append(preset.model.lora or "apple-student")
-    return needed
 
 
 class AppleSwapper:
@@ -39,12 +29,10 @@ class AppleSwapper:
         self._null = None
 
     @classmethod
-    def from_options(cls, options: ModelOptions, seed: int) -> AppleSwapper:
-        name = options.preset or "krea-512"
-        preset = load_preset(name)
-        steps = options.steps
-        preset = with_overrides(preset, inversion_steps=steps, sampling_steps=steps, id_weight=options.id_weight,
-                                inversion=options.inversion, second_order=options.second_order or None)
+    def from_options(cls, options: ModelOptions) -> AppleSwapper:
+        from apple_video.swappers.factory import apple_preset, required_weights
+
+        preset = apple_preset(options)
         for weight in required_weights(preset, options):
             registry.require(weight)
         pipeline = ApplePipeline.from_preset(preset, resolve_device(options.device), lora=options.lora)

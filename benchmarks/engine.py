@@ -39,7 +39,7 @@ def parts(clip: Path, settings: SwapSettings) -> dict[str, float]:
     faces = [found[i] for i in range(len(frames))]
     start = time.perf_counter()
     swapper = create_swapper(settings)
-    swapper.prepare(load_sources([SOURCE], settings, swapper.crop_size))
+    swapper.prepare(load_sources([SOURCE], analyzer.detector, swapper.crop_size))
     size = swapper.crop_size
     jobs = [CropJob(warp_crop(f, alignment_matrix(fs[0].kps, size), size), None, i)
             for i, (f, fs) in enumerate(zip(frames, faces, strict=True)) if fs]

@@ -198,6 +198,12 @@ class FaceData:
         identities = np.concatenate([np.load(folder / "shards" / n / "identities.npy") for n in names])
         return cls(arrays["images"], arrays["masks"], arrays["landmarks"], arrays["embeddings"], identities)
 
+    def identity_image(self, index: int):
+        """Sample `index` as the identity encoder sees it."""
+        from training.loop import IdentityImage
+
+        return IdentityImage(self.images[index], self.landmarks[index], self.embeddings[index], int(index))
+
     def by_identity(self) -> dict[str, list[int]]:
         groups: dict[str, list[int]] = {}
         for index, name in enumerate(self.identities):

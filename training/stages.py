@@ -32,10 +32,6 @@ class TeacherSampler:
         self.groups = data.pairable()
         self.names = sorted(self.groups)
 
-    def _identity(self, index: int) -> IdentityImage:
-        d = self.data
-        return IdentityImage(d.images[index], d.landmarks[index], d.embeddings[index], index)
-
     def batch(self, rng: np.random.Generator, size: int) -> Batch:
         targets, conditions, identity = [], [], []
         for _ in range(size):
@@ -43,7 +39,7 @@ class TeacherSampler:
             target, source = rng.choice(group, size=2, replace=False)
             targets.append(self.data.images[target])
             conditions.append(deblur_condition(self.data.images[target], self.data.masks[target]))
-            identity.append(self._identity(int(source)))
+            identity.append(self.data.identity_image(int(source)))
         return Batch(np.stack(targets), np.stack(conditions), identity)
 
 
@@ -125,8 +121,7 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
         conditions = np.stack([deblur_condition(data.images[t], data.masks[t]) for t, _, _ in chunk])
         ids, nulls = [], None
         for _, _, b in chunk:
-            item = IdentityImage(data.images[b], data.landmarks[b], data.embeddings[b], b)
-            tokens, nulls = pipe.id_embedding([item.source_face()])
+            tokens, nulls = pipe.id_embedding([data.identity_image(b).source_face()])
             ids.append(tokens[0])
         pseudo = pipe.swap(targets, torch.stack(ids), nulls, [cfg.seed + k * cfg.shard_size + i for i in range(len(chunk))],
                            conditions=conditions)

@@ -37,7 +37,7 @@ def make_preview(sources: list[Path], target: Path, output: Path, settings: Swap
     announce_swapper(settings)
     swapper = create_swapper(settings)
     detector = create_detector(settings.detector)
-    renderer = Renderer(settings, swapper, load_sources(sources, settings, swapper.crop_size))
+    renderer = Renderer(settings, swapper, load_sources(sources, detector, swapper.crop_size))
     rows, swapped_faces = [], 0
     for rgb in frames:
         selection = select_targets([detector.detect(rgb)], 1.0, settings.selector, settings.tracking)

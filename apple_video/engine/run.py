@@ -35,7 +35,7 @@ from apple_video.engine.stages import (
     write_json,
 )
 from apple_video.errors import NoFaceError, UserError
-from apple_video.faces.detect import create_detector
+from apple_video.faces.detect import FaceDetector, create_detector
 from apple_video.faces.select import select_targets
 from apple_video.faces.track import find_cuts, frame_signature
 from apple_video.media.images import is_image_path, read_image, write_image
@@ -202,10 +202,9 @@ def _open_manifest(job_dir: Path, key: str, chunks: list[tuple[int, int]], force
     return manifest
 
 
-def load_sources(paths: list[Path], settings: SwapSettings, crop_size: int) -> list[SourceFace]:
-    detector = create_detector(settings.detector)
-    images = [read_image(p).rgb for p in paths]
-    return source_faces(images, [str(p) for p in paths], detector, crop_size)
+def load_sources(paths: list[Path], detector: FaceDetector, crop_size: int) -> list[SourceFace]:
+    """Read the source photos and align their largest face at the swapper's crop size."""
+    return source_faces([read_image(p).rgb for p in paths], [str(p) for p in paths], detector, crop_size)
 
 
 def _items(chunks: list[tuple[int, int]], todo: list[int]) -> list[dict]:
@@ -219,7 +218,7 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
     summary = Summary(str(spec.input), str(spec.output), frames=frame_count)
     chunks = plan_chunks(frame_count, keyframes, settings.chunk_frames)
     announce_swapper(settings)  # missing weights or a faceless source fail here, before any job file exists
-    sources = load_sources(source_paths, settings, crop_size_for(settings))
+    sources = load_sources(source_paths, create_detector(settings.detector), crop_size_for(settings))
     manifest = _open_manifest(spec.job_dir, _fingerprint(spec.input, source_paths, settings), chunks, settings.force)
     manifest_path = spec.job_dir / "manifest.json"
     summary.chunks_resumed = len(manifest["rendered"])
@@ -264,10 +263,9 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
     started = time.perf_counter()
     if spec.kind == "video":
         info = spec.info
-        trimmed = settings.trim_start is not None or settings.trim_end is not None
-        pts = [p - info.pts[0] for p in info.pts] if trimmed else list(info.pts)
+        pts = [p - info.pts[0] for p in info.pts] if settings.trimmed else list(info.pts)
         window = None
-        if trimmed:
+        if settings.trimmed:
             start_s = float(info.pts[0] * info.time_base)
             window = (start_s, start_s + info.duration)
         concat_chunks([spec.chunk_file(c) for c in range(len(chunks))], spec.output, info.path if info.audio else None,
@@ -284,7 +282,7 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
 
 def swap_video(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> Summary:
     info = open_video(input_path).info
-    if settings.trim_start is not None or settings.trim_end is not None:
+    if settings.trimmed:
         info = trim(info, settings.trim_start, settings.trim_end)
     spec = JobSpec("video", input_path, output, job_dir_for(output), settings, info=info)
     return run_frames_job(spec, source_paths, info.frame_count, float(info.fps), info.keyframes)
@@ -304,8 +302,7 @@ def swap_image(source_paths: list[Path], input_path: Path, output: Path, setting
     announce_swapper(settings)
     swapper = create_swapper(settings)
     detector = create_detector(settings.detector)
-    sources = source_faces([read_image(p).rgb for p in source_paths], [str(p) for p in source_paths], detector,
-                           swapper.crop_size)
+    sources = load_sources(source_paths, detector, swapper.crop_size)
     detections = [detector.detect(data.rgb)]
     if not detections[0]:
         raise NoFaceError(f"no face found in the target image {input_path}; nothing to swap")

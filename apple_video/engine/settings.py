@@ -47,3 +47,7 @@ class SwapSettings:
     trim_start: int | None = None
     trim_end: int | None = None
     force: bool = False
+
+    @property
+    def trimmed(self) -> bool:
+        return self.trim_start is not None or self.trim_end is not None

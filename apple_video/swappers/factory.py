@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 
-from apple_video.engine.settings import SwapSettings
+from apple_video.config import Preset, load_preset, with_overrides
+from apple_video.engine.settings import ModelOptions, SwapSettings
 from apple_video.models import registry
 from apple_video.swappers.base import Swapper
 
@@ -23,15 +24,30 @@ def resolve_swapper_name(settings: SwapSettings) -> str:
     return "classic"
 
 
+def apple_preset(options: ModelOptions) -> Preset:
+    """The APPLE preset a job runs (krea-512 unless asked), with the command line's sampling overrides."""
+    return with_overrides(load_preset(options.preset or "krea-512"), inversion_steps=options.steps,
+                          sampling_steps=options.steps, id_weight=options.id_weight, inversion=options.inversion,
+                          second_order=options.second_order or None)
+
+
+def required_weights(preset: Preset, options: ModelOptions) -> list[str]:
+    """Registry names of the files the preset needs (none for the tiny preset)."""
+    if preset.model.kind == "tiny":
+        return []
+    needed = ["flux-krea-dev", preset.model.pulid or "pulid-flux-v0.9.1"]
+    if options.lora is None:
+        needed.append(preset.model.lora or "apple-student")
+    return needed
+
+
 def crop_size_for(settings: SwapSettings) -> int:
     """The swapper's crop size without building it (the driver needs it; only workers load models)."""
     if resolve_swapper_name(settings) == "classic":
         from apple_video.swappers.classic import ClassicSwapper
 
         return ClassicSwapper().crop_size
-    from apple_video.config import load_preset
-
-    return load_preset(settings.model.preset or "krea-512").sampling.crop_size
+    return apple_preset(settings.model).sampling.crop_size
 
 
 def announce_swapper(settings: SwapSettings) -> None:
@@ -41,10 +57,7 @@ def announce_swapper(settings: SwapSettings) -> None:
         if settings.swapper == "auto":
             logger.info("swapper: classic (APPLE weights not found; `apple-video weights where` shows where they go)")
         return
-    from apple_video.config import load_preset
-    from apple_video.swap import required_weights
-
-    preset = load_preset(settings.model.preset or "krea-512")
+    preset = apple_preset(settings.model)
     for weight in required_weights(preset, settings.model):
         registry.require(weight)
     logger.info("swapper: apple (preset %s)", preset.name)
@@ -61,4 +74,4 @@ def create_swapper(settings: SwapSettings) -> Swapper:
         return ClassicSwapper(poisson=settings.classic_blend == "poisson")
     from apple_video.swap import AppleSwapper
 
-    return AppleSwapper.from_options(settings.model, settings.seed)
+    return AppleSwapper.from_options(settings.model)
