@@ -56,124 +56,12 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
-def _video_encode(encoder: str | None, quality: int, preset: str, output: Path):
-    from apple_video.media.video import EncodeSettings, default_codec_for
-
-    codec = encoder or default_codec_for(output)
-    crf = round(51 - quality * 0.51) if codec != "libvpx-vp9" else round(63 - quality * 0.63)
-    return EncodeSettings(codec=codec, crf=crf, preset=preset)
-
-
-def _split_paths(paths: tuple[str, ...], extra_sources: tuple[str, ...]) -> tuple[list[Path], Path]:
-    if not paths:
-        raise UserError("missing arguments: give SOURCE... TARGET (e.g. `apple-video swap face.jpg clip.mp4 -o out.mp4`)")
-    if len(paths) == 1 and not extra_sources:
-        raise UserError("missing TARGET: give the source photo(s) first and the video/image/folder last")
-    sources = [Path(p) for p in extra_sources] + [Path(p) for p in paths[:-1]]
-    return sources, Path(paths[-1])
-
-
-def _check_sources(sources: list[Path], target: Path) -> None:
-    from apple_video.media.images import is_image_path
-
-    for source in sources:
-        if not source.exists():
-            raise InputError(f"source photo not found: {source}")
-        if source.is_dir() or not is_image_path(source):
-            raise InputError(f"source must be a photo (png/jpg/webp/tiff): {source}")
-        if source.stat().st_size == 0:
-            raise InputError(f"source photo is empty (0 bytes): {source}")
-    if not target.exists():
-        raise InputError(f"input not found: {target}")
-    if target.is_file() and target.stat().st_size == 0:
-        raise InputError(f"input is empty (0 bytes): {target}")
-
-
-def _kind_of(target: Path) -> str:
-    from apple_video.media.images import IMAGE_EXTENSIONS, is_image_path
-    from apple_video.media.video import is_video_path
-
-    if target.is_dir():
-        entries = [p for p in target.iterdir() if p.is_file()]
-        if any(is_video_path(p) for p in entries) and not any(is_image_path(p) for p in entries):
-            return "batch"
-        return "folder"
-    if target.suffix.lower() == ".txt":
-        return "batch"
-    if is_image_path(target):
-        return "image"
-    if is_video_path(target):
-        return "video"
-    raise InputError(f"unsupported input type '{target.suffix}' (videos: mp4/mov/mkv/webm/avi..., images: "
-                     f"{'/'.join(e.strip('.') for e in IMAGE_EXTENSIONS)}, or a folder of frames)")
-
-
-def _check_output_for(kind: str, target: Path, output: Path, sources: list[Path], force: bool) -> None:
-    from apple_video.engine.run import job_dir_for
-    from apple_video.media.images import is_image_path
-    from apple_video.media.paths import check_output
-    from apple_video.media.video import is_video_path
-
-    if kind == "image" and not is_image_path(output):
-        raise OutputError(f"output of an image swap must be an image file (png/jpg/webp/tiff): {output}")
-    if kind == "video" and not is_video_path(output):
-        raise OutputError(f"output of a video swap must be a video file (mp4/mov/mkv/webm): {output}")
-    if kind in ("folder", "batch"):
-        if output.resolve() == target.resolve():
-            raise OutputError(f"output path equals the input: {output}")
-        if output.exists() and not output.is_dir():
-            raise OutputError(f"output must be a folder for a {kind} input: {output}")
-        if not output.resolve().parent.is_dir():
-            raise OutputError(f"output directory does not exist: {output.parent}")
-        resumable = job_dir_for(output).exists()
-        if kind == "folder" and output.is_dir() and any(output.iterdir()) and not (force or resumable):
-            raise OutputError(f"output folder is not empty: {output} (use --force to overwrite)")
-        return
-    check_output(output, [target, *sources], force)
-
-
-def _settings_from(opts: dict):
-    from apple_video.engine.settings import ModelOptions, SwapSettings
-    from apple_video.faces.detect import DetectorSettings
-    from apple_video.faces.mask import MASK_REGIONS, MaskSettings
-    from apple_video.faces.select import SelectorSettings
-
-    angles = tuple(sorted({int(a) for a in opts["face_detector_angles"]})) or (0,)
-    regions = tuple(opts["face_mask_regions"]) or MASK_REGIONS
-    return SwapSettings(
-        swapper=opts["swapper"],
-        classic_blend=opts["classic_blend"],
-        model=ModelOptions(preset=opts["preset"], steps=opts["steps"], id_weight=opts["id_weight"],
-                           inversion=not opts["no_inversion"], device=opts["device"], lora=opts["lora"],
-                           second_order=opts["second_order"]),
-        detector=DetectorSettings(name=opts["face_detector"], score=opts["face_detector_score"],
-                                  size=opts["face_detector_size"], angles=angles),
-        selector=SelectorSettings(mode=opts["face_selector_mode"], order=opts["face_selector_order"],
-                                  reference_frame_number=opts["reference_frame_number"],
-                                  reference_face_position=opts["reference_face_position"],
-                                  reference_face_distance=opts["reference_face_distance"]),
-        mask=MaskSettings(parser=opts["face_parser"], regions=regions, blur=opts["face_mask_blur"], padding=tuple(opts["face_mask_padding"])),
-        encode=_video_encode(opts["output_video_encoder"], opts["output_video_quality"], opts["output_video_preset"],
-                             Path(opts["output"])),
-        chunk_frames=opts["chunk_frames"],
-        batch_size=opts["batch_size"],
-        seed=opts["seed"],
-        executor=opts["executor"],
-        ray_address=opts["ray_address"],
-        num_gpus=opts["num_gpus"],
-        workers=opts["workers"],
-        trim_start=opts["trim_start"],
-        trim_end=opts["trim_end"],
-        force=opts["force"],
-    )
-
-
 def swap_options(func):
-    from apple_video.engine.settings import SWAPPER_CHOICES
     from apple_video.faces.detect import DETECTOR_CHOICES
     from apple_video.faces.mask import MASK_REGIONS, PARSER_CHOICES
     from apple_video.faces.select import SELECTOR_MODES, SELECTOR_ORDERS
     from apple_video.media.video import VIDEO_CODECS
+    from apple_video.settings import SWAPPER_CHOICES
 
     options = [
         click.option("-s", "--source", "extra_sources", multiple=True, type=click.Path(),
@@ -254,18 +142,17 @@ def swap(paths: tuple[str, ...], **opts) -> None:
       apple-video swap face.jpg clips/ -o out/ --ray-address auto
 
     An interrupted video or folder job resumes when the same command is run again."""
+    from apple_video.engine import request
     from apple_video.engine.batch import swap_batch
     from apple_video.engine.run import swap_any
 
-    sources, target = _split_paths(paths, opts["extra_sources"])
-    _check_sources(sources, target)
-    if opts["lora"] and not Path(opts["lora"]).is_file():
-        raise InputError(f"LoRA file not found: {opts['lora']}")
-    kind = _kind_of(target)
+    sources, target = request.split_paths(paths, opts["extra_sources"])
+    request.check_sources(sources, target, opts["lora"])
+    kind = request.kind_of(target)
     output = Path(opts["output"])
-    _check_output_for(kind, target, output, sources, opts["force"])
-    _resolve_runtime(opts)
-    settings = _settings_from(opts)
+    request.check_output_for(kind, target, output, sources, opts["force"])
+    request.resolve_runtime(opts)
+    settings = request.settings_from(opts)
     if kind == "batch":
         summaries = swap_batch(sources, target, output, settings)
         failed = [s for s in summaries if s.status != "ok"]
@@ -279,44 +166,25 @@ def swap(paths: tuple[str, ...], **opts) -> None:
     click.echo(summary.line())
 
 
-def _resolve_runtime(opts: dict) -> None:
-    if opts["executor"] is None:
-        opts["executor"] = "ray" if opts["ray_address"] else "local"
-    if opts["executor"] == "ray" and opts["ray_address"] not in (None, "", "local", "auto"):
-        from apple_video.engine.executors import check_reachable
-
-        check_reachable(opts["ray_address"])
-    if opts["num_gpus"] is None:
-        import torch
-
-        opts["num_gpus"] = 1.0 if torch.cuda.is_available() else 0.0
-    elif opts["num_gpus"] > 0:
-        import torch
-
-        if not torch.cuda.is_available() and opts["ray_address"] in (None, "local"):
-            from apple_video.errors import DeviceError
-
-            raise DeviceError("--num-gpus was given but CUDA is not usable on this machine (refusing to run on the CPU)")
-
-
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--frames", "count", type=click.IntRange(1, 16), default=4, show_default=True, help="Frames in the sheet.")
 @swap_options
 def preview(paths: tuple[str, ...], count: int, **opts) -> None:
     """Swap a few frames spread over a clip and write a before/after contact sheet (PNG)."""
+    from apple_video.engine import request
     from apple_video.engine.preview import make_preview
 
-    sources, target = _split_paths(paths, opts["extra_sources"])
-    _check_sources(sources, target)
+    sources, target = request.split_paths(paths, opts["extra_sources"])
+    request.check_sources(sources, target)
     output = Path(opts["output"])
     if output.suffix.lower() != ".png":
         raise OutputError(f"the preview sheet is a PNG: {output}")
     from apple_video.media.paths import check_output
 
     check_output(output, [target, *sources], opts["force"])
-    _resolve_runtime(opts)
-    settings = _settings_from(opts)
+    request.resolve_runtime(opts)
+    settings = request.settings_from(opts)
     click.echo(make_preview(sources, target, output, settings, count))
 
 
@@ -328,11 +196,11 @@ def weights() -> None:
 @weights.command("check")
 def weights_check() -> None:
     """Report each model file as present, missing or corrupt (exit 1 if any APPLE file is missing)."""
-    from apple_video.models import registry
+    from apple_video import weights
 
     missing = 0
-    for entry in registry.REGISTRY:
-        state, path = registry.status(entry)
+    for entry in weights.REGISTRY:
+        state, path = weights.status(entry)
         missing += state != "present"
         click.echo(f"{state:8s} {entry.name:20s} {path}")
     click.echo("all model files present" if not missing else
@@ -342,12 +210,12 @@ def weights_check() -> None:
 @weights.command("where")
 def weights_where() -> None:
     """Where each model file is looked for and how to get it."""
-    from apple_video.models import registry
+    from apple_video import weights
 
-    click.echo(f"weights home: {registry.weights_home()}  (set APPLE_VIDEO_HOME to move it)")
-    for entry in registry.REGISTRY:
+    click.echo(f"weights home: {weights.weights_home()}  (set APPLE_VIDEO_HOME to move it)")
+    for entry in weights.REGISTRY:
         source = f"hf://{entry.repo}/{entry.repo_file or ''}" if entry.repo else "see description"
-        click.echo(f"{entry.name:20s} -> {registry.candidates(entry)[0]}\n{'':20s}    {entry.purpose}; from {source}"
+        click.echo(f"{entry.name:20s} -> {weights.candidates(entry)[0]}\n{'':20s}    {entry.purpose}; from {source}"
                    f"{' (gated: accept the licence on huggingface.co and set HF_TOKEN)' if entry.gated else ''}")
 
 
@@ -356,7 +224,7 @@ def weights_where() -> None:
 @click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the hub.")
 def weights_download(names: tuple[str, ...], timeout: float) -> None:
     """Download model files from the Hugging Face hub (resumable)."""
-    from apple_video.models.download import download
+    from apple_video.weights import download
 
     for line in download(list(names), timeout):
         click.echo(line)
@@ -387,22 +255,14 @@ def _train_options(func):
     return func
 
 
-def _train_config(stage: str, config_path: str, **overrides):
-    from training.config import load_train_config
-
-    cfg = load_train_config(config_path, **overrides)
-    if cfg.stage != stage:
-        raise UserError(f"{config_path} is a '{cfg.stage}' config, not '{stage}'")
-    return cfg
-
-
 @train.command("teacher")
 @_train_options
 def train_teacher_cmd(config_path: str, data: str | None, output: str | None, steps: int | None) -> None:
     """Conditional deblurring: condition = the target with its face blurred to 8x8, id = another image of the person."""
+    from training.config import load_stage_config
     from training.stages import train_teacher
 
-    trainer = train_teacher(_train_config("teacher", config_path, data=data, output=output, steps=steps))
+    trainer = train_teacher(load_stage_config("teacher", config_path, data=data, output=output, steps=steps))
     click.echo(f"teacher LoRA: {trainer.cfg.output / 'default.safetensors'} (last loss {trainer.history[-1]:.4f})")
 
 
@@ -412,9 +272,10 @@ def train_teacher_cmd(config_path: str, data: str | None, output: str | None, st
 def train_pseudo_cmd(config_path: str, data: str | None, output: str | None, steps: int | None,
                      teacher_lora: str | None) -> None:
     """Teacher swaps target A to person B (attribute-aware inversion) -> (src of A, pseudo-label A->B, target A)."""
+    from training.config import load_stage_config
     from training.stages import make_pseudo_labels
 
-    cfg = _train_config("pseudo-labels", config_path, data=data, output=output, teacher_lora=teacher_lora)
+    cfg = load_stage_config("pseudo-labels", config_path, data=data, output=output, teacher_lora=teacher_lora)
     click.echo(f"pseudo-labels: {make_pseudo_labels(cfg)}")
 
 
@@ -424,9 +285,10 @@ def train_pseudo_cmd(config_path: str, data: str | None, output: str | None, ste
 def train_student_cmd(config_path: str, data: str | None, output: str | None, steps: int | None,
                       init_lora: str | None) -> None:
     """Student: condition = the clean pseudo-label, id = another image of A, target = the real A."""
+    from training.config import load_stage_config
     from training.stages import train_student
 
-    trainer = train_student(_train_config("student", config_path, data=data, output=output, steps=steps,
+    trainer = train_student(load_stage_config("student", config_path, data=data, output=output, steps=steps,
                                           init_lora=init_lora))
     click.echo(f"student LoRA: {trainer.cfg.output / 'default.safetensors'} (last loss {trainer.history[-1]:.4f})")
 
@@ -461,8 +323,8 @@ def evaluate(source: str, original: str, swapped: str, json_path: str | None) ->
     \b
       apple-video eval face.jpg clip.mp4 out.mp4
       apple-video eval face.jpg photo.png out.png --json metrics.json"""
-    from apple_video.evaluate import evaluate as run_eval
-    from apple_video.evaluate import report
+    from apple_video.evaluate.metrics import evaluate as run_eval
+    from apple_video.evaluate.metrics import report
 
     for path in (source, original, swapped):
         if not Path(path).exists():

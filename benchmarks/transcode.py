@@ -13,8 +13,8 @@ import av
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from apple_video.engine.run import plan_chunks  # noqa: E402
-from apple_video.engine.settings import SwapSettings  # noqa: E402
 from apple_video.media.video import EncodeSettings, VideoWriter, concat_chunks, decode_frames, probe  # noqa: E402
+from apple_video.settings import SwapSettings  # noqa: E402
 from benchmarks.common import face_clip, timed  # noqa: E402
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 
 from apple_video.engine.run import swap_video
-from apple_video.engine.settings import SwapSettings
 from apple_video.faces.detect import DetectorSettings, create_detector
 from apple_video.media.video import decode_frames, probe
+from apple_video.settings import SwapSettings
 from apple_video.swappers.base import CropJob
 from apple_video.swappers.classic import ClassicSwapper
 
@@ -36,7 +36,7 @@ def test_identity_moves_to_source(tmp_path: Path, source_photo: Path, face_clip:
 
 
 def test_folding_warp_is_skipped(source_photo: Path, hopper: np.ndarray) -> None:
-    from apple_video.swappers.base import source_faces
+    from apple_video.faces.sources import source_faces
 
     swapper = ClassicSwapper()
     detector = create_detector(DetectorSettings(name="dlib"))

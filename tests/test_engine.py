@@ -17,9 +17,9 @@ from PIL import Image
 
 from apple_video.engine.batch import swap_batch
 from apple_video.engine.run import job_dir_for, plan_chunks, swap_folder, swap_image, swap_video
-from apple_video.engine.settings import SwapSettings
 from apple_video.media.metadata import comment_of, is_synthetic_tag
 from apple_video.media.video import EncodeSettings, decode_frames, probe
+from apple_video.settings import SwapSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 LOSSLESS = EncodeSettings(codec="ffv1")
@@ -68,7 +68,7 @@ def test_video_swap_keeps_frames_timestamps_audio(tmp_path: Path, source_photo: 
 def test_tiny_apple_swap_on_video(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
     output = tmp_path / "tiny.mkv"
     settings = SwapSettings(swapper="apple", encode=LOSSLESS, chunk_frames=24)
-    from apple_video.engine.settings import ModelOptions
+    from apple_video.settings import ModelOptions
 
     settings = SwapSettings(**{**settings.__dict__, "model": ModelOptions(preset="tiny")})
     summary = swap_video([source_photo], face_clip, output, settings)

@@ -8,8 +8,8 @@ import numpy as np
 from PIL import Image
 
 from apple_video.engine.run import swap_image
-from apple_video.engine.settings import SwapSettings
-from apple_video.evaluate import evaluate, expression_distance, head_pose
+from apple_video.evaluate.metrics import evaluate, expression_distance, head_pose
+from apple_video.settings import SwapSettings
 
 
 def test_identical_media_score_as_untouched(source_photo: Path, face_clip: Path) -> None:

@@ -11,9 +11,9 @@ from apple_video.faces.detect import DetectorSettings, create_detector
 from apple_video.faces.mask import feather, hull_mask
 from apple_video.faces.paste import paste_back
 from apple_video.faces.select import SelectorSettings, select_targets
+from apple_video.faces.sources import source_faces
 from apple_video.faces.track import TrackSettings, smooth_track
 from apple_video.faces.types import Track
-from apple_video.swappers.base import source_faces
 
 
 @pytest.fixture(scope="module")

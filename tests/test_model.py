@@ -11,9 +11,9 @@ from diffusers import FluxTransformer2DModel
 from oracle import oracle_files, oracle_models
 from safetensors.torch import save_file
 
+from apple_video import weights
 from apple_video.config import load_preset
 from apple_video.errors import InputError, WeightsError
-from apple_video.models import registry
 from apple_video.models.lora import add_condition_lora, load_lora, save_lora
 from apple_video.models.pipeline import build_tiny, load_transformer
 from apple_video.models.pulid import IDFormer
@@ -203,13 +203,13 @@ def test_missing_and_corrupt_weights(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setenv("APPLE_VIDEO_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(WeightsError, match="missing: apple-student.*weights where"):
-        registry.require("apple-student")
+        weights.require("apple-student")
     bad = tmp_path / "apple" / "student" / "default.safetensors"
     bad.parent.mkdir(parents=True)
     bad.write_bytes(b"x" * 100)
-    assert registry.status(registry.lookup("apple-student"))[0] == "corrupt"
+    assert weights.status(weights.lookup("apple-student"))[0] == "corrupt"
     with pytest.raises(WeightsError, match="corrupt"):
-        registry.require("apple-student")
+        weights.require("apple-student")
     transformer, _, _ = _tiny()
     with pytest.raises(WeightsError, match="corrupt or unreadable"):
         load_lora(transformer, bad)

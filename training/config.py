@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from apple_video.errors import ConfigError
+from apple_video.errors import ConfigError, UserError
 
 
 class TrainConfig(BaseModel):
@@ -63,3 +63,11 @@ def load_train_config(path: str | Path, **overrides) -> TrainConfig:
         if first["type"] == "extra_forbidden":
             raise ConfigError(f"{path}: unknown key '{key}'") from None
         raise ConfigError(f"{path}: bad value for '{key}': {first['msg']}") from None
+
+
+def load_stage_config(stage: str, config_path: str, **overrides) -> TrainConfig:
+    """A stage's config with command-line overrides; refuses a config written for another stage."""
+    cfg = load_train_config(config_path, **overrides)
+    if cfg.stage != stage:
+        raise UserError(f"{config_path} is a '{cfg.stage}' config, not '{stage}'")
+    return cfg

@@ -22,11 +22,11 @@ from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
 
+from apple_video import weights
 from apple_video.config import load_preset
 from apple_video.faces.arcface import identity_loss, load_arcface, tiny_iresnet
 from apple_video.faces.types import Face
 from apple_video.models import latents as L
-from apple_video.models import registry
 from apple_video.models.lora import ADAPTER, PREFIX, load_lora, save_lora
 from apple_video.models.pipeline import ApplePipeline
 from apple_video.models.transformer import TransformerInputs
@@ -69,7 +69,7 @@ class Sampler(Protocol):
 def arcface_for(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     if cfg.id_loss_model == "tiny":
         return tiny_iresnet(cfg.seed).to(device).eval()
-    return load_arcface(registry.require("arcface-r50"), cfg.id_loss_model).to(device).eval()
+    return load_arcface(weights.require("arcface-r50"), cfg.id_loss_model).to(device).eval()
 
 
 class Trainer:

@@ -6,9 +6,9 @@ import logging
 from pathlib import Path
 
 from apple_video.engine.run import Summary, swap_video
-from apple_video.engine.settings import SwapSettings
 from apple_video.errors import AppleVideoError, InputError
 from apple_video.media.video import is_video_path
+from apple_video.settings import SwapSettings
 
 logger = logging.getLogger(__name__)
 

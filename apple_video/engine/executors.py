@@ -9,8 +9,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from apple_video.engine.settings import SwapSettings
 from apple_video.errors import AppleVideoError, UserError
+from apple_video.settings import SwapSettings
 
 logger = logging.getLogger(__name__)
 

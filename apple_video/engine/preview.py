@@ -8,12 +8,12 @@ import cv2
 import numpy as np
 
 from apple_video.engine.run import load_sources
-from apple_video.engine.settings import SwapSettings
 from apple_video.engine.stages import Renderer
 from apple_video.faces.detect import create_detector
 from apple_video.faces.select import select_targets
 from apple_video.media.images import ImageData, is_image_path, read_image, write_image
 from apple_video.media.video import decode_frames, probe, to_display
+from apple_video.settings import SwapSettings
 from apple_video.swappers.factory import announce_swapper, create_swapper
 
 CELL_WIDTH = 480

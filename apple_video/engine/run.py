@@ -15,7 +15,6 @@ import numpy as np
 from tqdm import tqdm
 
 from apple_video.engine.executors import run_stage
-from apple_video.engine.settings import SwapSettings
 from apple_video.engine.sources import (
     ChunkVideoSink,
     FolderMedia,
@@ -37,10 +36,12 @@ from apple_video.engine.stages import (
 from apple_video.errors import NoFaceError, UserError
 from apple_video.faces.detect import FaceDetector, create_detector
 from apple_video.faces.select import select_targets
+from apple_video.faces.sources import source_faces
 from apple_video.faces.track import find_cuts, frame_signature
+from apple_video.faces.types import SourceFace
 from apple_video.media.images import is_image_path, read_image, write_image
 from apple_video.media.video import VideoInfo, concat_chunks, is_video_path, trim
-from apple_video.swappers.base import SourceFace, source_faces
+from apple_video.settings import SwapSettings
 from apple_video.swappers.factory import announce_swapper, create_swapper, crop_size_for
 
 logger = logging.getLogger(__name__)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 import numpy as np
 
-from apple_video.engine.settings import SwapSettings
 from apple_video.faces.align import alignment_matrix, transform_points, warp_crop
 from apple_video.faces.detect import create_detector
 from apple_video.faces.mask import feather, hull_mask, oval_mask, pad_mask, parsing_mask
 from apple_video.faces.parsing import FaceParser, create_parser
 from apple_video.faces.paste import paste_back
 from apple_video.faces.types import Face, FaceTarget
+from apple_video.settings import SwapSettings
 from apple_video.swappers.base import CropJob, SourceFace, Swapper
 
 logger = logging.getLogger(__name__)

@@ -5,32 +5,19 @@ from __future__ import annotations
 import functools
 import logging
 import math
-from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Protocol
 
 import cv2
 import numpy as np
 
+from apple_video import weights
 from apple_video.errors import WeightsError
 from apple_video.faces.align import kps_from_68
 from apple_video.faces.dlib_models import dlib_model_path
 from apple_video.faces.types import Face
-from apple_video.models import registry
+from apple_video.settings import DETECTOR_CHOICES, DetectorName, DetectorSettings  # noqa: F401 (re-exported)
 
 logger = logging.getLogger(__name__)
-
-DetectorName = Literal["auto", "dlib", "dlib-cnn", "insightface"]
-DETECTOR_CHOICES: tuple[str, ...] = ("auto", "dlib", "dlib-cnn", "insightface")
-
-
-@dataclass(frozen=True)
-class DetectorSettings:
-    name: DetectorName = "auto"
-    score: float = 0.5  # 0..1; dlib's SVM margin 0 maps to 0.5
-    size: int = 640  # longest side the detector sees
-    angles: tuple[int, ...] = (0,)
-    embeddings: bool = True
-
 
 class FaceDetector(Protocol):
     name: str
@@ -116,11 +103,11 @@ class InsightFaceDetector:
 
         self.name = "insightface"
         self.settings = settings
-        self._det = get_model(str(registry.require("antelopev2-det")), providers=["CPUExecutionProvider"])
+        self._det = get_model(str(weights.require("antelopev2-det")), providers=["CPUExecutionProvider"])
         self._det.prepare(ctx_id=-1, input_size=(settings.size, settings.size), det_thresh=settings.score)
         self._rec = None
         if settings.embeddings:
-            self._rec = get_model(str(registry.require("antelopev2-arcface")), providers=["CPUExecutionProvider"])
+            self._rec = get_model(str(weights.require("antelopev2-arcface")), providers=["CPUExecutionProvider"])
             self._rec.prepare(ctx_id=-1)
 
     def _detect_upright(self, rgb: np.ndarray, embed: bool) -> list[Face]:
@@ -175,7 +162,7 @@ def create_detector(settings: DetectorSettings, announce: bool = True) -> FaceDe
         return InsightFaceDetector(settings)
     if settings.name == "dlib-cnn":
         return DlibDetector(settings, cnn=True)
-    if settings.name == "auto" and registry.is_present("antelopev2-det"):
+    if settings.name == "auto" and weights.is_present("antelopev2-det"):
         try:
             detector = InsightFaceDetector(settings)
             if announce:

@@ -2,29 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import cv2
 import numpy as np
 
 from apple_video.faces.align import template
-
-MASK_REGIONS = ("skin", "left-eyebrow", "right-eyebrow", "left-eye", "right-eye", "glasses", "nose", "mouth",
-                "upper-lip", "lower-lip")
-# CelebAMask-HQ labels produced by BiSeNet (facexlib) for each region name.
-REGION_LABELS = {"skin": [1], "left-eyebrow": [3], "right-eyebrow": [2], "left-eye": [5], "right-eye": [4],
-                 "glasses": [6], "nose": [10], "mouth": [11], "upper-lip": [12], "lower-lip": [13]}
-
-
-PARSER_CHOICES: tuple[str, ...] = ("auto", "bisenet", "landmarks")
-
-
-@dataclass(frozen=True)
-class MaskSettings:
-    parser: str = "auto"  # auto | bisenet | landmarks
-    regions: tuple[str, ...] = MASK_REGIONS
-    blur: float = 0.3  # fraction of the feather width relative to the face size
-    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, right, bottom, left, percent of crop size
+from apple_video.settings import MASK_REGIONS, PARSER_CHOICES, REGION_LABELS, MaskSettings  # noqa: F401
 
 
 def hull_mask(landmarks: np.ndarray, size: int, regions: tuple[str, ...] = MASK_REGIONS) -> np.ndarray:

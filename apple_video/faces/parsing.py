@@ -8,8 +8,8 @@ from typing import TYPE_CHECKING
 import cv2
 import numpy as np
 
+from apple_video import weights
 from apple_video.errors import WeightsError
-from apple_video.models import registry
 
 if TYPE_CHECKING:  # torch and facexlib load only when parsing is used (classic runs stay light)
     import torch
@@ -35,7 +35,7 @@ class FaceParser:
         import torch
         from facexlib.parsing.bisenet import BiSeNet
 
-        path = registry.require("bisenet-parsing")
+        path = weights.require("bisenet-parsing")
         model = BiSeNet(num_class=19)
         try:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -59,7 +59,7 @@ def create_parser(name: str, announce: bool = True) -> FaceParser | None:
     """`bisenet` (weights required), `landmarks` (none), `auto` (bisenet when its weights are present)."""
     if name == "landmarks":
         return None
-    if name == "bisenet" or registry.is_present("bisenet-parsing"):
+    if name == "bisenet" or weights.is_present("bisenet-parsing"):
         return FaceParser.from_weights()
     if announce:
         logger.info("face masks from landmarks (BiSeNet parsing weights not found; see `apple-video weights where`)")

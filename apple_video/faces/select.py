@@ -4,31 +4,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Literal
 
 import numpy as np
 
 from apple_video.faces.align import kps_from_68
 from apple_video.faces.track import TrackSettings, build_tracks, smooth_track
 from apple_video.faces.types import Face, FaceTarget, Track
+from apple_video.settings import SELECTOR_MODES, SELECTOR_ORDERS, SelectorSettings  # noqa: F401
 
 logger = logging.getLogger(__name__)
-
-SelectorMode = Literal["reference", "one", "many"]
-SELECTOR_MODES: tuple[str, ...] = ("reference", "one", "many")
-SelectorOrder = Literal["large-small", "small-large", "left-right", "right-left", "top-bottom", "bottom-top"]
-SELECTOR_ORDERS: tuple[str, ...] = ("large-small", "small-large", "left-right", "right-left", "top-bottom", "bottom-top")
-
-
-@dataclass(frozen=True)
-class SelectorSettings:
-    mode: SelectorMode = "reference"
-    order: SelectorOrder = "large-small"
-    reference_frame_number: int | None = None  # None: the first frame that has a face
-    reference_face_position: int = 0
-    reference_face_distance: float = 0.3
-    min_face_size: int = 24  # pixels; smaller faces are skipped and counted
-
 
 def sort_faces(faces: list[Face], order: str) -> list[Face]:
     keys = {

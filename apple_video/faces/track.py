@@ -3,21 +3,11 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
 from apple_video.faces.types import Face, Track
-
-
-@dataclass(frozen=True)
-class TrackSettings:
-    iou_threshold: float = 0.2
-    max_gap: int = 5  # frames a track may miss and still be continued (and interpolated)
-    min_cutoff: float = 1.5  # One-Euro: Hz
-    beta: float = 0.01  # One-Euro: speed coefficient
-    d_cutoff: float = 1.0
-    cut_threshold: float = 40.0  # mean grey-level change of a 16x16 thumbnail that marks a cut
+from apple_video.settings import TrackSettings
 
 
 def frame_signature(rgb: np.ndarray) -> np.ndarray:

@@ -53,3 +53,13 @@ class Track:
             return None
         mean = np.mean(embeddings, axis=0)
         return mean
+
+
+@dataclass
+class SourceFace:
+    """A source face detected and aligned once per job."""
+
+    image: np.ndarray  # the whole photo (RGB)
+    face: Face
+    crop: np.ndarray  # aligned crop at the swapper's size
+    landmarks: np.ndarray | None  # (68, 2) in crop space

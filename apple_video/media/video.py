@@ -18,6 +18,7 @@ import numpy as np
 from apple_video.errors import DecodeError, InputError, OutputError
 from apple_video.media.metadata import synthetic_tag
 from apple_video.media.paths import check_input, temp_path_for
+from apple_video.settings import EncodeSettings
 
 logger = logging.getLogger(__name__)
 
@@ -258,14 +259,6 @@ def _decode_frames(info: VideoInfo, start: int, stop: int | None) -> Iterator[De
             raise DecodeError(f"{info.path}: decoding failed at frame {index}: {error}", index) from None
     if index < stop:
         raise DecodeError(f"{info.path}: video is truncated or corrupt: decoding stopped at frame {index} of {stop}", index)
-
-
-@dataclass(frozen=True)
-class EncodeSettings:
-    codec: str = "libx264"
-    crf: int = 18
-    preset: str = "veryfast"
-    pix_fmt: str | None = None
 
 
 def default_codec_for(path: Path) -> str:

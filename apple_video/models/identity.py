@@ -16,7 +16,7 @@ import torch
 from timm.models.eva import Eva
 
 from apple_video.faces.mask import hull_mask, oval_mask
-from apple_video.swappers.base import SourceFace
+from apple_video.faces.types import SourceFace
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

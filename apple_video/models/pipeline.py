@@ -12,16 +12,16 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
+from apple_video import weights
 from apple_video.config import Preset
 from apple_video.errors import DeviceError, WeightsError
+from apple_video.faces.types import SourceFace
 from apple_video.models import latents as L
-from apple_video.models import registry
 from apple_video.models.identity import IdentityFeatureExtractor, TinyIdentity
 from apple_video.models.lora import add_condition_lora, load_lora
 from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache
 from apple_video.sampling.flow import FlowCondition, invert, sample
 from apple_video.sampling.schedule import flux_schedule
-from apple_video.swappers.base import SourceFace
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def load_transformer(flux_dir: Path, pulid_file: Path, dtype: torch.dtype, indep
 
 def prompt_cache_path(flux_dir: Path) -> Path:
     key = hashlib.sha256(f"{flux_dir.resolve()}|{PROMPT}".encode()).hexdigest()[:12]
-    return registry.weights_home() / "cache" / f"prompt-{key}.safetensors"
+    return weights.weights_home() / "cache" / f"prompt-{key}.safetensors"
 
 
 def load_prompt_embeddings(flux_dir: Path, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
@@ -157,10 +157,10 @@ class ApplePipeline:
         from apple_video.models.real_identity import PulidIdentity
 
         dtype = DTYPES[preset.model.dtype] if device.type == "cuda" else torch.float32
-        flux_dir = registry.require("flux-krea-dev")
-        transformer = load_transformer(flux_dir, registry.require(preset.model.pulid or "pulid-flux-v0.9.1"), dtype,
+        flux_dir = weights.require("flux-krea-dev")
+        transformer = load_transformer(flux_dir, weights.require(preset.model.pulid or "pulid-flux-v0.9.1"), dtype,
                                        preset.sampling.independent_condition)
-        load_lora(transformer, Path(lora) if lora else registry.require(preset.model.lora or "apple-student"))
+        load_lora(transformer, Path(lora) if lora else weights.require(preset.model.lora or "apple-student"))
         vae = AutoencoderKL.from_pretrained(str(flux_dir), subfolder="vae", torch_dtype=dtype)
         prompt = load_prompt_embeddings(flux_dir, device, dtype)
         return cls(preset, transformer, vae, prompt, PulidIdentity(device), device, real=True)

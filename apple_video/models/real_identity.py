@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from apple_video import weights
 from apple_video.errors import WeightsError
-from apple_video.models import registry
+from apple_video.faces.types import SourceFace
 from apple_video.models.identity import IdentityFeatures, _to_eva_input, eva_features, face_on_white
-from apple_video.swappers.base import SourceFace
 
 EVA_ARCH = "eva02_large_patch14_clip_336"
 
@@ -38,9 +38,9 @@ class PulidIdentity:
 
         self.device = device
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-        self.arcface = get_model(str(registry.require("antelopev2-arcface")), providers=providers)
+        self.arcface = get_model(str(weights.require("antelopev2-arcface")), providers=providers)
         self.arcface.prepare(ctx_id=0 if device.type == "cuda" else -1)
-        self.eva = load_eva_clip(registry.require("eva02-clip-l-336"), device)
+        self.eva = load_eva_clip(weights.require("eva02-clip-l-336"), device)
 
     @torch.no_grad()
     def __call__(self, source: SourceFace) -> IdentityFeatures:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +28,7 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from apple_video.models.pulid import IDFormer, PerceiverAttentionCA
+from apple_video.sampling.inputs import ConditionKVCache, TransformerInputs  # noqa: F401 (re-exported)
 
 
 @contextmanager
@@ -53,36 +54,6 @@ class Branch:
     rope: tuple[torch.Tensor, torch.Tensor]
     adapter: str | None
     kind: str  # "text" | "image" | "condition"
-
-
-@dataclass
-class ConditionKVCache:
-    """Condition-branch keys/values per attention layer, written at the first step and read afterwards.
-    Exact only when condition tokens attend to themselves alone (`independent_condition`)."""
-
-    keys: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-
-    @property
-    def filled(self) -> bool:
-        return bool(self.keys)
-
-
-@dataclass
-class TransformerInputs:
-    """Inputs of one velocity evaluation. Shapes: B batch, N image tokens, T text tokens, C packed channels."""
-
-    latents: torch.Tensor  # (B, N, C) noisy image tokens
-    timestep: torch.Tensor  # (B,) in [0, 1]
-    prompt_embeds: torch.Tensor  # (B, T, joint_dim)
-    pooled_embeds: torch.Tensor  # (B, pooled_dim)
-    img_ids: torch.Tensor  # (N, 3)
-    txt_ids: torch.Tensor  # (T, 3)
-    guidance: torch.Tensor | None = None  # (B,)
-    condition: torch.Tensor | None = None  # (B, N_c, C) attribute tokens
-    cond_ids: torch.Tensor | None = None  # (N_c, 3); None: same as img_ids
-    id_embed: torch.Tensor | None = None  # (B, n_id, kv_dim)
-    id_weight: float = 1.0
-    adapter: str = "default"
 
 
 class AppleFluxTransformer(FluxTransformer2DModel):

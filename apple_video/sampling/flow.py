@@ -6,15 +6,12 @@ directions; the inversion walks the flipped schedule from t = 0 (clean target) t
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
 
-from apple_video.models.transformer import ConditionKVCache, TransformerInputs
+from apple_video.sampling.inputs import ConditionKVCache, TransformerInputs, Velocity
 from apple_video.sampling.schedule import Schedule
-
-Velocity = Callable[[TransformerInputs, ConditionKVCache | None], torch.Tensor]
 
 
 @dataclass(frozen=True)

@@ -6,11 +6,12 @@ import logging
 
 import numpy as np
 
+from apple_video import weights
 from apple_video.config import Preset
-from apple_video.engine.settings import ModelOptions
-from apple_video.models import registry
 from apple_video.models.pipeline import ApplePipeline, resolve_device
+from apple_video.settings import ModelOptions
 from apple_video.swappers.base import CropJob, SourceFace
+from apple_video.swappers.presets import apple_preset, required_weights
 
 logger = logging.getLogger(__name__)
 
@@ -30,11 +31,9 @@ class AppleSwapper:
 
     @classmethod
     def from_options(cls, options: ModelOptions) -> AppleSwapper:
-        from apple_video.swappers.factory import apple_preset, required_weights
-
         preset = apple_preset(options)
         for weight in required_weights(preset, options):
-            registry.require(weight)
+            weights.require(weight)
         pipeline = ApplePipeline.from_preset(preset, resolve_device(options.device), lora=options.lora)
         return cls(pipeline)
 

@@ -1,0 +1,1 @@
+"""Evaluation: identity, pose, expression, temporal and background metrics of a swap."""

@@ -1,0 +1,28 @@
+"""Which APPLE preset a job runs and which weight files it needs: light (no torch), read by the driver and workers."""
+
+from __future__ import annotations
+
+from apple_video import weights
+from apple_video.config import Preset, load_preset, with_overrides
+from apple_video.settings import ModelOptions
+
+
+def apple_weights_present() -> bool:
+    return all(weights.is_present(name) for name in ("flux-krea-dev", "apple-student", "pulid-flux-v0.9.1"))
+
+
+def apple_preset(options: ModelOptions) -> Preset:
+    """The APPLE preset a job runs (krea-512 unless asked), with the command line's sampling overrides."""
+    return with_overrides(load_preset(options.preset or "krea-512"), inversion_steps=options.steps,
+                          sampling_steps=options.steps, id_weight=options.id_weight, inversion=options.inversion,
+                          second_order=options.second_order or None)
+
+
+def required_weights(preset: Preset, options: ModelOptions) -> list[str]:
+    """Registry names of the files the preset needs (none for the tiny preset)."""
+    if preset.model.kind == "tiny":
+        return []
+    needed = ["flux-krea-dev", preset.model.pulid or "pulid-flux-v0.9.1"]
+    if options.lora is None:
+        needed.append(preset.model.lora or "apple-student")
+    return needed
