@@ -61,7 +61,7 @@ def swap_options(func):
     from apple_video.faces.mask import MASK_REGIONS, PARSER_CHOICES
     from apple_video.faces.select import SELECTOR_MODES, SELECTOR_ORDERS
     from apple_video.media.video import VIDEO_CODECS
-    from apple_video.settings import SWAPPER_CHOICES
+    from apple_video.settings import RECIPES, SWAPPER_CHOICES
 
     options = [
         click.option("-s", "--source", "extra_sources", multiple=True, type=click.Path(),
@@ -79,7 +79,16 @@ def swap_options(func):
                      help="APPLE LoRA file to use instead of the preset's (e.g. a student you trained)."),
         click.option("--second-order", is_flag=True,
                      help="Second-order inversion steps (reuses the previous velocity; fewer steps for the same error)."),
-        click.option("--no-inversion", is_flag=True, help="Sample from seeded noise instead of attribute-aware inversion."),
+        click.option("--recipe", type=click.Choice(RECIPES), default=None,
+                     help="student: APPLE's own inference, seeded Gaussian noise (the same for every frame of a face "
+                          "track), the target crop as condition, 28 steps. inversion: attribute-aware inversion of the "
+                          "target (null id), then the same sampling; 28 + 28 steps, twice the time. Default: the "
+                          "preset's (inversion for krea-512)."),
+        click.option("--no-inversion", is_flag=True, help="Same as --recipe student (older spelling)."),
+        click.option("--offload", is_flag=True,
+                     help="For GPUs under ~32 GB: keep the transformer's weights in host memory and copy each layer to "
+                          "the GPU as it runs (GPU memory ~2-4 GB instead of ~24 GB). Costs a full weight transfer "
+                          "(~24 GB over PCIe, ~1-3 s) per model call: use large batches."),
         click.option("--seed", type=int, default=0, show_default=True, help="Random seed (outputs are reproducible)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--face-detector", "--face-detector-model", "face_detector", type=click.Choice(DETECTOR_CHOICES),
@@ -121,7 +130,8 @@ def swap_options(func):
                      help="Frame to stop before (videos)."),
         click.option("--chunk-frames", type=click.IntRange(1), default=96, show_default=True,
                      help="Frames per chunk: the unit of parallel work, memory and resume."),
-        click.option("--batch-size", type=click.IntRange(1), default=4, show_default=True, help="Face crops per model call."),
+        click.option("--batch-size", default="auto", show_default=True,
+                     help="Face crops per model call, or auto: what the GPU's free memory holds (up to 16; 1-4 on CPU)."),
     ]
     for option in reversed(options):
         func = option(func)

@@ -50,6 +50,8 @@ class ModelSettings(_Strict):
     lora_rank: int = Field(64, ge=1)
     text_tokens: int = Field(512, ge=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "bfloat16"
+    # GPU memory one more crop in a model call needs (activations + VAE decode), for `--batch-size auto`
+    crop_memory_gib: float = Field(1.5, gt=0)
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 
@@ -63,7 +65,7 @@ class SamplingSettings(_Strict):
     id_guidance: float = Field(1.0, ge=0.0)
     second_order: bool = False
     independent_condition: bool = False
-    inversion: bool = True
+    recipe: Literal["student", "inversion"] = "inversion"
     null_id: Literal["encoder", "none"] = "encoder"  # unconditional id: IDFormer(zeros), or no id branch
 
 

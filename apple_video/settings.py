@@ -74,6 +74,10 @@ class EncodeSettings:
     pix_fmt: str | None = None
 
 
+RecipeName = Literal["student", "inversion"]
+RECIPES: tuple[str, ...] = ("student", "inversion")
+BatchSize = int | Literal["auto"]
+
 SwapperName = Literal["auto", "apple", "classic"]
 SWAPPER_CHOICES: tuple[str, ...] = ("auto", "apple", "classic")
 ExecutorName = Literal["local", "ray"]
@@ -84,8 +88,9 @@ class ModelOptions:
     preset: str | None = None  # None: krea-512 when its weights exist
     steps: int | None = None
     id_weight: float | None = None
-    inversion: bool = True
+    recipe: RecipeName | None = None  # None: the preset's (student: seeded noise; inversion: invert, then sample)
     device: str = "auto"
+    offload: bool = False  # keep the transformer's weights in host memory, stream them to the GPU per module
     lora: str | None = None  # a LoRA file (e.g. a student you trained) instead of the preset's
     second_order: bool = False
 
@@ -101,7 +106,7 @@ class SwapSettings:
     mask: MaskSettings = field(default_factory=MaskSettings)
     encode: EncodeSettings = field(default_factory=EncodeSettings)
     chunk_frames: int = 96
-    batch_size: int = 4
+    batch_size: BatchSize = "auto"  # crops per model call; auto: what the device's free memory holds
     seed: int = 0
     executor: ExecutorName = "local"
     ray_address: str | None = None

@@ -43,8 +43,9 @@ def parts(clip: Path, settings: SwapSettings) -> dict[str, float]:
     size = swapper.crop_size
     jobs = [CropJob(warp_crop(f, alignment_matrix(fs[0].kps, size), size), None, i)
             for i, (f, fs) in enumerate(zip(frames, faces, strict=True)) if fs]
-    for k in range(0, len(jobs), settings.batch_size):
-        swapper.swap(jobs[k : k + settings.batch_size])
+    batch = swapper.auto_batch_size() if settings.batch_size == "auto" else int(settings.batch_size)
+    for k in range(0, len(jobs), batch):
+        swapper.swap(jobs[k : k + batch])
     t_swap = time.perf_counter() - start
     with tempfile.TemporaryDirectory() as tmp:
         t_transcode, _ = timed(plain, clip, Path(tmp) / "plain.mp4")

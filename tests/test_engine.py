@@ -78,6 +78,24 @@ def test_tiny_apple_swap_on_video(tmp_path: Path, source_photo: Path, face_clip:
     assert sum(not np.array_equal(before[i], after[i]) for i in range(45)) >= 40
 
 
+def test_batch_of_4_gives_the_frames_of_batch_1(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    """Batching crops (and the render threads that decode, crop, paste and encode around the model) changes
+    nothing in the output: the same frames as one crop per model call, on the tiny preset in float32."""
+    from apple_video.settings import ModelOptions
+
+    outputs = {}
+    for batch in (1, 4):
+        outputs[batch] = tmp_path / f"batch{batch}.mkv"
+        settings = SwapSettings(swapper="apple", model=ModelOptions(preset="tiny", steps=2), encode=LOSSLESS,
+                                chunk_frames=6, trim_end=10, batch_size=batch)
+        assert swap_video([source_photo], face_clip, outputs[batch], settings).faces_swapped == 10
+    one, four = _frames(outputs[1]), _frames(outputs[4])
+    assert len(one) == len(four) == 10
+    for a, b in zip(one, four, strict=True):
+        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float rounding of batched matmuls, at most
+    assert sum(np.array_equal(a, b) for a, b in zip(one, four, strict=True)) >= 9, "batching changed whole frames"
+
+
 def test_image_swap_background_untouched(tmp_path: Path, source_photo: Path, clip_frames) -> None:
     target = tmp_path / "target.png"
     rgba = np.dstack([clip_frames[10], np.full(clip_frames[10].shape[:2], 200, np.uint8)])

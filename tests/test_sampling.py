@@ -133,8 +133,47 @@ def test_same_seed_same_output_and_batch_equals_single(tiny_pipeline, astronaut)
     assert np.abs(first.astype(int) - single.astype(int)).max() <= 1
 
 
+@pytest.mark.parametrize("recipe", ["inversion", "student"])
+def test_batch_latents_equal_one_by_one(recipe: str, astronaut) -> None:
+    """Batching crops changes no result: float32 latents of a batch of 3 equal those of 3 single calls."""
+    pipe = ApplePipeline.from_preset(with_overrides(load_preset("tiny"), inversion_steps=3, sampling_steps=3, recipe=recipe),
+                                     torch.device("cpu"))
+    crops = _crops(astronaut, 3)
+    id_embed, null = torch.randn(1, 32, 16), torch.randn(1, 32, 16)
+    batch = pipe.swap_latents(crops, id_embed, null, [5, 6, 7])
+    single = torch.cat([pipe.swap_latents(crops[i : i + 1], id_embed, null, [5 + i]) for i in range(3)])
+    assert (batch - single).abs().max() < 1e-5
+
+
+def test_student_recipe_same_frame_same_output_whatever_its_index(tmp_path: Path, source_photo: Path,
+                                                                  astronaut: np.ndarray) -> None:
+    """Two identical frames of one track, far apart in the clip, get identical swaps: the student's noise comes
+    from the job seed and the track, never from the frame index."""
+    from apple_video.engine.stages import Renderer
+    from apple_video.faces.detect import create_detector
+    from apple_video.faces.sources import source_faces
+    from apple_video.faces.types import FaceTarget
+    from apple_video.settings import DetectorSettings, ModelOptions, SwapSettings
+    from apple_video.swappers.apple import AppleSwapper
+
+    settings = SwapSettings(swapper="apple", model=ModelOptions(preset="tiny", steps=2, recipe="student"), seed=3,
+                            batch_size=1)
+    detector = create_detector(DetectorSettings(name="dlib"))
+    face = detector.detect(astronaut)[0]
+    sources = source_faces([np.asarray(Image.open(source_photo).convert("RGB"))], ["source"], detector, 128)
+    renderer = Renderer(settings, AppleSwapper.from_options(settings.model), sources)
+    other = np.roll(astronaut, 9, axis=0)
+    frames = [(3, 3, astronaut), (4, 4, other), (40, 40, astronaut)]
+    targets = {i: [FaceTarget(i, 7, face.kps, face.landmarks)] for i in (3, 4, 40)}
+    rendered, stats = renderer.render(frames, targets)
+    assert stats.faces_swapped == 3
+    assert np.array_equal(rendered[0][2], rendered[2][2]) and not np.array_equal(rendered[0][2], astronaut)
+    targets = {i: [FaceTarget(i, 8, face.kps, face.landmarks)] for i in (3, 4, 40)}  # another track: other noise
+    assert not np.array_equal(renderer.render(frames[:1], targets)[0][0][2], rendered[0][2])
+
+
 def test_plain_sampling_is_seeded(astronaut) -> None:
-    preset = with_overrides(load_preset("tiny"), inversion=False, inversion_steps=2, sampling_steps=2)
+    preset = with_overrides(load_preset("tiny"), recipe="student", inversion_steps=2, sampling_steps=2)
     pipe = ApplePipeline.from_preset(preset, torch.device("cpu"))
     crops = _crops(astronaut, 1)
     id_embed, null = torch.randn(1, 32, 16), torch.randn(1, 32, 16)

@@ -194,3 +194,20 @@ def test_bad_data_sets(tmp_path: Path, raw_faces: Path, prepared: Path) -> None:
     assert result.returncode == 2 and "two or more images" in result.stderr
     result = cli("train", "teacher", "--config", str(ROOT / "configs/train/tiny_student.yaml"))
     assert result.returncode == 2 and "not 'teacher'" in result.stderr
+
+
+def test_training_step_and_sample_grid_stay_on_the_device(prepared: Path, tmp_path: Path) -> None:
+    """One loss + backward and the sample grid's sampling with the model on the `meta` device (see test_device.py):
+    any tensor the loop builds on the host raises there, as it would on a GPU."""
+    meta = torch.device("meta")
+    trainer = Trainer(_config("teacher", data=prepared, output=tmp_path / "meta", steps=1), TeacherSampler(FaceData.load(prepared)))
+    trainer.pipe.to(meta)
+    trainer.arcface.to(meta)
+    rng, gen = trainer._generator(0, 0)
+    loss, stats = trainer.loss(trainer.sampler.batch(rng, 2), 0, rng, gen)  # step 0: before the id loss starts
+    assert loss.device == meta and stats["mse"].device == meta
+    loss.backward()
+    trained = [p for p in trainer.transformer.parameters() if p.requires_grad]
+    assert trained and all(p.grad is not None and p.grad.device == meta for p in trained)
+    batch, out = trainer.sample_latents(steps=2)
+    assert out.device == meta and out.shape[0] == len(batch.target)

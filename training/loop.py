@@ -120,7 +120,7 @@ class Trainer:
         return np.random.default_rng(key), torch.Generator().manual_seed(seed)
 
     def loss(self, batch: Batch, step: int, rng: np.random.Generator, gen: torch.Generator) -> tuple[torch.Tensor, dict]:
-        cfg, pipe, device = self.cfg, self.pipe, self.accelerator.device
+        cfg, pipe, device = self.cfg, self.pipe, self.pipe.device
         b, size = batch.target.shape[0], batch.target.shape[1]
         condition = batch.condition.copy()
         condition[rng.random(b) < cfg.drop_condition] = 0  # image drop: black condition (as the official data set)
@@ -139,7 +139,7 @@ class Trainer:
         v = self.model(inputs)
         mse = ((noise - x0) - v).pow(2).mean(dim=(1, 2))
         total = mse.mean()
-        stats = {"mse": float(total.detach())}
+        stats = {"mse": total.detach()}  # tensors: the caller reads them (no host sync here)
         if cfg.id_loss_weight > 0 and step >= cfg.id_loss_start:
             near = t <= cfg.id_loss_max_t
             if near.any():
@@ -148,7 +148,7 @@ class Trainer:
                 source = L.to_unit(np.stack([batch.identity[i].image for i in np.nonzero(near.cpu().numpy())[0]])).to(device)
                 id_term = identity_loss(self.arcface, pixels, source).mean() * near.float().mean()
                 total = total + cfg.id_loss_weight * id_term
-                stats["id"] = float(id_term.detach())
+                stats["id"] = id_term.detach()
         return total, stats
 
     # -- checkpoints -------------------------------------------------------------------------------------------
@@ -183,19 +183,26 @@ class Trainer:
         return info["step"], info["losses"]
 
     @torch.no_grad()
-    def sample_grid(self, step: int, steps: int = 4) -> Path:
-        """condition | sample from noise | target, one row per sample of a fixed batch."""
-        pipe = self.pipe
+    def sample_latents(self, steps: int = 4) -> tuple[Batch, torch.Tensor]:
+        """A fixed batch and its samples from seeded noise (packed latents, on the model's device)."""
+        pipe, device = self.pipe, self.pipe.device
         rng, gen = np.random.default_rng([self.cfg.seed, 10**9]), torch.Generator().manual_seed(self.cfg.seed)
         batch = self.sampler.batch(rng, 2)
         b, size = batch.target.shape[:2]
-        cond = FlowCondition(pipe.prompt.prompt_embeds.expand(b, -1, -1), pipe.prompt.pooled_embeds.expand(b, -1),
-                             L.image_ids(size, size, pipe.vae), pipe.prompt.txt_ids, 1.0,
-                             L.encode(pipe.vae, batch.condition), self._id_tokens(batch.identity))
-        noise = torch.randn((b, *L.encode(pipe.vae, batch.target).shape[1:]), generator=gen)
+        prompt = pipe.prompt.to(device)
+        cond = FlowCondition(prompt.prompt_embeds.expand(b, -1, -1), prompt.pooled_embeds.expand(b, -1),
+                             L.image_ids(size, size, pipe.vae, device), prompt.txt_ids, 1.0,
+                             L.encode(pipe.vae, batch.condition), self._id_tokens(batch.identity).to(device))
+        noise = torch.randn((b, *L.encode(pipe.vae, batch.target).shape[1:]), generator=gen).to(device)
         model = self.accelerator.unwrap_model(self.model)
-        out = sample(lambda inputs, cache: model(inputs, cache), noise, cond, flux_schedule(steps, noise.shape[1]))
-        images = L.decode(pipe.vae, out, size, size)
+        out = sample(lambda inputs, cache: model(inputs, cache), noise, cond, flux_schedule(steps, noise.shape[1], device=device))
+        return batch, out
+
+    def sample_grid(self, step: int, steps: int = 4) -> Path:
+        """condition | sample from noise | target, one row per sample of a fixed batch."""
+        batch, out = self.sample_latents(steps)
+        size = batch.target.shape[1]
+        images = L.decode(self.pipe.vae, out, size, size)
         grid = np.concatenate([np.concatenate([c, o, t], axis=1) for c, o, t in zip(batch.condition, images, batch.target, strict=True)])
         path = self.cfg.output / "samples" / f"step-{step:06d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +230,7 @@ class Trainer:
                         self.optimizer.zero_grad()
                     step_loss += float(loss.detach()) / cfg.grad_accum
                 history.append(step_loss)
-                bar.set_postfix(loss=f"{step_loss:.4f}", **{k: f"{v:.3f}" for k, v in stats.items()})
+                bar.set_postfix(loss=f"{step_loss:.4f}", **{k: f"{float(v):.3f}" for k, v in stats.items()})
                 done = step + 1
                 main = self.accelerator.is_main_process  # one writer; the others wait for it
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:

@@ -105,9 +105,9 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
     pairs = plan_pairs(data, cfg.pairs, cfg.seed)
     state = PartialState()
     preset = load_preset(cfg.preset)
-    if cfg.inversion_steps:
-        preset = preset.model_copy(update={"sampling": preset.sampling.model_copy(
-            update={"inversion_steps": cfg.inversion_steps, "sampling_steps": cfg.inversion_steps})})
+    steps = {"inversion_steps": cfg.inversion_steps, "sampling_steps": cfg.inversion_steps} if cfg.inversion_steps else {}
+    # pseudo-labels are the teacher's attribute-aware inversion, whatever the preset's swap recipe
+    preset = preset.model_copy(update={"sampling": preset.sampling.model_copy(update={**steps, "recipe": "inversion"})})
     pipe = ApplePipeline.from_preset(preset, state.device)
     load_lora(pipe.transformer, cfg.teacher_lora)
     out = cfg.output

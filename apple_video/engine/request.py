@@ -93,6 +93,29 @@ def check_output_for(kind: str, target: Path, output: Path, sources: list[Path],
     check_output(output, [target, *sources], force)
 
 
+def recipe_from(opts: dict) -> str | None:
+    """--recipe, with --no-inversion kept as the old spelling of --recipe student."""
+    recipe = opts.get("recipe")
+    if opts.get("no_inversion"):
+        if recipe == "inversion":
+            raise UserError("--no-inversion contradicts --recipe inversion (it means --recipe student)")
+        return "student"
+    return recipe
+
+
+def batch_size_from(value: str | int) -> int | str:
+    """--batch-size: 'auto' or a whole number of crops per model call (1 or more)."""
+    if str(value).strip().lower() == "auto":
+        return "auto"
+    try:
+        size = int(value)
+    except ValueError:
+        raise UserError(f"--batch-size must be 'auto' or a whole number of crops (1 or more), not '{value}'") from None
+    if size < 1:
+        raise UserError(f"--batch-size must be 'auto' or 1 or more, not {size}")
+    return size
+
+
 def settings_from(opts: dict) -> SwapSettings:
 
     angles = tuple(sorted({int(a) for a in opts["face_detector_angles"]})) or (0,)
@@ -101,8 +124,8 @@ def settings_from(opts: dict) -> SwapSettings:
         swapper=opts["swapper"],
         classic_blend=opts["classic_blend"],
         model=ModelOptions(preset=opts["preset"], steps=opts["steps"], id_weight=opts["id_weight"],
-                           inversion=not opts["no_inversion"], device=opts["device"], lora=opts["lora"],
-                           second_order=opts["second_order"]),
+                           recipe=recipe_from(opts), device=opts["device"], lora=opts["lora"],
+                           second_order=opts["second_order"], offload=opts.get("offload", False)),
         detector=DetectorSettings(name=opts["face_detector"], score=opts["face_detector_score"],
                                   size=opts["face_detector_size"], angles=angles),
         selector=SelectorSettings(mode=opts["face_selector_mode"], order=opts["face_selector_order"],
@@ -113,7 +136,7 @@ def settings_from(opts: dict) -> SwapSettings:
         encode=video_encode(opts["output_video_encoder"], opts["output_video_quality"], opts["output_video_preset"],
                              Path(opts["output"])),
         chunk_frames=opts["chunk_frames"],
-        batch_size=opts["batch_size"],
+        batch_size=batch_size_from(opts["batch_size"]),
         seed=opts["seed"],
         executor=opts["executor"],
         ray_address=opts["ray_address"],

@@ -7,6 +7,8 @@ import json
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import asdict, dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -26,9 +28,11 @@ from apple_video.engine.sources import (
 from apple_video.engine.stages import (
     Analyzer,
     Renderer,
+    RenderGroup,
     RenderStats,
     face_from_dict,
     face_to_dict,
+    prefetch,
     target_from_dict,
     target_to_dict,
     write_json,
@@ -152,6 +156,28 @@ class RenderWorker:
             return ChunkVideoSink(self.spec.chunk_file(chunk), self.spec.info, self.spec.settings.encode)
         return FolderSink(self.media, self.spec.output)
 
+    def _finish(self, group: RenderGroup, results: list, sink) -> RenderStats:
+        rendered, stats = self.renderer.finish(group, results)
+        for index, pts, rgb, swapped in rendered:
+            sink.write(index, pts, rgb, swapped)
+        return stats
+
+    def _render_chunk(self, frames, targets: dict[int, list], sink) -> RenderStats:
+        """Decode and crop the next group (prefetch thread) and paste and encode the previous one (finish thread)
+        while the model swaps this one; groups are finished in order, so the output is the same as in sequence."""
+        stats = RenderStats()
+        groups = (self.renderer.prepare(list(group), targets) for group in batched(frames, self.renderer.batch_size))
+        with closing(prefetch(groups, depth=1)) as ahead, ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher:
+            pending = None
+            for group in ahead:
+                results = self.renderer.swap(group)
+                if pending is not None:
+                    stats.add(pending.result())
+                pending = finisher.submit(self._finish, group, results, sink)
+            if pending is not None:
+                stats.add(pending.result())
+        return stats
+
     def __call__(self, batch: dict) -> dict:
         stats = RenderStats()
         for chunk, start, stop in zip(batch["chunk"], batch["start"], batch["stop"], strict=True):
@@ -160,12 +186,7 @@ class RenderWorker:
             for item in data:
                 targets.setdefault(item["frame"], []).append(target_from_dict(item))
             sink = self._sink(int(chunk))
-            group_size = max(1, self.spec.settings.batch_size)
-            for group in batched(self.media.frames(int(start), int(stop)), group_size):
-                rendered, group_stats = self.renderer.render(list(group), targets)
-                for index, pts, rgb, swapped in rendered:
-                    sink.write(index, pts, rgb, swapped)
-                stats.add(group_stats)
+            stats.add(self._render_chunk(self.media.frames(int(start), int(stop)), targets, sink))
             sink.close()
         return {"chunk": batch["chunk"], **{k: [v] for k, v in asdict(stats).items()}}
 

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
-import zlib
-from dataclasses import dataclass
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 
@@ -49,9 +52,53 @@ def target_from_dict(data: dict) -> FaceTarget:
     return FaceTarget(data["frame"], data["track"], np.asarray(data["kps"], np.float64), landmarks)
 
 
-def face_seed(seed: int, frame: int, track: int) -> int:
-    """A per-face seed that does not depend on chunking or on which worker runs it."""
-    return zlib.crc32(f"{seed}:{frame}:{track}".encode()) & 0x7FFFFFFF
+def track_seed(seed: int, track: int) -> int:
+    """The noise seed of every face of one track: the same at every frame (the official student draws seed 0 for
+    every image; a per-frame seed would make a still face flicker). Job seed 0, track 0 is the official seed 0."""
+    return (seed * 1_000_003 + track) & 0x7FFFFFFF
+
+
+T = TypeVar("T")
+
+
+def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
+    """Yield `items` in order while a thread computes up to `depth` of them ahead (decode and crop the next group
+    while the model runs on this one). The thread stops when the consumer does; its errors surface here."""
+    slots: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+    done = object()
+
+    def put(entry) -> bool:
+        while not stop.is_set():
+            try:
+                slots.put(entry, timeout=0.05)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((item, None)):
+                    return
+            put((done, None))
+        except BaseException as error:  # handed to the consumer, raised there
+            put((done, error))
+
+    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item, error = slots.get()
+            if item is done:
+                if error is not None:
+                    raise error
+                return
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 @dataclass
@@ -102,8 +149,19 @@ def mask_for(target_landmarks: np.ndarray | None, size: int, settings: SwapSetti
     return feather(pad_mask(hard, settings.mask.padding), settings.mask.blur)
 
 
+@dataclass
+class RenderGroup:
+    """A group of frames with their aligned target crops, ready for one swap call."""
+
+    frames: list[tuple[int, int, np.ndarray]]
+    jobs: list[CropJob] = field(default_factory=list)
+    places: list[tuple[int, np.ndarray, np.ndarray | None, int, int]] = field(default_factory=list)
+    # per job: (position in frames, alignment matrix, crop landmarks, track, frame index)
+
+
 class Renderer:
-    """Swap the selected faces of a chunk of frames and paste them back."""
+    """Swap the selected faces of a chunk of frames and paste them back: `prepare` (crop), `swap` (model),
+    `finish` (mask, paste). The three may run in different threads, one group apart; `finish` keeps order."""
 
     def __init__(self, settings: SwapSettings, swapper: Swapper, sources: list[SourceFace]) -> None:
         self.settings = settings
@@ -111,6 +169,10 @@ class Renderer:
         self.parser = create_parser(settings.mask.parser)
         self._previous_masks: dict[int, tuple[int, np.ndarray]] = {}  # track -> (frame, parsing mask)
         swapper.prepare(sources)
+        auto = settings.batch_size == "auto"
+        self.batch_size = max(1, swapper.auto_batch_size() if auto else int(settings.batch_size))
+        if auto:
+            logger.info("batch size: %d crops per model call", self.batch_size)
 
     def _mask(self, landmarks, crop, track: int, frame: int) -> np.ndarray:
         """Feathered mask; parsing masks are averaged with the track's previous frame (aligned crops share a frame
@@ -124,32 +186,44 @@ class Renderer:
             mask = 0.5 * (mask + previous[1])
         return mask
 
-    def render(self, frames: list[tuple[int, int, np.ndarray]], targets: dict[int, list[FaceTarget]]):
-        """Return [(index, pts, rgb, swapped)] and stats. Frames without targets are returned as given."""
+    def prepare(self, frames: list[tuple[int, int, np.ndarray]], targets: dict[int, list[FaceTarget]]) -> RenderGroup:
         size = self.swapper.crop_size
-        jobs, places = [], []
+        group = RenderGroup(frames)
         for position, (index, _, rgb) in enumerate(frames):
             for target in targets.get(index, []):
                 matrix = alignment_matrix(target.kps, size)
                 landmarks = transform_points(target.landmarks, matrix) if target.landmarks is not None else None
-                jobs.append(CropJob(warp_crop(rgb, matrix, size), landmarks,
-                                    face_seed(self.settings.seed, index, target.track_id)))
-                places.append((position, matrix, landmarks, jobs[-1].crop, target.track_id, index))
+                group.jobs.append(CropJob(warp_crop(rgb, matrix, size), landmarks,
+                                          track_seed(self.settings.seed, target.track_id)))
+                group.places.append((position, matrix, landmarks, target.track_id, index))
+        return group
+
+    def swap(self, group: RenderGroup) -> list[np.ndarray | None]:
         results: list[np.ndarray | None] = []
-        for start in range(0, len(jobs), max(1, self.settings.batch_size)):
-            results.extend(self.swapper.swap(jobs[start : start + self.settings.batch_size]))
-        outputs = [[index, pts, rgb, False] for index, pts, rgb in frames]
-        stats = RenderStats(frames=len(frames))
-        for (position, matrix, landmarks, crop, track, frame), swapped in zip(places, results, strict=True):
+        for start in range(0, len(group.jobs), self.batch_size):
+            results.extend(self.swapper.swap(group.jobs[start : start + self.batch_size]))
+        return results
+
+    def finish(self, group: RenderGroup, results: list[np.ndarray | None]):
+        """Return [(index, pts, rgb, swapped)] and stats. Frames without targets are returned as given."""
+        outputs = [[index, pts, rgb, False] for index, pts, rgb in group.frames]
+        stats = RenderStats(frames=len(group.frames))
+        for job, (position, matrix, landmarks, track, frame), swapped in zip(group.jobs, group.places, results,
+                                                                                strict=True):
             if swapped is None:
                 stats.faces_skipped += 1
                 continue
             entry = outputs[position]
-            entry[2] = paste_back(entry[2], swapped, matrix, self._mask(landmarks, crop, track, frame))
+            entry[2] = paste_back(entry[2], swapped, matrix, self._mask(landmarks, job.crop, track, frame))
             entry[3] = True
             stats.faces_swapped += 1
         stats.swapped_frames = sum(1 for entry in outputs if entry[3])
         return [tuple(entry) for entry in outputs], stats
+
+    def render(self, frames: list[tuple[int, int, np.ndarray]], targets: dict[int, list[FaceTarget]]):
+        """prepare, swap and finish one group in this thread."""
+        group = self.prepare(frames, targets)
+        return self.finish(group, self.swap(group))
 
 
 def write_json(path: Path, data: object) -> None:

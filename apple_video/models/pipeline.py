@@ -36,7 +36,10 @@ class PromptEmbeddings:
 
     @property
     def txt_ids(self) -> torch.Tensor:
-        return torch.zeros(self.prompt_embeds.shape[1], 3, dtype=self.prompt_embeds.dtype)
+        return torch.zeros(self.prompt_embeds.shape[1], 3, dtype=self.prompt_embeds.dtype, device=self.prompt_embeds.device)
+
+    def to(self, device: torch.device, dtype: torch.dtype | None = None) -> PromptEmbeddings:
+        return PromptEmbeddings(self.prompt_embeds.to(device, dtype), self.pooled_embeds.to(device, dtype))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,6 +48,27 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise DeviceError(f"--device {name} was asked for but CUDA is not usable here (refusing to fall back to the CPU)")
     return torch.device(name)
+
+
+GIB = 1024**3
+CUDA_BATCH_LIMIT = 16  # past 8-16 crops a forward is already compute-bound (97% busy at 8 on an H200)
+CPU_BATCH_LIMIT = 4
+
+
+def choose_batch_size(free_bytes: int, per_crop_bytes: int, limit: int, reserve_bytes: int = 2 * GIB) -> int:
+    """How many crops fit one model call: free memory, less a reserve, over the preset's per-crop estimate."""
+    usable = max(0, free_bytes - reserve_bytes)
+    return max(1, min(limit, usable // max(1, per_crop_bytes)))
+
+
+def free_memory(device: torch.device) -> int:
+    """Bytes free for activations on `device` (CUDA: the allocator's free memory; CPU: available RAM)."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    import psutil
+
+    return int(psutil.virtual_memory().available)
 
 
 def _seeded(seed: int):
@@ -132,28 +156,51 @@ class ApplePipeline:
     encode -> attribute-aware inversion (null id, F_att) -> sampling (id_src, F_att) -> decode."""
 
     def __init__(self, preset: Preset, transformer: AppleFluxTransformer, vae: AutoencoderKL, prompt: PromptEmbeddings,
-                 identity: IdentityFeatureExtractor, device: torch.device, real: bool) -> None:
+                 identity: IdentityFeatureExtractor, device: torch.device, real: bool, offload: bool = False) -> None:
         self.preset = preset
-        self.transformer = transformer.to(device)
-        self.vae = vae.to(device)
+        self.transformer = transformer
+        self.vae = vae
         self.prompt = prompt
         self.identity = identity
-        self.device = device
         self.real = real
-        self.dtype = DTYPES[preset.model.dtype] if device.type == "cuda" else torch.float32
+        self.offload = offload
+        self.to(device)
+
+    def to(self, device: torch.device) -> ApplePipeline:
+        """Put the model on `device`. With `offload`, the transformer's weights stay in host memory and each
+        module's weights are copied to the GPU only while it runs (accelerate hooks)."""
+        self.device = torch.device(device)
+        self.dtype = DTYPES[self.preset.model.dtype] if self.device.type == "cuda" else torch.float32
+        if self.offload:
+            from accelerate import cpu_offload
+
+            cpu_offload(self.transformer, execution_device=self.device)
+        else:
+            self.transformer.to(self.device)
+        self.vae.to(self.device)
+        return self
+
+    def auto_batch_size(self) -> int:
+        """Crops per model call that fit the free memory of this pipeline's device (call after loading)."""
+        per_crop = int(self.preset.model.crop_memory_gib * GIB)
+        if self.device.type == "cuda":
+            return choose_batch_size(free_memory(self.device), per_crop, CUDA_BATCH_LIMIT)
+        return choose_batch_size(free_memory(self.device), per_crop, CPU_BATCH_LIMIT)
 
     @classmethod
-    def from_preset(cls, preset: Preset, device: torch.device, lora: str | Path | None = None) -> ApplePipeline:
+    def from_preset(cls, preset: Preset, device: torch.device, lora: str | Path | None = None,
+                    offload: bool = False) -> ApplePipeline:
         """Build the preset's model; `lora` replaces the preset's LoRA (e.g. a student you trained)."""
         if preset.model.kind == "tiny":
             transformer, vae, prompt, identity = build_tiny(preset)
             if lora is not None:
                 load_lora(transformer, Path(lora))
-            return cls(preset, transformer, vae, prompt, identity, device, real=False)
-        return cls._from_checkpoints(preset, device, lora)
+            return cls(preset, transformer, vae, prompt, identity, device, real=False, offload=offload)
+        return cls._from_checkpoints(preset, device, lora, offload)
 
     @classmethod
-    def _from_checkpoints(cls, preset: Preset, device: torch.device, lora: str | Path | None) -> ApplePipeline:
+    def _from_checkpoints(cls, preset: Preset, device: torch.device, lora: str | Path | None,
+                          offload: bool) -> ApplePipeline:
         from apple_video.models.real_identity import PulidIdentity
 
         dtype = DTYPES[preset.model.dtype] if device.type == "cuda" else torch.float32
@@ -163,7 +210,7 @@ class ApplePipeline:
         load_lora(transformer, Path(lora) if lora else weights.require(preset.model.lora or "apple-student"))
         vae = AutoencoderKL.from_pretrained(str(flux_dir), subfolder="vae", torch_dtype=dtype)
         prompt = load_prompt_embeddings(flux_dir, device, dtype)
-        return cls(preset, transformer, vae, prompt, PulidIdentity(device), device, real=True)
+        return cls(preset, transformer, vae, prompt, PulidIdentity(device), device, real=True, offload=offload)
 
     @torch.no_grad()
     def id_embedding(self, sources: list[SourceFace]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -184,19 +231,30 @@ class ApplePipeline:
     @torch.no_grad()
     def swap(self, crops: np.ndarray, id_embed: torch.Tensor, null_id: torch.Tensor, seeds: list[int],
              conditions: np.ndarray | None = None) -> np.ndarray:
-        """crops (B, S, S, 3) uint8 -> swapped crops, deterministic per seed; batch == one by one.
+        """crops (B, S, S, 3) uint8 -> swapped crops (uint8, on the host); see `swap_latents`."""
+        return L.decode(self.vae, self.swap_latents(crops, id_embed, null_id, seeds, conditions), crops.shape[1],
+                        crops.shape[2])
 
-        `conditions` are the attribute images (default: the crops themselves, as the student uses them;
-        the teacher takes the deblurred crops). `id_embed` is (1 or B, n_id, dim)."""
+    @torch.no_grad()
+    def swap_latents(self, crops: np.ndarray, id_embed: torch.Tensor, null_id: torch.Tensor, seeds: list[int],
+                     conditions: np.ndarray | None = None) -> torch.Tensor:
+        """crops (B, S, S, 3) uint8 -> the swapped crops' packed latents, on the device; batch == one by one.
+
+        The recipe decides where sampling starts: `inversion` inverts each crop with the null id and its attribute
+        tokens; `student` starts from Gaussian noise drawn from `seeds` (one per crop: give every frame of a track
+        the same seed and a still face gets the same noise every frame). `conditions` are the attribute images
+        (default: the crops themselves, as the student uses them; the teacher takes the deblurred crops).
+        `id_embed` is (1 or B, n_id, dim)."""
         s = self.preset.sampling
         b, height, width = crops.shape[0], crops.shape[1], crops.shape[2]
         tokens = L.encode(self.vae, crops).to(self.dtype)
         cond_tokens = tokens if conditions is None else L.encode(self.vae, conditions).to(self.dtype)
+        prompt = self.prompt.to(self.device, self.dtype)
         cond = FlowCondition(
-            prompt_embeds=self.prompt.prompt_embeds.to(self.device, self.dtype).expand(b, -1, -1),
-            pooled_embeds=self.prompt.pooled_embeds.to(self.device, self.dtype).expand(b, -1),
+            prompt_embeds=prompt.prompt_embeds.expand(b, -1, -1),
+            pooled_embeds=prompt.pooled_embeds.expand(b, -1),
             img_ids=L.image_ids(height, width, self.vae, self.device, self.dtype),
-            txt_ids=self.prompt.txt_ids.to(self.device, self.dtype),
+            txt_ids=prompt.txt_ids,
             guidance=s.guidance,
             condition=cond_tokens,
             id_embed=id_embed.to(self.device, self.dtype).expand(b, -1, -1),
@@ -205,13 +263,12 @@ class ApplePipeline:
         # the null id: IDFormer(zeros) as PuLID and APPLE use it, or no id branch at all (same as id_weight 0)
         null = null_id.to(self.device, self.dtype).expand(b, -1, -1) if s.null_id == "encoder" else None
         use_cache = s.independent_condition
-        if s.inversion:
-            schedule = flux_schedule(s.inversion_steps, tokens.shape[1])
+        if s.recipe == "inversion":
+            schedule = flux_schedule(s.inversion_steps, tokens.shape[1], device=self.device)
             noise = invert(self._velocity, tokens, cond.attribute_only(null), schedule, s.second_order,
                            ConditionKVCache() if use_cache else None)
         else:
             noise = torch.cat([L.noise_tokens(1, height, width, self.vae, self.vae.config.latent_channels,
                                               torch.Generator().manual_seed(seed)) for seed in seeds]).to(self.device, self.dtype)
-        schedule = flux_schedule(s.sampling_steps, tokens.shape[1])
-        out = sample(self._velocity, noise, cond, schedule, null, s.id_guidance, ConditionKVCache() if use_cache else None)
-        return L.decode(self.vae, out, height, width)
+        schedule = flux_schedule(s.sampling_steps, tokens.shape[1], device=self.device)
+        return sample(self._velocity, noise, cond, schedule, null, s.id_guidance, ConditionKVCache() if use_cache else None)

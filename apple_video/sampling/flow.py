@@ -31,7 +31,7 @@ class FlowCondition:
         b = latents.shape[0]
         return TransformerInputs(
             latents=latents,
-            timestep=t.expand(b).to(latents.dtype),
+            timestep=t.to(latents.device, latents.dtype).expand(b),
             prompt_embeds=self.prompt_embeds,
             pooled_embeds=self.pooled_embeds,
             img_ids=self.img_ids,
@@ -53,7 +53,7 @@ def invert(model: Velocity, latents: torch.Tensor, cond: FlowCondition, schedule
 
     The second-order option matches the official code: the midpoint velocity is evaluated on the ORIGINAL
     latents at t = sigma_mid, then z += d v + 0.5 d^2 (v_mid - v) / (d / 2)."""
-    sigmas = schedule.flipped()
+    sigmas = schedule.flipped().to(latents.device)
     for i in range(sigmas.steps):
         s_cur, s_next = sigmas.sigmas[i], sigmas.sigmas[i + 1]
         v = model(cond.inputs(latents, sigmas.model_time(i)), cache)
@@ -71,6 +71,7 @@ def sample(model: Velocity, latents: torch.Tensor, cond: FlowCondition, schedule
            cache: ConditionKVCache | None = None) -> torch.Tensor:
     """Noise (t=1) -> clean latents (t=0). With id_guidance != 1: v = v_null + s (v_id - v_null)."""
     uncond_cache = ConditionKVCache() if cache is not None else None
+    schedule = schedule.to(latents.device)
     for i in range(schedule.steps):
         t = schedule.model_time(i)
         v = model(cond.inputs(latents, t), cache)

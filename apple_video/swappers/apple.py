@@ -34,8 +34,12 @@ class AppleSwapper:
         preset = apple_preset(options)
         for weight in required_weights(preset, options):
             weights.require(weight)
-        pipeline = ApplePipeline.from_preset(preset, resolve_device(options.device), lora=options.lora)
+        pipeline = ApplePipeline.from_preset(preset, resolve_device(options.device), lora=options.lora,
+                                             offload=options.offload)
         return cls(pipeline)
+
+    def auto_batch_size(self) -> int:
+        return self.pipeline.auto_batch_size()
 
     def prepare(self, sources: list[SourceFace]) -> None:
         self._id, self._null = self.pipeline.id_embedding(sources)

@@ -20,7 +20,7 @@ class CropJob:
 
     crop: np.ndarray  # (S, S, 3) uint8
     landmarks: np.ndarray | None  # (68, 2) in crop space, when known
-    seed: int
+    seed: int  # the same for every frame of a track (the student recipe's noise must not change per frame)
 
 
 class Swapper(Protocol):
@@ -29,6 +29,9 @@ class Swapper(Protocol):
     real: bool  # False for random-weight presets: runs every stage but is not a real swap
 
     def prepare(self, sources: list[SourceFace]) -> None: ...
+
+    def auto_batch_size(self) -> int:
+        """Crops per `swap` call when the user asked for `--batch-size auto`."""
 
     def swap(self, jobs: list[CropJob]) -> list[np.ndarray | None]:
         """Swapped crops in job order; None where a crop was skipped (it then passes through)."""

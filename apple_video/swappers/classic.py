@@ -75,6 +75,9 @@ class ClassicSwapper:
         self._src_points: np.ndarray | None = None
         self._triangles: np.ndarray | None = None
 
+    def auto_batch_size(self) -> int:
+        return 4  # one crop at a time inside; the group size only sets how much decoding runs ahead
+
     def prepare(self, sources: list[SourceFace]) -> None:
         usable = [s for s in sources if s.landmarks is not None]
         if not usable:

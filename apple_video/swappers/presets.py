@@ -14,7 +14,7 @@ def apple_weights_present() -> bool:
 def apple_preset(options: ModelOptions) -> Preset:
     """The APPLE preset a job runs (krea-512 unless asked), with the command line's sampling overrides."""
     return with_overrides(load_preset(options.preset or "krea-512"), inversion_steps=options.steps,
-                          sampling_steps=options.steps, id_weight=options.id_weight, inversion=options.inversion,
+                          sampling_steps=options.steps, id_weight=options.id_weight, recipe=options.recipe,
                           second_order=options.second_order or None)
 
 

@@ -1,0 +1,78 @@
+"""The two APPLE recipes on one face track, with the tiny preset (random weights: sampler behaviour, not quality).
+
+A moving, scaling real face (the astronaut photo) over a textured background; dlib finds the face in each frame
+and the crops are aligned as the engine aligns them. For each recipe:
+- flicker: mean |crop_out(t) - crop_out(t-1)| over mean |crop_in(t) - crop_in(t-1)|: how much the output
+  changes from frame to frame for each unit the target's aligned crop changes (1 = follows the target exactly);
+- reconstruction: mean |output - target| (grey levels) when the source id is the null id, i.e. what the loop
+  does to a face when nothing asks it to change (0 = the target comes back);
+- steps: model calls per face-frame.
+
+    python benchmarks/recipes.py [frames]
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import skimage.data
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from apple_video.config import load_preset, with_overrides  # noqa: E402
+from apple_video.engine.stages import track_seed  # noqa: E402
+from apple_video.faces.align import alignment_matrix, warp_crop  # noqa: E402
+from apple_video.faces.detect import create_detector  # noqa: E402
+from apple_video.media import synth  # noqa: E402
+from apple_video.models.pipeline import ApplePipeline  # noqa: E402
+from apple_video.settings import DetectorSettings  # noqa: E402
+
+
+def track_crops(frames: int, size: int) -> np.ndarray:
+    patch = synth.face_patch(skimage.data.astronaut(), synth.ASTRONAUT_FACE_BOX)
+    plan = synth.smooth_path(frames, 480, 360, patch.shape[1])
+    background = synth.background(480, 360)
+    detector = create_detector(DetectorSettings(name="dlib"), announce=False)
+    crops = []
+    for placement in plan:
+        frame = synth.paste_patch(background, patch, placement)
+        face = max(detector.detect(frame, embed=False), key=lambda f: f.score)
+        crops.append(warp_crop(frame, alignment_matrix(face.kps, size), size))
+    return np.stack(crops)
+
+
+def change(images: np.ndarray) -> float:
+    return float(np.abs(np.diff(images.astype(np.float64), axis=0)).mean())
+
+
+def main(frames: int = 12) -> None:
+    torch.manual_seed(0)
+    results = {}
+    crops = None
+    for recipe in ("student", "inversion"):
+        preset = with_overrides(load_preset("tiny"), recipe=recipe)
+        pipe = ApplePipeline.from_preset(preset, torch.device("cpu"))
+        crops = track_crops(frames, preset.sampling.crop_size) if crops is None else crops
+        g = torch.Generator().manual_seed(1)
+        source = torch.randn(1, 32, 16, generator=g)
+        identity = pipe.identity
+        null = pipe.transformer.pulid_encoder.null_embedding(torch.zeros(1, identity.id_dim),
+                                                             [torch.zeros(1, 17, identity.vit_dim)] * 5)
+        seeds = [track_seed(0, 0)] * frames
+        swapped = np.concatenate([pipe.swap(crops[i : i + 4], source, null, seeds[i : i + 4]) for i in range(0, frames, 4)])
+        kept = np.concatenate([pipe.swap(crops[i : i + 4], null, null, seeds[i : i + 4]) for i in range(0, frames, 4)])
+        s = preset.sampling
+        results[recipe] = (change(swapped) / change(crops), float(np.abs(kept.astype(float) - crops).mean()),
+                           s.sampling_steps + (s.inversion_steps if recipe == "inversion" else 0))
+    print(f"tiny preset, {frames} aligned crops of one track; input change {change(crops):.2f} grey levels/frame")
+    print("| recipe | flicker (output change / input change) | reconstruction error, null id (grey levels) | calls |")
+    print("|---|---|---|---|")
+    for recipe, (flicker, error, calls) in results.items():
+        print(f"| {recipe} | {flicker:.2f} | {error:.1f} | {calls} |")
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]) if len(sys.argv) > 1 else 12)

@@ -1,0 +1,79 @@
+"""Device placement: every loop runs with the model and its inputs on the `meta` device.
+
+A tensor created on the host that meets a meta tensor in a matmul, a cat or an elementwise op raises, as it does
+on a GPU ("Expected all tensors to be on the same device"); 0-dim host scalars pass on both. So these tests catch
+on a CPU-only machine what would crash the first call on CUDA."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from apple_video.config import load_preset, with_overrides
+from apple_video.faces.detect import create_detector
+from apple_video.faces.sources import source_faces
+from apple_video.models import latents as L
+from apple_video.models.pipeline import ApplePipeline, build_tiny
+from apple_video.sampling.flow import FlowCondition, invert, sample
+from apple_video.sampling.schedule import flux_schedule
+from apple_video.settings import DetectorSettings
+
+META = torch.device("meta")
+
+
+def _tiny_preset(**sampling):
+    return with_overrides(load_preset("tiny"), inversion_steps=2, sampling_steps=2, **sampling)
+
+
+@torch.no_grad()
+def test_invert_and_sample_on_meta() -> None:
+    transformer, vae, prompt, _ = build_tiny(load_preset("tiny"))
+    transformer.to(META)
+    b, n, c = 2, 64, transformer.config.in_channels
+    cond = FlowCondition(prompt.prompt_embeds.to(META).expand(b, -1, -1), prompt.pooled_embeds.to(META).expand(b, -1),
+                         L.image_ids(128, 128, vae, META), prompt.txt_ids.to(META), 1.0,
+                         torch.empty(b, n, c, device=META), torch.empty(b, 32, 16, device=META))
+    latents = torch.empty(b, n, c, device=META)
+    schedule = flux_schedule(3, n)  # built on the host, as callers do: the loops must move it themselves
+
+    def velocity(inputs, cache):
+        return transformer(inputs, cache)
+
+    null = torch.empty(b, 32, 16, device=META)
+    for second_order in (False, True):
+        noise = invert(velocity, latents, cond.attribute_only(null), schedule, second_order)
+        assert noise.device == META and noise.shape == latents.shape
+    out = sample(velocity, noise, cond, schedule, null_id=null, id_guidance=2.0)
+    assert out.device == META and out.shape == latents.shape
+
+
+@pytest.mark.parametrize("recipe", ["inversion", "student"])
+def test_pipeline_swap_path_on_meta(recipe: str, hopper: np.ndarray, astronaut: np.ndarray) -> None:
+    pipe = ApplePipeline.from_preset(_tiny_preset(recipe=recipe), torch.device("cpu"))
+    sources = source_faces([hopper], ["hopper"], create_detector(DetectorSettings(name="dlib")), 128)
+    pipe.to(META)
+    id_embed, null = pipe.id_embedding(sources)
+    assert id_embed.device == META and null.device == META
+    crops = np.stack([np.ascontiguousarray(astronaut[:128, :128]), np.ascontiguousarray(astronaut[100:228, 150:278])])
+    out = pipe.swap_latents(crops, id_embed, null, [0, 0])
+    assert out.device == META and out.shape[0] == 2
+    with torch.no_grad():
+        pixels = L.decode_latents(pipe.vae, out, 128, 128)
+    assert pixels.device == META and pixels.shape == (2, 3, 128, 128)
+
+
+def test_offloaded_pipeline_streams_weights_to_the_device(astronaut: np.ndarray) -> None:
+    """--offload: the weights stay on the host and accelerate's hooks bring each module to the device as it runs."""
+    pipe = ApplePipeline.from_preset(_tiny_preset(), META, offload=True)
+    crops = np.ascontiguousarray(astronaut[None, :128, :128])
+    tokens = pipe.swap_latents(crops, torch.zeros(1, 32, 16), torch.zeros(1, 32, 16), [0])
+    assert tokens.device == META
+
+
+def test_offload_gives_the_same_crops_on_the_host(astronaut: np.ndarray) -> None:
+    crops = np.ascontiguousarray(astronaut[None, :128, :128])
+    id_embed, null = torch.randn(1, 32, 16, generator=torch.Generator().manual_seed(1)), torch.zeros(1, 32, 16)
+    plain = ApplePipeline.from_preset(_tiny_preset(), torch.device("cpu"))
+    offloaded = ApplePipeline.from_preset(_tiny_preset(), torch.device("cpu"), offload=True)
+    assert torch.equal(plain.swap_latents(crops, id_embed, null, [0]), offloaded.swap_latents(crops, id_embed, null, [0]))
