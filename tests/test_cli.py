@@ -126,3 +126,18 @@ def test_apple_swapper_without_weights_is_one_line(tmp_path: Path, source_photo:
     _one_line_error(result, "flux-krea-dev")
     assert "weights where" in result.stderr
     assert not list(out.iterdir())  # no job folder, no partial output
+
+
+def test_recipe_and_batch_size_options(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    from apple_video.engine.request import batch_size_from, recipe_from
+
+    out = str(tmp_path / "o.mp4")
+    _one_line_error(run("swap", str(source_photo), str(face_clip), "-o", out, "--batch-size", "many"), "--batch-size")
+    _one_line_error(run("swap", str(source_photo), str(face_clip), "-o", out, "--no-inversion", "--recipe", "inversion"),
+                    "--no-inversion")
+    assert not Path(out).exists()
+    assert batch_size_from("auto") == "auto" and batch_size_from("8") == 8
+    assert recipe_from({"recipe": None, "no_inversion": True}) == "student"  # the old flag stays an alias
+    assert recipe_from({"recipe": None, "no_inversion": False}) is None  # the preset decides
+    help_text = run("swap", "--help").stdout
+    assert "--recipe [student|inversion]" in help_text and "--offload" in help_text

@@ -77,3 +77,15 @@ def test_offload_gives_the_same_crops_on_the_host(astronaut: np.ndarray) -> None
     plain = ApplePipeline.from_preset(_tiny_preset(), torch.device("cpu"))
     offloaded = ApplePipeline.from_preset(_tiny_preset(), torch.device("cpu"), offload=True)
     assert torch.equal(plain.swap_latents(crops, id_embed, null, [0]), offloaded.swap_latents(crops, id_embed, null, [0]))
+
+
+def test_auto_batch_size_from_free_memory() -> None:
+    from apple_video.models.pipeline import CPU_BATCH_LIMIT, CUDA_BATCH_LIMIT, GIB, choose_batch_size
+
+    per_crop = int(load_preset("krea-512").model.crop_memory_gib * GIB)
+    assert choose_batch_size(80 * GIB - 24 * GIB, per_crop, CUDA_BATCH_LIMIT) == 16  # an 80 GB card, model loaded
+    assert choose_batch_size(14 * GIB, per_crop, CUDA_BATCH_LIMIT) == 8  # (14 - 2 reserve) / 1.5
+    assert choose_batch_size(3 * GIB, per_crop, CUDA_BATCH_LIMIT) == 1 == choose_batch_size(0, per_crop, 16)
+    assert choose_batch_size(64 * GIB, per_crop, CPU_BATCH_LIMIT) == 4
+    pipe = ApplePipeline.from_preset(_tiny_preset(), torch.device("cpu"))
+    assert 1 <= pipe.auto_batch_size() <= CPU_BATCH_LIMIT

@@ -91,9 +91,10 @@ def test_batch_of_4_gives_the_frames_of_batch_1(tmp_path: Path, source_photo: Pa
         assert swap_video([source_photo], face_clip, outputs[batch], settings).faces_swapped == 10
     one, four = _frames(outputs[1]), _frames(outputs[4])
     assert len(one) == len(four) == 10
-    for a, b in zip(one, four, strict=True):
-        assert np.abs(a.astype(int) - b.astype(int)).max() <= 1  # float rounding of batched matmuls, at most
-    assert sum(np.array_equal(a, b) for a, b in zip(one, four, strict=True)) >= 9, "batching changed whole frames"
+    # batched float matmuls round differently in the last bits (latents equal within 1e-5, see test_sampling):
+    # a few pixels that sit on a rounding edge may move by one grey level, nothing more
+    diff = np.abs(np.stack(one).astype(int) - np.stack(four).astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-3, ((diff > 0).mean(), diff.max())
 
 
 def test_image_swap_background_untouched(tmp_path: Path, source_photo: Path, clip_frames) -> None:
