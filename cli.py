@@ -87,8 +87,9 @@ def swap_options(func):
         click.option("--no-inversion", is_flag=True, help="Same as --recipe student (older spelling)."),
         click.option("--offload", is_flag=True,
                      help="For GPUs under ~32 GB: keep the transformer's weights in host memory and copy each layer to "
-                          "the GPU as it runs (GPU memory ~2-4 GB instead of ~24 GB). Costs a full weight transfer "
-                          "(~24 GB over PCIe, ~1-3 s) per model call: use large batches."),
+                          "the GPU as it runs (GPU memory: one layer plus activations, instead of ~24 GB). Costs the "
+                          "weight transfer (~24 GB over PCIe, estimated seconds) at every model call: use large "
+                          "batches."),
         click.option("--seed", type=int, default=0, show_default=True, help="Random seed (outputs are reproducible)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--face-detector", "--face-detector-model", "face_detector", type=click.Choice(DETECTOR_CHOICES),
