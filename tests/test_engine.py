@@ -238,3 +238,29 @@ def test_truncated_video_is_one_line_exit_2(tmp_path: Path, source_photo: Path, 
         assert len(lines) == 1 and "Traceback" not in result.stderr
     else:  # a clean cut at a packet boundary just yields a shorter, valid clip
         assert probe(tmp_path / "out.mp4").frame_count == probe(broken).frame_count
+
+
+def test_prefetch_keeps_order_stops_early_and_reports_errors() -> None:
+    import threading
+
+    from apple_video.engine.stages import prefetch
+
+    assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
+    produced = []
+
+    def numbers():
+        for i in range(1000):
+            produced.append(i)
+            yield i
+
+    ahead = prefetch(numbers(), depth=1)
+    assert [next(ahead) for _ in range(3)] == [0, 1, 2]
+    ahead.close()  # the consumer stops: the thread stops too, a bounded distance ahead
+    assert len(produced) <= 6 and not any(t.name == "prefetch" for t in threading.enumerate())
+
+    def failing():
+        yield 1
+        raise ValueError("decode failed")
+
+    with pytest.raises(ValueError, match="decode failed"):
+        list(prefetch(failing()))

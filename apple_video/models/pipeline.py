@@ -152,8 +152,9 @@ def load_prompt_embeddings(flux_dir: Path, device: torch.device, dtype: torch.dt
 
 
 class ApplePipeline:
-    """Aligned target crops + source identity -> swapped crops, as APPLE does:
-    encode -> attribute-aware inversion (null id, F_att) -> sampling (id_src, F_att) -> decode."""
+    """Aligned target crops + source identity -> swapped crops, as APPLE does: encode -> starting noise -> sampling
+    (id_src, F_att) -> decode. The starting noise is the preset's recipe: attribute-aware inversion (null id, F_att)
+    of the crop (`inversion`), or seeded Gaussian noise (`student`, APPLE's own inference)."""
 
     def __init__(self, preset: Preset, transformer: AppleFluxTransformer, vae: AutoencoderKL, prompt: PromptEmbeddings,
                  identity: IdentityFeatureExtractor, device: torch.device, real: bool, offload: bool = False) -> None:
