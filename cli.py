@@ -61,7 +61,7 @@ def swap_options(func):
     from apple_video.faces.mask import MASK_REGIONS, PARSER_CHOICES
     from apple_video.faces.select import SELECTOR_MODES, SELECTOR_ORDERS
     from apple_video.media.video import VIDEO_CODECS
-    from apple_video.settings import SWAPPER_CHOICES
+    from apple_video.settings import QUALITY_CHOICES, SWAPPER_CHOICES
 
     options = [
         click.option("-s", "--source", "extra_sources", multiple=True, type=click.Path(),
@@ -79,6 +79,11 @@ def swap_options(func):
                      help="APPLE LoRA file to use instead of the preset's (e.g. a student you trained)."),
         click.option("--second-order", is_flag=True,
                      help="Second-order inversion steps (reuses the previous velocity; fewer steps for the same error)."),
+        click.option("--quality", type=click.Choice(QUALITY_CHOICES), default=None,
+                     help="paper: the official 28 + 28 Euler steps; balanced / fast: fewer second-order (FireFlow) "
+                          "steps, condition K/V cache where the LoRA allows it, compiled blocks on CUDA. "
+                          "Default: the preset's own settings. --steps still overrides."),
+        click.option("--fp8", is_flag=True, help="float8 linears on CUDA (needs torchao; changes outputs slightly)."),
         click.option("--no-inversion", is_flag=True, help="Sample from seeded noise instead of attribute-aware inversion."),
         click.option("--seed", type=int, default=0, show_default=True, help="Random seed (outputs are reproducible)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),

@@ -102,7 +102,7 @@ def settings_from(opts: dict) -> SwapSettings:
         classic_blend=opts["classic_blend"],
         model=ModelOptions(preset=opts["preset"], steps=opts["steps"], id_weight=opts["id_weight"],
                            inversion=not opts["no_inversion"], device=opts["device"], lora=opts["lora"],
-                           second_order=opts["second_order"]),
+                           second_order=opts["second_order"], quality=opts.get("quality"), fp8=opts.get("fp8", False)),
         detector=DetectorSettings(name=opts["face_detector"], score=opts["face_detector_score"],
                                   size=opts["face_detector_size"], angles=angles),
         selector=SelectorSettings(mode=opts["face_selector_mode"], order=opts["face_selector_order"],

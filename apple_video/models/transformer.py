@@ -15,6 +15,7 @@ Semantics follow the official APPLE code (OminiControl's multi-branch forward + 
 
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -28,9 +29,42 @@ from diffusers.models.embeddings import apply_rotary_emb
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from apple_video.errors import UserError
 from apple_video.models import packed
 from apple_video.models.pulid import IDFormer, PerceiverAttentionCA
 from apple_video.sampling.inputs import ConditionKVCache, TransformerInputs  # noqa: F401 (re-exported)
+
+logger = logging.getLogger(__name__)
+
+
+def _require_torchao() -> None:
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise UserError("--fp8 needs torchao: pip install torchao (or leave --fp8 off)") from None
+
+
+def to_float8(transformer: nn.Module) -> None:
+    """Dynamic float8 activations and weights (torchao) for the big linears; LoRA and PuLID stay as they are."""
+    _require_torchao()
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    def big_linear(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and "lora_" not in name and not name.startswith("pulid")
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=big_linear)
+
+
+def speed_up(transformer: AppleFluxTransformer, compile_blocks: bool, fp8: bool, device: torch.device) -> None:
+    """The optional levers that only pay on a GPU: float8 linears, then one compiled graph per block kind."""
+    if fp8:
+        if device.type != "cuda":
+            _require_torchao()  # a missing torchao is reported on every machine, not only on GPU hosts
+            logger.warning("fp8 needs a CUDA GPU (Hopper/Ada); ignored on %s", device)
+        else:
+            to_float8(transformer)
+    if compile_blocks and device.type == "cuda":
+        transformer.compile_blocks(True)
 
 
 @contextmanager
