@@ -140,9 +140,13 @@ def test_embeddings_are_reused_across_calls() -> None:
     first = transformer(replace(inputs, time_key=(0.6, 1.0)))
     again = transformer(replace(inputs, latents=inputs.latents + 0.1, time_key=(0.6, 1.0)))
     transformer(replace(inputs, timestep=torch.full((2,), 0.3), time_key=(0.3, 1.0)))
+    assert counts == {"rope": 1, "time": 2}
+    next(transformer.time_text_embed.parameters()).mul_(1.5)  # new weights: the time embedding is recomputed
+    changed = transformer(replace(inputs, time_key=(0.6, 1.0)))
     for hook in hooks:
         hook.remove()
-    assert counts == {"rope": 1, "time": 2}
+    assert counts == {"rope": 1, "time": 3} and not torch.allclose(changed, first)
+    next(transformer.time_text_embed.parameters()).div_(1.5)
     assert torch.allclose(first, transformer(inputs), atol=1e-6) and not torch.allclose(first, again)
 
 

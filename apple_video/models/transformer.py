@@ -330,7 +330,9 @@ class AppleFluxTransformer(FluxTransformer2DModel):
         if x.time_key is None:
             temb, emb = self._time_rows(x, with_condition)
         else:  # the caller vouches that timestep/guidance hold time_key for every row: reuse across calls
-            temb, emb = self._memo.get((x.pooled_embeds,), ("time", x.time_key, b, with_condition, x.latents.dtype),
+            # keyed on the embedder's weights too, so loading new weights recomputes
+            temb, emb = self._memo.get((x.pooled_embeds, *self.time_text_embed.parameters()),
+                                       ("time", x.time_key, b, with_condition, x.latents.dtype, torch.is_grad_enabled()),
                                        lambda: self._time_rows(x, with_condition))
         ids = [x.txt_ids, x.img_ids]
         if with_condition:
