@@ -78,7 +78,7 @@ def swap_options(func):
         click.option("--lora", type=click.Path(), default=None,
                      help="APPLE LoRA file to use instead of the preset's (e.g. a student you trained)."),
         click.option("--second-order", is_flag=True,
-                     help="Second-order inversion steps (reuses the previous velocity; fewer steps for the same error)."),
+                     help="The official second-order inversion (two velocities per step). See --quality for FireFlow."),
         click.option("--quality", type=click.Choice(QUALITY_CHOICES), default=None,
                      help="paper: the official 28 + 28 Euler steps; balanced / fast: fewer second-order (FireFlow) "
                           "steps, condition K/V cache where the LoRA allows it, compiled blocks on CUDA. "

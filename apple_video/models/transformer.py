@@ -11,6 +11,11 @@ Semantics follow the official APPLE code (OminiControl's multi-branch forward + 
 - attention: every query attends to the keys of every branch, except that with `independent_condition`
   condition queries attend only to condition keys. Then condition K/V are the same at every step and a
   `ConditionKVCache` computes them once.
+
+Two forwards compute this: the packed one (default, `models/packed.py`: tokens that share weights share one
+linear, the LoRA delta only on condition rows, RoPE and time embeddings reused across calls, optionally one
+compiled graph per block kind) and the per-branch reference (`packed = False`), which mirrors the official
+code line by line and serves as the check of the packed one.
 """
 
 from __future__ import annotations
