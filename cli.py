@@ -61,7 +61,7 @@ def swap_options(func):
     from apple_video.faces.mask import MASK_REGIONS, PARSER_CHOICES
     from apple_video.faces.select import SELECTOR_MODES, SELECTOR_ORDERS
     from apple_video.media.video import VIDEO_CODECS
-    from apple_video.settings import RECIPES, SWAPPER_CHOICES
+    from apple_video.settings import QUALITY_CHOICES, RECIPES, SWAPPER_CHOICES
 
     options = [
         click.option("-s", "--source", "extra_sources", multiple=True, type=click.Path(),
@@ -78,7 +78,7 @@ def swap_options(func):
         click.option("--lora", type=click.Path(), default=None,
                      help="APPLE LoRA file to use instead of the preset's (e.g. a student you trained)."),
         click.option("--second-order", is_flag=True,
-                     help="Second-order inversion steps (reuses the previous velocity; fewer steps for the same error)."),
+                     help="The official second-order inversion (two velocities per step). See --quality for FireFlow."),
         click.option("--recipe", type=click.Choice(RECIPES), default=None,
                      help="student: APPLE's own inference, seeded Gaussian noise (the same for every frame of a face "
                           "track), the target crop as condition, 28 steps. inversion: attribute-aware inversion of the "
@@ -90,6 +90,11 @@ def swap_options(func):
                           "the GPU as it runs (GPU memory: one layer plus activations, instead of ~24 GB). Costs the "
                           "weight transfer (~24 GB over PCIe, estimated seconds) at every model call: use large "
                           "batches."),
+        click.option("--quality", type=click.Choice(QUALITY_CHOICES), default=None,
+                     help="paper: the official 28 + 28 Euler steps; balanced / fast: fewer second-order (FireFlow) "
+                          "steps, condition K/V cache where the LoRA allows it, compiled blocks on CUDA. "
+                          "Default: the preset's own settings. --steps still overrides."),
+        click.option("--fp8", is_flag=True, help="float8 linears on CUDA (needs torchao; changes outputs slightly)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Random seed (outputs are reproducible)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
         click.option("--face-detector", "--face-detector-model", "face_detector", type=click.Choice(DETECTOR_CHOICES),

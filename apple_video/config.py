@@ -67,6 +67,24 @@ class SamplingSettings(_Strict):
     independent_condition: bool = False
     recipe: Literal["student", "inversion"] = "inversion"
     null_id: Literal["encoder", "none"] = "encoder"  # unconditional id: IDFormer(zeros), or no id branch
+    solver: Literal["euler", "fireflow"] = "euler"  # fireflow: second order, N + 1 velocities for N steps
+    inversion_solver: Literal["euler", "fireflow"] | None = None  # None: the same as `solver`
+    condition_cache: bool = True  # reuse condition K/V across steps when the model has independent_condition
+    compile: bool = False  # torch.compile each block kind once (CUDA only)
+    fp8: bool = False  # torchao float8 linears (CUDA only, needs torchao)
+
+
+# --quality: what each level sets on top of the preset. `paper` is exactly the official settings.
+QUALITY_SETTINGS: dict[str, dict[str, Any]] = {
+    "paper": {"inversion_steps": 28, "sampling_steps": 28, "solver": "euler", "inversion_solver": None,
+              "second_order": False, "condition_cache": False, "compile": False, "fp8": False},
+    # 5 + 5 velocities: FireFlow at 4 steps is as close to paper as Euler at 8 (tests/test_quality.py)
+    "balanced": {"inversion_steps": 4, "sampling_steps": 4, "solver": "fireflow", "inversion_solver": None,
+                 "second_order": False, "condition_cache": True, "compile": True, "fp8": False},
+    # 2 + 3 velocities: the least that keeps the inversion two steps deep and sampling second order
+    "fast": {"inversion_steps": 2, "sampling_steps": 2, "solver": "fireflow", "inversion_solver": "euler",
+             "second_order": False, "condition_cache": True, "compile": True, "fp8": False},
+}
 
 
 class Preset(_Strict):
@@ -115,6 +133,15 @@ def load_preset(name_or_path: str | Path) -> Preset:
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML ({error.__class__.__name__})") from None
     return parse_preset(data or {}, str(path))
+
+
+def with_quality(preset: Preset, quality: str | None) -> Preset:
+    """The preset with a --quality level's sampling settings (None: the preset's own)."""
+    if quality is None:
+        return preset
+    if quality not in QUALITY_SETTINGS:
+        raise ConfigError(f"unknown quality '{quality}' (choose from {', '.join(QUALITY_SETTINGS)})")
+    return with_overrides(preset, **QUALITY_SETTINGS[quality])
 
 
 def with_overrides(preset: Preset, **sampling: Any) -> Preset:

@@ -81,6 +81,8 @@ BatchSize = int | Literal["auto"]
 SwapperName = Literal["auto", "apple", "classic"]
 SWAPPER_CHOICES: tuple[str, ...] = ("auto", "apple", "classic")
 ExecutorName = Literal["local", "ray"]
+QualityName = Literal["fast", "balanced", "paper"]
+QUALITY_CHOICES: tuple[str, ...] = ("fast", "balanced", "paper")
 
 
 @dataclass(frozen=True)
@@ -93,6 +95,8 @@ class ModelOptions:
     offload: bool = False  # keep the transformer's weights in host memory, stream them to the GPU per module
     lora: str | None = None  # a LoRA file (e.g. a student you trained) instead of the preset's
     second_order: bool = False
+    quality: QualityName | None = None  # None: the preset's own sampling settings (krea-512: the paper's)
+    fp8: bool = False  # torchao float8 linears on CUDA
 
 
 @dataclass(frozen=True)

@@ -64,7 +64,7 @@ def test_pipeline_swap_path_on_meta(recipe: str, hopper: np.ndarray, astronaut: 
 
 
 def test_offloaded_pipeline_streams_weights_to_the_device(astronaut: np.ndarray) -> None:
-    """--offload: the weights stay on the host and accelerate's hooks bring each module to the device as it runs."""
+    """--offload: the weights stay on the host and each block is copied to the device as it runs."""
     pipe = ApplePipeline.from_preset(_tiny_preset(), META, offload=True)
     crops = np.ascontiguousarray(astronaut[None, :128, :128])
     tokens = pipe.swap_latents(crops, torch.zeros(1, 32, 16), torch.zeros(1, 32, 16), [0])

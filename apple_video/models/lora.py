@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from apple_video.errors import InputError, WeightsError
@@ -21,7 +23,10 @@ LORA_TARGETS = (
     r"|.*single_transformer_blocks\.[0-9]+\.attn.to_v|.*single_transformer_blocks\.[0-9]+\.attn.to_out)"
 )
 ADAPTER = "default"
+INDEPENDENT_KEY = "independent_condition"
 PREFIX = "transformer."
+
+logger = logging.getLogger(__name__)
 
 
 def add_condition_lora(transformer, rank: int, adapter: str = ADAPTER, init: str | bool = "gaussian") -> None:
@@ -38,9 +43,13 @@ def lora_state_dict(transformer, adapter: str = ADAPTER) -> dict[str, torch.Tens
 
 
 def save_lora(transformer, path: Path, adapter: str = ADAPTER) -> Path:
+    """Write the LoRA; its metadata records whether it was trained with independent_condition (which lets
+    inference cache the condition K/V)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(lora_state_dict(transformer, adapter), str(tmp), metadata={"format": "pt", "apple_video": "condition-lora"})
+    independent = "true" if transformer.config.independent_condition else "false"
+    save_file(lora_state_dict(transformer, adapter), str(tmp),
+              metadata={"format": "pt", "apple_video": "condition-lora", INDEPENDENT_KEY: independent})
     tmp.replace(path)
     return path
 
@@ -61,6 +70,12 @@ def load_lora(transformer, path: Path, adapter: str = ADAPTER) -> None:
     except Exception as error:  # safetensors raises several types for truncated files
         raise WeightsError(f"LoRA file corrupt or unreadable: {path} ({error.__class__.__name__})") from None
     state = {key.removeprefix(PREFIX): value for key, value in raw.items()}
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    if metadata.get(INDEPENDENT_KEY) == "true" and not transformer.config.independent_condition:
+        # condition tokens were trained to attend to themselves only: run them so (and cache their K/V)
+        logger.info("%s was trained with independent_condition: condition K/V are cached across steps", path.name)
+        transformer.register_to_config(independent_condition=True)
     rank = lora_rank_of(state)
     existing = getattr(transformer, "peft_config", {}).get(adapter)
     if existing is not None and existing.r != rank:

@@ -19,7 +19,7 @@ from apple_video.faces.types import SourceFace
 from apple_video.models import latents as L
 from apple_video.models.identity import IdentityFeatureExtractor, TinyIdentity
 from apple_video.models.lora import add_condition_lora, load_lora
-from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache
+from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache, speed_up
 from apple_video.sampling.flow import FlowCondition, invert, sample
 from apple_video.sampling.schedule import flux_schedule
 
@@ -168,17 +168,17 @@ class ApplePipeline:
         self.to(device)
 
     def to(self, device: torch.device) -> ApplePipeline:
-        """Put the model on `device`. With `offload`, the transformer's weights stay in host memory and each
-        module's weights are copied to the GPU only while it runs (accelerate hooks)."""
+        """Put the model on `device`. With `offload`, the transformer blocks' weights stay in host memory and each
+        block is copied to the device only while it runs (`AppleFluxTransformer.stream_blocks`)."""
         self.device = torch.device(device)
         self.dtype = DTYPES[self.preset.model.dtype] if self.device.type == "cuda" else torch.float32
         if self.offload:
-            from accelerate import cpu_offload
-
-            cpu_offload(self.transformer, execution_device=self.device)
+            self.transformer.stream_blocks(self.device)
         else:
             self.transformer.to(self.device)
         self.vae.to(self.device)
+        speed_up(self.transformer, self.preset.sampling.compile, self.preset.sampling.fp8, self.device)
+        self._constants: dict[tuple, tuple[torch.Tensor, ...]] = {}
         return self
 
     def auto_batch_size(self) -> int:
@@ -250,12 +250,12 @@ class ApplePipeline:
         b, height, width = crops.shape[0], crops.shape[1], crops.shape[2]
         tokens = L.encode(self.vae, crops).to(self.dtype)
         cond_tokens = tokens if conditions is None else L.encode(self.vae, conditions).to(self.dtype)
-        prompt = self.prompt.to(self.device, self.dtype)
+        prompt, pooled, img_ids, txt_ids = self._step_constants(b, height, width)
         cond = FlowCondition(
-            prompt_embeds=prompt.prompt_embeds.expand(b, -1, -1),
-            pooled_embeds=prompt.pooled_embeds.expand(b, -1),
-            img_ids=L.image_ids(height, width, self.vae, self.device, self.dtype),
-            txt_ids=prompt.txt_ids,
+            prompt_embeds=prompt,
+            pooled_embeds=pooled,
+            img_ids=img_ids,
+            txt_ids=txt_ids,
             guidance=s.guidance,
             condition=cond_tokens,
             id_embed=id_embed.to(self.device, self.dtype).expand(b, -1, -1),
@@ -263,13 +263,27 @@ class ApplePipeline:
         )
         # the null id: IDFormer(zeros) as PuLID and APPLE use it, or no id branch at all (same as id_weight 0)
         null = null_id.to(self.device, self.dtype).expand(b, -1, -1) if s.null_id == "encoder" else None
-        use_cache = s.independent_condition
+        # one condition K/V cache for inversion and sampling: the condition tokens never see latents or identity
+        cache = ConditionKVCache() if s.condition_cache and self.transformer.config.independent_condition else None
         if s.recipe == "inversion":
-            schedule = flux_schedule(s.inversion_steps, tokens.shape[1], device=self.device)
-            noise = invert(self._velocity, tokens, cond.attribute_only(null), schedule, s.second_order,
-                           ConditionKVCache() if use_cache else None)
+            schedule = flux_schedule(s.inversion_steps, tokens.shape[1])
+            noise = invert(self._velocity, tokens, cond.attribute_only(null), schedule, s.second_order, cache,
+                           s.inversion_solver or s.solver)
         else:
             noise = torch.cat([L.noise_tokens(1, height, width, self.vae, self.vae.config.latent_channels,
                                               torch.Generator().manual_seed(seed)) for seed in seeds]).to(self.device, self.dtype)
-        schedule = flux_schedule(s.sampling_steps, tokens.shape[1], device=self.device)
-        return sample(self._velocity, noise, cond, schedule, null, s.id_guidance, ConditionKVCache() if use_cache else None)
+        schedule = flux_schedule(s.sampling_steps, tokens.shape[1])
+        return sample(self._velocity, noise, cond, schedule, null, s.id_guidance, cache, s.solver)
+
+    def _step_constants(self, batch: int, height: int, width: int) -> tuple[torch.Tensor, ...]:
+        """Prompt rows and RoPE ids for a batch size and crop size, the same tensors every call, so the
+        transformer reuses its RoPE tables and time embeddings across batches."""
+        key = (batch, height, width)
+        if key not in self._constants:
+            self._constants[key] = (
+                self.prompt.prompt_embeds.to(self.device, self.dtype).expand(batch, -1, -1),
+                self.prompt.pooled_embeds.to(self.device, self.dtype).expand(batch, -1),
+                L.image_ids(height, width, self.vae, self.device, self.dtype),
+                self.prompt.txt_ids.to(self.device, self.dtype),
+            )
+        return self._constants[key]

@@ -11,11 +11,18 @@ Semantics follow the official APPLE code (OminiControl's multi-branch forward + 
 - attention: every query attends to the keys of every branch, except that with `independent_condition`
   condition queries attend only to condition keys. Then condition K/V are the same at every step and a
   `ConditionKVCache` computes them once.
+
+Two forwards compute this: the packed one (default, `models/packed.py`: tokens that share weights share one
+linear, the LoRA delta only on condition rows, RoPE and time embeddings reused across calls, optionally one
+compiled graph per block kind) and the per-branch reference (`packed = False`), which mirrors the official
+code line by line and serves as the check of the packed one.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import weakref
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -27,8 +34,42 @@ from diffusers.models.embeddings import apply_rotary_emb
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from apple_video.errors import UserError
+from apple_video.models import packed
 from apple_video.models.pulid import IDFormer, PerceiverAttentionCA
 from apple_video.sampling.inputs import ConditionKVCache, TransformerInputs  # noqa: F401 (re-exported)
+
+logger = logging.getLogger(__name__)
+
+
+def _require_torchao() -> None:
+    try:
+        import torchao  # noqa: F401
+    except ImportError:
+        raise UserError("--fp8 needs torchao: pip install torchao (or leave --fp8 off)") from None
+
+
+def to_float8(transformer: nn.Module) -> None:
+    """Dynamic float8 activations and weights (torchao) for the big linears; LoRA and PuLID stay as they are."""
+    _require_torchao()
+    from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
+
+    def big_linear(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and "lora_" not in name and not name.startswith("pulid")
+
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=big_linear)
+
+
+def speed_up(transformer: AppleFluxTransformer, compile_blocks: bool, fp8: bool, device: torch.device) -> None:
+    """The optional levers that only pay on a GPU: float8 linears, then one compiled graph per block kind."""
+    if fp8:
+        if device.type != "cuda":
+            _require_torchao()  # a missing torchao is reported on every machine, not only on GPU hosts
+            logger.warning("fp8 needs a CUDA GPU (Hopper/Ada); ignored on %s", device)
+        else:
+            to_float8(transformer)
+    if compile_blocks and device.type == "cuda":
+        transformer.compile_blocks(True)
 
 
 @contextmanager
@@ -43,6 +84,30 @@ def lora_scope(layers: list[LoraLayer], adapter: str | None) -> Iterator[None]:
     finally:
         for layer, scales in zip(layers, saved, strict=True):
             layer.scaling.update(scales)
+
+
+class _Memo:
+    """Values computed from a few input tensors, reused while those very tensors are alive and unmodified
+    (RoPE tables per crop size, time embeddings per schedule time). Small and per model: no global state."""
+
+    def __init__(self, size: int = 128) -> None:
+        self.size = size
+        self._items: dict[tuple, tuple[list, list[int], object]] = {}
+
+    def get(self, tensors: tuple[torch.Tensor, ...], extra: tuple, compute: Callable[[], object]) -> object:
+        try:
+            versions = [t._version for t in tensors]
+        except RuntimeError:  # inference-mode tensors have no version counter: do not reuse
+            return compute()
+        key = (tuple(id(t) for t in tensors), extra)
+        hit = self._items.get(key)
+        if hit is not None and all(ref() is t for ref, t in zip(hit[0], tensors, strict=True)) and hit[1] == versions:
+            return hit[2]
+        value = compute()
+        if len(self._items) >= self.size:
+            self._items.pop(next(iter(self._items)))
+        self._items[key] = ([weakref.ref(t) for t in tensors], versions, value)
+        return value
 
 
 @dataclass
@@ -96,6 +161,49 @@ class AppleFluxTransformer(FluxTransformer2DModel):
         )
         self.pulid_encoder = IDFormer(**idformer) if idformer is not None else None
         self._block_loras: dict[int, list[LoraLayer]] = {}
+        self.packed = True  # False: the reference per-branch forward (peft scales switched per branch)
+        self._compiled: dict[Callable, Callable] = {}
+        self._memo = _Memo()
+        self.stream_device: torch.device | None = None  # set by stream_blocks(): blocks live on the host
+
+    # -- memory switch -------------------------------------------------------------------------------------------
+    def stream_blocks(self, device: torch.device) -> None:
+        """Keep the transformer blocks (nearly all the weights) in host memory and copy each one to `device` only
+        while it runs; everything else moves to `device`. Exact (the same weights and kernels), slower by one
+        host-to-device copy of the weights per call."""
+        blocks = {"transformer_blocks", "single_transformer_blocks"}
+        for name, child in self.named_children():
+            if name not in blocks:
+                child.to(device)
+        self.stream_device = torch.device(device)
+        self._memo = _Memo()
+
+    @contextmanager
+    def _resident(self, block: nn.Module) -> Iterator[None]:
+        """`block`'s weights on the stream device for the duration; the host copies are put back afterwards."""
+        if self.stream_device is None:
+            yield
+            return
+        saved = []
+        for module in block.modules():
+            for store in (module._parameters, module._buffers):
+                for name, tensor in store.items():
+                    if tensor is None:
+                        continue
+                    saved.append((store, name, tensor))
+                    moved = tensor.detach().to(self.stream_device, non_blocking=True)
+                    store[name] = nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else moved
+        try:
+            yield
+        finally:
+            for store, name, tensor in saved:
+                store[name] = tensor
+
+    # -- speed switches ------------------------------------------------------------------------------------------
+    def compile_blocks(self, enabled: bool = True, **options) -> None:
+        """torch.compile each block kind once: one graph serves every block (parameters are graph inputs)."""
+        self._compiled = {fn: torch.compile(fn, **options) for fn in (packed.double_block, packed.single_block)} \
+            if enabled else {}
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def refresh_lora_layers(self) -> None:
@@ -202,7 +310,8 @@ class AppleFluxTransformer(FluxTransformer2DModel):
                    reading: bool) -> None:
         """Run one block, recomputing its activations in the backward pass when gradient checkpointing is on."""
         if not (self.gradient_checkpointing and torch.is_grad_enabled() and cache is None):
-            fn(block, branches, layer, cache, reading)
+            with self._resident(block):
+                fn(block, branches, layer, cache, reading)
             return
 
         def run(*hiddens: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -215,12 +324,96 @@ class AppleFluxTransformer(FluxTransformer2DModel):
         for branch, hidden in zip(branches, outputs, strict=True):
             branch.hidden = hidden
 
+    # -- packed forward (default) ---------------------------------------------------------------------------------
+    def _time_rows(self, x: TransformerInputs, with_condition: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """(temb of the image branch (B, D), silu(temb) rows (nseg * B, D): image branch[, condition branch])."""
+        timestep = x.timestep
+        guidance = x.guidance if x.guidance is not None else torch.ones_like(timestep)
+        pooled = x.pooled_embeds
+        if with_condition:  # condition tokens: timestep 0, guidance 1
+            timestep = torch.cat([timestep, torch.zeros_like(timestep)])
+            guidance = torch.cat([guidance, torch.ones_like(guidance)])
+            pooled = torch.cat([pooled, pooled])
+        temb = self._temb(timestep, guidance, pooled)
+        return temb[: x.latents.shape[0]], F.silu(temb)
+
+    def _rope(self, ids: list[torch.Tensor]) -> packed.Rope:
+        return packed.rope_table(*self.pos_embed(torch.cat(ids)))
+
+    def _segments(self, before: int, condition: int, device: torch.device) -> torch.Tensor | None:
+        """Token -> modulation row (0: text/image, 1: condition); None when there are no condition tokens."""
+        if not condition:
+            return None
+        return self._memo.get((), ("segments", before, condition, device), lambda: torch.cat(
+            [torch.zeros(before, dtype=torch.long, device=device), torch.ones(condition, dtype=torch.long, device=device)]))
+
+    def _run_packed(self, fn: Callable, block, hiddens: tuple[torch.Tensor, ...], *args):
+        fn = self._compiled.get(fn, fn)
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(fn, block, *hiddens, *args, use_reentrant=False)
+        with self._resident(block):
+            return fn(block, *hiddens, *args)
+
+    def _pulid(self, hidden: torch.Tensor, start: int, count: int, x: TransformerInputs, k: int) -> torch.Tensor:
+        image = hidden[:, start : start + count]
+        return hidden.slice_scatter(image + x.id_weight * self.pulid_ca[k](x.id_embed, image), 1, start, start + count)
+
+    def _forward_packed(self, x: TransformerInputs, cache: ConditionKVCache | None) -> torch.Tensor:
+        reading = cache is not None and cache.filled
+        with_condition = x.condition is not None and not reading
+        writing = cache is not None and with_condition
+        b, n, t = x.latents.shape[0], x.latents.shape[1], x.prompt_embeds.shape[1]
+        layout = packed.Layout(text=t, image=n, condition=x.condition.shape[1] if with_condition else 0,
+                               independent=self.config.independent_condition, adapter=x.adapter)
+        tokens = torch.cat([x.latents, x.condition.to(x.latents.dtype)], 1) if with_condition else x.latents
+        ic = packed.lora_linear(self.x_embedder, tokens, n if with_condition else None, x.adapter)
+        txt = self.context_embedder(x.prompt_embeds)
+        if x.time_key is None:
+            temb, emb = self._time_rows(x, with_condition)
+        else:  # the caller vouches that timestep/guidance hold time_key for every row: reuse across calls
+            # keyed on the embedder's weights too, so loading new weights recomputes
+            temb, emb = self._memo.get((x.pooled_embeds, *self.time_text_embed.parameters()),
+                                       ("time", x.time_key, b, with_condition, x.latents.dtype, torch.is_grad_enabled()),
+                                       lambda: self._time_rows(x, with_condition))
+        ids = [x.txt_ids, x.img_ids]
+        if with_condition:
+            ids.append(x.cond_ids if x.cond_ids is not None else x.img_ids)
+        rope = self._memo.get(tuple(ids), ("rope",), lambda: self._rope(ids))
+        seg_ic = self._segments(n, layout.condition, tokens.device)
+        seg_all = self._segments(t + n, layout.condition, tokens.device)
+        ca, depth = 0, len(self.transformer_blocks)
+        for i, block in enumerate(self.transformer_blocks):
+            cached = cache.keys[i] if reading else None
+            txt, ic, kv = self._run_packed(packed.double_block, block, (txt, ic), emb, rope, seg_ic, layout, cached)
+            if writing:
+                cache.keys[i] = (kv[0].contiguous(), kv[1].contiguous())
+            if i % self.config.pulid_double_interval == 0:
+                if x.id_embed is not None:
+                    ic = self._pulid(ic, 0, n, x, ca)
+                ca += 1
+        hidden = torch.cat([txt, ic], 1)
+        for j, block in enumerate(self.single_transformer_blocks):
+            cached = cache.keys[depth + j] if reading else None
+            hidden, kv = self._run_packed(packed.single_block, block, (hidden,), emb, rope, seg_all, layout, cached)
+            if writing:
+                cache.keys[depth + j] = (kv[0].contiguous(), kv[1].contiguous())
+            if j % self.config.pulid_single_interval == 0:
+                if x.id_embed is not None:
+                    hidden = self._pulid(hidden, t, n, x, ca)
+                ca += 1
+        return self.proj_out(self.norm_out(hidden[:, t : t + n], temb))
+
     # -- forward -------------------------------------------------------------------------------------------------
     def forward(self, inputs: TransformerInputs, cache: ConditionKVCache | None = None) -> torch.Tensor:  # type: ignore[override]
         """Velocity for the image tokens, (B, N, C)."""
-        x = inputs
         if cache is not None and not self.config.independent_condition:
             raise ValueError("the condition K/V cache is exact only with independent_condition=True")
+        if self.packed:
+            return self._forward_packed(inputs, cache)
+        return self._forward_reference(inputs, cache)
+
+    def _forward_reference(self, x: TransformerInputs, cache: ConditionKVCache | None) -> torch.Tensor:
+        """The per-branch forward the official code runs (peft LoRA on every branch, its scale switched)."""
         loras = self._loras(self.x_embedder)
         with lora_scope(loras, None):
             image = self.x_embedder(x.latents)

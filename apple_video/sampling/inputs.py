@@ -41,6 +41,9 @@ class TransformerInputs:
     id_embed: torch.Tensor | None = None  # (B, n_id, kv_dim)
     id_weight: float = 1.0
     adapter: str = "default"
+    # (t, guidance) that `timestep` and `guidance` hold in every row, when the caller knows them: the model may
+    # then reuse its time embeddings across calls (a schedule's times recur for every batch of a video)
+    time_key: tuple[float, float] | None = None
 
 
 Velocity = Callable[[TransformerInputs, ConditionKVCache | None], torch.Tensor]

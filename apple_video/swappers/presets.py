@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from apple_video import weights
-from apple_video.config import Preset, load_preset, with_overrides
+from apple_video.config import Preset, load_preset, with_overrides, with_quality
 from apple_video.settings import ModelOptions
 
 
@@ -13,9 +13,10 @@ def apple_weights_present() -> bool:
 
 def apple_preset(options: ModelOptions) -> Preset:
     """The APPLE preset a job runs (krea-512 unless asked), with the command line's sampling overrides."""
-    return with_overrides(load_preset(options.preset or "krea-512"), inversion_steps=options.steps,
+    preset = with_quality(load_preset(options.preset or "krea-512"), options.quality)
+    return with_overrides(preset, inversion_steps=options.steps,
                           sampling_steps=options.steps, id_weight=options.id_weight, recipe=options.recipe,
-                          second_order=options.second_order or None)
+                          second_order=options.second_order or None, fp8=options.fp8 or None)
 
 
 def required_weights(preset: Preset, options: ModelOptions) -> list[str]:
