@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from apple_video import weights
 from apple_video.errors import InputError, UserError
 from apple_video.faces.align import alignment_matrix, transform_points, warp_crop
 from apple_video.faces.detect import DetectorSettings, create_detector
@@ -154,7 +155,7 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     if manifest and manifest.get("crop_size") != size:
         raise UserError(f"{output} holds crops of size {manifest.get('crop_size')}, not {size}: use another folder")
-    source = provenance(create_parser("auto", announce=False) is not None)
+    source = provenance(weights.is_present("bisenet-parsing"))
     if manifest and manifest.get("mask_source") != source["mask_source"]:
         raise UserError(f"{output} was prepared with {manifest.get('mask_source')} masks, now {source['mask_source']}: "
                         "use another folder")

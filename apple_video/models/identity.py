@@ -89,7 +89,8 @@ def pulid_face_image(source: SourceFace, parser: FaceParser | None) -> torch.Ten
 
 
 def eva_input(source: SourceFace, parser: FaceParser | None, image_size: int) -> torch.Tensor:
-    """The normalised EVA-CLIP input: PuLID's grey face, bicubic-resized (antialiased, as torchvision's resize)."""
+    """The normalised EVA-CLIP input: PuLID's grey face, bicubic-resized (antialiased, as torchvision >= 0.17 resizes
+    tensors: APPLE's environment)."""
     image = pulid_face_image(source, parser)
     image = F.interpolate(image, size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=True)
     mean = torch.tensor(OPENAI_MEAN)[None, :, None, None]
