@@ -62,6 +62,11 @@ def prepared(raw_faces: Path, tmp_path_factory) -> Path:
     reasons = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
     assert reasons["broken.jpg"].startswith("unreadable") and reasons["noface.png"] == "no face found"
     assert sum(s["count"] for s in manifest["shards"]) == 17
+    from apple_video import weights
+
+    parsed = weights.is_present("bisenet-parsing")
+    assert manifest["mask_source"] == ("bisenet-parsing" if parsed else "landmark-hull")
+    assert manifest["landmarks"] == "dlib-68" and manifest["irises"] == "estimated-from-eye-landmarks"
     again = prepare_data(raw_faces, out, size=128, shard_size=6)  # resumable: nothing redone
     assert again["shards"] == manifest["shards"]
     return out

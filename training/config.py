@@ -23,6 +23,10 @@ class TrainConfig(BaseModel):
     id_loss_weight: float = Field(1.0, ge=0)
     id_loss_max_t: float = Field(0.35, ge=0, le=1)  # identity loss only where t <= this
     id_loss_model: Literal["tiny", "iresnet50", "iresnet100"] = "iresnet50"
+    lpips_weight: float = Field(1.0, ge=0)  # the official trainer's LPIPS(vgg) term on the one-step estimate
+    lpips_max_t: float = Field(0.35, ge=0, le=1)  # LPIPS only where t <= this
+    lpips_backbone: Literal["vgg16", "random"] = "vgg16"  # random: tests and toy runs
+    drop_text: float = Field(0.1, ge=0, le=1)  # the prompt replaced by the empty prompt's embedding
     batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(4, ge=1)
     lr: float = Field(1e-4, gt=0)

@@ -1,8 +1,10 @@
-"""`apple-video prepare-data`: a face data set -> aligned crops, face masks, identity embeddings, in shards.
+"""`apple-video prepare-data`: a face data set -> aligned crops, parsing maps, landmarks, identity embeddings, in shards.
 
 Input: one folder per identity (VGGFace2-HQ style), or a flat folder plus an identity list (CSV lines
 `file,identity`). Output: `shards/shard_XXXXX/` (memory-mappable .npy files) + `manifest.json`. Resumable (finished shards are kept),
-parallel (a process pool), and unreadable or faceless images are skipped, counted and listed.
+parallel (a process pool), and unreadable or faceless images are skipped, counted and listed. The manifest
+records where the parsing maps, landmarks and iris points come from (the official data uses BiSeNet + an
+occlusion model, 3DDFA-V3 landmarks and MediaPipe Iris; see `provenance`).
 """
 
 from __future__ import annotations
@@ -19,17 +21,23 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from apple_video import weights
 from apple_video.errors import InputError, UserError
 from apple_video.faces.align import alignment_matrix, transform_points, warp_crop
 from apple_video.faces.detect import DetectorSettings, create_detector
-from apple_video.faces.mask import hull_mask
+from apple_video.faces.parsing import create_parser
 from apple_video.faces.select import sort_faces
 from apple_video.media.images import is_image_path, read_image
+from training.deblur import hull_labels, teacher_condition
 
 logger = logging.getLogger(__name__)
 
-MASK_REGIONS = ("skin", "left-eyebrow", "right-eyebrow", "left-eye", "right-eye", "glasses", "nose", "mouth",
-                "upper-lip", "lower-lip")
+MASK_SOURCES = {True: "bisenet-parsing", False: "landmark-hull"}
+
+
+def provenance(parsed: bool) -> dict[str, str]:
+    """What stands in for the official preprocessing, recorded in the manifest."""
+    return {"mask_source": MASK_SOURCES[parsed], "landmarks": "dlib-68", "irises": "estimated-from-eye-landmarks"}
 
 
 @dataclass(frozen=True)
@@ -64,11 +72,13 @@ class _Worker:
     """Per-process detector (built once per process)."""
 
     detector = None
+    parser = None
     size = 512
 
     @classmethod
     def setup(cls, size: int) -> None:
         cls.detector = create_detector(DetectorSettings(name="dlib"))
+        cls.parser = create_parser("auto", announce=False)
         cls.size = size
 
     @classmethod
@@ -84,11 +94,12 @@ class _Worker:
         matrix = alignment_matrix(face.kps, cls.size)
         crop = warp_crop(rgb, matrix, cls.size)
         landmarks = transform_points(face.landmarks, matrix)
-        return {"image": crop, "mask": hull_mask(landmarks, cls.size, MASK_REGIONS), "landmarks": landmarks.astype(np.float32),
+        labels = cls.parser.labels(crop) if cls.parser is not None else hull_labels(landmarks, cls.size)
+        return {"image": crop, "labels": labels, "landmarks": landmarks.astype(np.float32),
                 "embedding": np.asarray(face.embedding, np.float32), "identity": item.identity, "path": item.path}
 
 
-SHARD_KEYS = ("images", "masks", "landmarks", "embeddings", "identities")
+SHARD_KEYS = ("images", "labels", "landmarks", "embeddings", "identities")
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -105,7 +116,7 @@ def write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 def _write_shard(path: Path, records: list[dict]) -> None:
     write_shard(path, {
-        "images": np.stack([r["image"] for r in records]), "masks": np.stack([r["mask"] for r in records]),
+        "images": np.stack([r["image"] for r in records]), "labels": np.stack([r["labels"] for r in records]),
         "landmarks": np.stack([r["landmarks"] for r in records]), "embeddings": np.stack([r["embedding"] for r in records]),
         "identities": np.array([r["identity"] for r in records]), "paths": np.array([r["path"] for r in records]),
     })
@@ -144,7 +155,14 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     if manifest and manifest.get("crop_size") != size:
         raise UserError(f"{output} holds crops of size {manifest.get('crop_size')}, not {size}: use another folder")
-    manifest = {"crop_size": size, "shards": [], "skipped": [], **manifest}
+    source = provenance(weights.is_present("bisenet-parsing"))
+    if manifest and manifest.get("mask_source") != source["mask_source"]:
+        raise UserError(f"{output} was prepared with {manifest.get('mask_source')} masks, now {source['mask_source']}: "
+                        "use another folder")
+    if source["mask_source"] == "landmark-hull":
+        logger.warning("no BiSeNet parsing weights: the teacher's blur region is the landmark hull, without glasses "
+                       "(see `apple-video weights where`)")
+    manifest = {"crop_size": size, "shards": [], "skipped": [], **source, **manifest}
     done = {path for shard in manifest["shards"] for path in shard["sources"]} | {s["path"] for s in manifest["skipped"]}
     todo = [item for item in items if item.path not in done]
     groups = [todo[i : i + shard_size] for i in range(0, len(todo), shard_size)]
@@ -180,7 +198,7 @@ class FaceData:
     """Prepared crops, memory-mapped from the shards: a sample is read when it is used."""
 
     images: ShardArray  # (N, S, S, 3) uint8
-    masks: ShardArray  # (N, S, S) uint8
+    labels: ShardArray  # (N, S, S) uint8 CelebAMask-HQ classes (BiSeNet, or 1 inside the landmark hull)
     landmarks: ShardArray  # (N, 68, 2)
     embeddings: ShardArray  # (N, 128)
     identities: np.ndarray  # (N,) str, in memory
@@ -194,9 +212,15 @@ class FaceData:
         names = [shard["file"] for shard in manifest["shards"]]
         if not names:
             raise InputError(f"the prepared data set {folder} holds no usable faces")
+        if "mask_source" not in manifest:
+            raise InputError(f"{folder} was prepared by an older version (no parsing maps): run prepare-data into a new folder")
         arrays = open_shards(folder / "shards", names, SHARD_KEYS)
         identities = np.concatenate([np.load(folder / "shards" / n / "identities.npy") for n in names])
-        return cls(arrays["images"], arrays["masks"], arrays["landmarks"], arrays["embeddings"], identities)
+        return cls(arrays["images"], arrays["labels"], arrays["landmarks"], arrays["embeddings"], identities)
+
+    def condition(self, index: int) -> np.ndarray:
+        """The teacher's `blur_landmark_iris` condition of sample `index`."""
+        return teacher_condition(self.images[index], self.landmarks[index], self.labels[index])
 
     def identity_image(self, index: int):
         """Sample `index` as the identity encoder sees it."""

@@ -23,17 +23,18 @@ from safetensors.torch import load_file
 from tqdm import tqdm
 
 from apple_video import weights
-from apple_video.config import load_preset
+from apple_video.config import Preset, load_preset
 from apple_video.faces.arcface import identity_loss, load_arcface, tiny_iresnet
 from apple_video.faces.types import Face
 from apple_video.models import latents as L
-from apple_video.models.lora import ADAPTER, PREFIX, load_lora, save_lora
-from apple_video.models.pipeline import ApplePipeline
+from apple_video.models.lora import ADAPTER, PREFIX, save_lora
+from apple_video.models.pipeline import ApplePipeline, PromptEmbeddings, load_prompt_embeddings
 from apple_video.models.transformer import TransformerInputs
 from apple_video.sampling.flow import FlowCondition, sample
 from apple_video.sampling.schedule import flux_schedule
 from apple_video.swappers.base import SourceFace
 from training.config import TrainConfig
+from training.losses import load_lpips
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +73,35 @@ def arcface_for(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
     return load_arcface(weights.require("arcface-r50"), cfg.id_loss_model).to(device).eval()
 
 
+def training_preset(cfg: TrainConfig) -> Preset:
+    """The stage's model preset with the config's condition attention and LoRA rank."""
+    preset = load_preset(cfg.preset)
+    model = preset.model.model_copy(update={"lora_rank": cfg.lora_rank or preset.model.lora_rank})
+    sampling = preset.sampling.model_copy(update={"independent_condition": cfg.independent_condition})
+    return preset.model_copy(update={"model": model, "sampling": sampling})
+
+
+def empty_prompt(pipe: ApplePipeline, seed: int) -> PromptEmbeddings:
+    """The empty prompt's embeddings for the text drop: encoded once and cached on disk like the fixed prompt
+    (tiny preset: seeded random embeddings of the same shapes)."""
+    if pipe.real:
+        return load_prompt_embeddings(weights.require("flux-krea-dev"), pipe.device, pipe.dtype, prompt="")
+    generator = torch.Generator().manual_seed(seed + 7)
+    return PromptEmbeddings(torch.randn(pipe.prompt.prompt_embeds.shape, generator=generator),
+                            torch.randn(pipe.prompt.pooled_embeds.shape, generator=generator))
+
+
+def fp32_lora_params(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Freeze everything but the condition LoRA, whose weights become fp32 master weights whatever the model's
+    dtype (peft casts the input to the LoRA dtype and the result back to the layer's)."""
+    transformer.requires_grad_(False)
+    params = [p for n, p in transformer.named_parameters() if f"lora_A.{ADAPTER}" in n or f"lora_B.{ADAPTER}" in n]
+    for p in params:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    return params
+
+
 class Trainer:
     """Owns the model pieces and runs `steps` optimizer steps with checkpoints and sample grids."""
 
@@ -81,22 +111,16 @@ class Trainer:
         cuda = torch.cuda.is_available()
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                        mixed_precision=cfg.mixed_precision if cuda else "no", cpu=not cuda)
-        preset = load_preset(cfg.preset)
-        preset = preset.model_copy(update={"sampling": preset.sampling.model_copy(
-            update={"independent_condition": cfg.independent_condition})})
-        self.pipe = ApplePipeline.from_preset(preset, self.accelerator.device)
+        self.pipe = ApplePipeline.from_preset(training_preset(cfg), self.accelerator.device, lora=cfg.init_lora or "fresh")
         self.transformer = self.pipe.transformer
-        if cfg.init_lora is not None:
-            load_lora(self.transformer, cfg.init_lora)
-            logger.info("LoRA initialised from %s", cfg.init_lora)
-        self.transformer.requires_grad_(False)
-        self.params = [p for n, p in self.transformer.named_parameters() if f"lora_A.{ADAPTER}" in n or f"lora_B.{ADAPTER}" in n]
-        for p in self.params:
-            p.requires_grad_(True)
+        logger.info("LoRA initialised from %s", cfg.init_lora or "scratch (B = 0)")
+        self.params = fp32_lora_params(self.transformer)
         self.transformer.gradient_checkpointing = cfg.gradient_checkpointing
         self.pipe.vae.requires_grad_(False)
         self.arcface = arcface_for(cfg, self.accelerator.device)
         self.arcface.requires_grad_(False)
+        self.lpips = load_lpips(cfg.lpips_backbone, self.accelerator.device) if cfg.lpips_weight > 0 else None
+        self.empty_prompt = empty_prompt(self.pipe, cfg.seed)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
         self._id_cache: dict[int, torch.Tensor] = {}
@@ -129,26 +153,44 @@ class Trainer:
         id_tokens = self._id_tokens(batch.identity).to(device)
         drop_id = torch.as_tensor(rng.random(b) < cfg.drop_id, device=device)
         id_tokens = torch.where(drop_id[:, None, None], self.null_id.to(device).expand_as(id_tokens), id_tokens)
+        drop_text = torch.as_tensor(rng.random(b) < cfg.drop_text, device=device)
+        prompt, pooled = pipe.prompt.prompt_embeds.to(device), pipe.prompt.pooled_embeds.to(device)
+        prompt = torch.where(drop_text[:, None, None], self.empty_prompt.prompt_embeds.to(device), prompt)
+        pooled = torch.where(drop_text[:, None], self.empty_prompt.pooled_embeds.to(device), pooled)
         t = torch.sigmoid(torch.randn(b, generator=gen)).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
         inputs = TransformerInputs(
-            latents=xt, timestep=t, prompt_embeds=pipe.prompt.prompt_embeds.to(device).expand(b, -1, -1),
-            pooled_embeds=pipe.prompt.pooled_embeds.to(device).expand(b, -1), img_ids=L.image_ids(size, size, pipe.vae, device),
-            txt_ids=pipe.prompt.txt_ids.to(device), guidance=torch.ones(b, device=device), condition=cond, id_embed=id_tokens)
+            latents=xt, timestep=t, prompt_embeds=prompt, pooled_embeds=pooled,
+            img_ids=L.image_ids(size, size, pipe.vae, device), txt_ids=pipe.prompt.txt_ids.to(device),
+            guidance=torch.ones(b, device=device), condition=cond, id_embed=id_tokens)
         v = self.model(inputs)
         mse = ((noise - x0) - v).pow(2).mean(dim=(1, 2))
         total = mse.mean()
         stats = {"mse": total.detach()}  # tensors: the caller reads them (no host sync here)
-        if cfg.id_loss_weight > 0 and step >= cfg.id_loss_start:
-            near = t <= cfg.id_loss_max_t
-            if near.any():
-                x0_hat = xt[near] - t[near][:, None, None] * v[near]
-                pixels = L.decode_latents(pipe.vae, x0_hat, size, size).float()
-                source = L.to_unit(np.stack([batch.identity[i].image for i in np.nonzero(near.cpu().numpy())[0]])).to(device)
-                id_term = identity_loss(self.arcface, pixels, source).mean() * near.float().mean()
+        use_id = cfg.id_loss_weight > 0 and step >= cfg.id_loss_start
+        use_lpips = cfg.lpips_weight > 0
+        if not (use_id or use_lpips):  # decided on the host: no device sync on steps without image-space terms
+            return total, stats
+        near_id = (t <= cfg.id_loss_max_t) & use_id
+        near_lpips = (t <= cfg.lpips_max_t) & use_lpips
+        near = near_id | near_lpips
+        if near.any():  # one decode of the one-step estimate x0_hat = z_t - t v for both image-space terms
+            x0_hat = xt[near] - t[near][:, None, None] * v[near]
+            pixels = L.decode_latents(pipe.vae, x0_hat, size, size).float()
+            picked = np.nonzero(near.cpu().numpy())[0]
+            if near_id.any():  # averaged over the samples it applies to
+                source = L.to_unit(np.stack([batch.identity[i].image for i in picked])).to(device)
+                on = near_id[near]
+                id_term = identity_loss(self.arcface, pixels[on], source[on]).mean()
                 total = total + cfg.id_loss_weight * id_term
                 stats["id"] = id_term.detach()
+            if near_lpips.any():
+                on = near_lpips[near]
+                target = L.to_unit(batch.target[picked]).to(device)
+                lpips_term = self.lpips(pixels[on], target[on]).mean()
+                total = total + cfg.lpips_weight * lpips_term
+                stats["lpips"] = lpips_term.detach()
         return total, stats
 
     # -- checkpoints -------------------------------------------------------------------------------------------

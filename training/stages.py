@@ -18,14 +18,13 @@ from apple_video.models.lora import load_lora
 from apple_video.models.pipeline import ApplePipeline
 from training.config import TrainConfig
 from training.data import FaceData, open_shards, write_shard
-from training.deblur import deblur_condition
 from training.loop import Batch, IdentityImage, Trainer
 
 logger = logging.getLogger(__name__)
 
 
 class TeacherSampler:
-    """Target = a clean image of identity A; condition = its deblurred version; id = ANOTHER image of A."""
+    """Target = a clean image of identity A; condition = its `blur_landmark_iris` version; id = ANOTHER image of A."""
 
     def __init__(self, data: FaceData) -> None:
         self.data = data
@@ -38,7 +37,7 @@ class TeacherSampler:
             group = self.groups[self.names[rng.integers(len(self.names))]]
             target, source = rng.choice(group, size=2, replace=False)
             targets.append(self.data.images[target])
-            conditions.append(deblur_condition(self.data.images[target], self.data.masks[target]))
+            conditions.append(self.data.condition(int(target)))
             identity.append(self.data.identity_image(int(source)))
         return Batch(np.stack(targets), np.stack(conditions), identity)
 
@@ -118,7 +117,7 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
     for k in tqdm(todo, desc="pseudo-labels", unit="shard", disable=None):
         chunk = shards[k]
         targets = np.stack([data.images[t] for t, _, _ in chunk])
-        conditions = np.stack([deblur_condition(data.images[t], data.masks[t]) for t, _, _ in chunk])
+        conditions = np.stack([data.condition(t) for t, _, _ in chunk])
         ids, nulls = [], None
         for _, _, b in chunk:
             tokens, nulls = pipe.id_embedding([data.identity_image(b).source_face()])

@@ -1,25 +1,35 @@
 """Identity features for PuLID's IDFormer: an ArcFace-style embedding plus EVA-CLIP CLS and 5 hidden states.
 
 Real: insightface antelopev2 ArcFace (glintr100, 512-d) + EVA02-CLIP-L-14-336 (timm `Eva`, 768-d CLS,
-hidden states entering blocks 4, 8, 12, 16, 20), the face shown grey on a white background as PuLID does.
+hidden states entering blocks 4, 8, 12, 16, 20). The EVA input is PuLID's: the face aligned by facexlib's rule,
+grey, on white where BiSeNet parsing says background (hair kept) -- the same function at swap and training time.
 Tiny: dlib's 128-d embedding + a tiny random `Eva` of the same class.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Protocol
 
 import cv2
 import numpy as np
 import torch
+import torch.nn.functional as F
 from timm.models.eva import Eva
 
+from apple_video.faces.align import similarity_from_points, template, transform_points
 from apple_video.faces.mask import hull_mask, oval_mask
+from apple_video.faces.parsing import FaceParser
 from apple_video.faces.types import SourceFace
+
+logger = logging.getLogger(__name__)
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+PULID_SIZE = 512
+BORDER_GREY = (135, 133, 132)  # facexlib's border colour
+PULID_BACKGROUND_LABELS = (0, 16, 18, 7, 8, 9, 14, 15)  # background, cloth, hat, ears, earring, neck, necklace
 
 
 @dataclass
@@ -46,28 +56,59 @@ def eva_features(model: Eva, pixels: torch.Tensor, stride: int) -> tuple[torch.T
     return cls, hidden
 
 
-def face_on_white(crop: np.ndarray, landmarks: np.ndarray | None) -> np.ndarray:
-    """PuLID's EVA input: the face region in greyscale, everything else white."""
-    size = crop.shape[0]
-    mask = hull_mask(landmarks, size) if landmarks is not None else oval_mask(size)
-    gray = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY)
-    out = np.full_like(crop, 255)
-    out[mask > 0] = np.repeat(gray[..., None], 3, axis=2)[mask > 0]
-    return out
+def pulid_align(image: np.ndarray, kps: np.ndarray, size: int = PULID_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """facexlib's FaceRestoreHelper alignment as PuLID uses it: a 5-point partial affine (LMEDS) onto the FFHQ
+    template, grey constant border. Returns (crop, 2x3 matrix)."""
+    kps = np.asarray(kps, np.float64)
+    matrix = cv2.estimateAffinePartial2D(kps, template(size), method=cv2.LMEDS)[0]
+    if matrix is None:  # degenerate points: the least-squares similarity instead
+        matrix = similarity_from_points(kps, template(size))
+    crop = cv2.warpAffine(image, matrix, (size, size), borderMode=cv2.BORDER_CONSTANT, borderValue=BORDER_GREY)
+    return crop, matrix
 
 
-def _to_eva_input(image: np.ndarray, size: int) -> torch.Tensor:
-    resized = cv2.resize(image, (size, size), interpolation=cv2.INTER_CUBIC).astype(np.float32) / 255.0
-    tensor = torch.from_numpy(resized).permute(2, 0, 1)[None]
-    mean = torch.tensor(OPENAI_MEAN)[:, None, None]
-    std = torch.tensor(OPENAI_STD)[:, None, None]
-    return (tensor - mean) / std
+def identity_background(aligned: np.ndarray, parser: FaceParser | None, landmarks: np.ndarray | None) -> np.ndarray:
+    """Where PuLID paints white: BiSeNet's background, cloth, hat, ears, earrings and neck (hair and glasses stay).
+    Without parsing weights: outside the 68-landmark hull (or a template oval)."""
+    size = aligned.shape[0]
+    if parser is not None:
+        return np.isin(parser.labels(aligned), PULID_BACKGROUND_LABELS)
+    mask = hull_mask(landmarks, size) if landmarks is not None and len(landmarks) == 68 else oval_mask(size)
+    return mask == 0
+
+
+def pulid_face_image(source: SourceFace, parser: FaceParser | None) -> torch.Tensor:
+    """PuLID's EVA-CLIP input before resizing: (1, 3, 512, 512) in [0, 1], the aligned face in grey
+    (0.299 R + 0.587 G + 0.114 B) on white where parsing says background."""
+    aligned, matrix = pulid_align(source.image, source.face.kps)
+    landmarks = transform_points(source.face.landmarks, matrix) if source.face.landmarks is not None else None
+    background = torch.from_numpy(identity_background(aligned, parser, landmarks))[None, None]
+    rgb = torch.from_numpy(np.ascontiguousarray(aligned)).permute(2, 0, 1)[None].float() / 255.0
+    grey = (0.299 * rgb[:, 0:1] + 0.587 * rgb[:, 1:2] + 0.114 * rgb[:, 2:3]).repeat(1, 3, 1, 1)
+    return torch.where(background, torch.ones_like(grey), grey)
+
+
+def eva_input(source: SourceFace, parser: FaceParser | None, image_size: int) -> torch.Tensor:
+    """The normalised EVA-CLIP input: PuLID's grey face, bicubic-resized (antialiased, as torchvision >= 0.17 resizes
+    tensors: APPLE's environment)."""
+    image = pulid_face_image(source, parser)
+    image = F.interpolate(image, size=(image_size, image_size), mode="bicubic", align_corners=False, antialias=True)
+    mean = torch.tensor(OPENAI_MEAN)[None, :, None, None]
+    std = torch.tensor(OPENAI_STD)[None, :, None, None]
+    return (image - mean) / std
+
+
+def announce_parser(parser: FaceParser | None) -> None:
+    if parser is None:
+        logger.warning("identity input: no BiSeNet parsing weights, so the face is cut out with the landmark hull "
+                       "(PuLID keeps the hair; see `apple-video weights where`)")
 
 
 class TinyIdentity:
     """dlib 128-d embedding (real, offline) + a tiny random EVA: the real code path at test scale."""
 
-    def __init__(self, seed: int, embed_dim: int = 32, image_size: int = 56) -> None:
+    def __init__(self, seed: int, embed_dim: int = 32, image_size: int = 56, parser: FaceParser | None = None) -> None:
+        self.parser = parser
         generator_state = torch.random.get_rng_state()
         torch.manual_seed(seed + 1)
         self.eva = Eva(img_size=image_size, patch_size=14, embed_dim=embed_dim, depth=6, num_heads=2, num_classes=embed_dim,
@@ -81,7 +122,7 @@ class TinyIdentity:
     def __call__(self, source: SourceFace) -> IdentityFeatures:
         arc = torch.as_tensor(source.face.embedding if source.face.embedding is not None else np.zeros(128),
                               dtype=torch.float32)[None]
-        pixels = _to_eva_input(face_on_white(source.crop, source.landmarks), self.image_size)
+        pixels = eva_input(source, self.parser, self.image_size)
         cls, hidden = eva_features(self.eva, pixels, stride=1)
         cls = torch.nn.functional.normalize(cls, dim=-1)
         return IdentityFeatures(torch.cat([arc, cls], dim=-1), hidden)

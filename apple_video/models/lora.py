@@ -36,6 +36,13 @@ def add_condition_lora(transformer, rank: int, adapter: str = ADAPTER, init: str
     transformer.refresh_lora_layers()
 
 
+def fresh_condition_lora(transformer, rank: int, adapter: str = ADAPTER) -> None:
+    """A new LoRA to train from scratch (replacing any present): A Gaussian, B zero, so it starts as a no-op."""
+    if adapter in getattr(transformer, "peft_config", {}):
+        transformer.delete_adapters(adapter)
+    add_condition_lora(transformer, rank, adapter, init="gaussian")
+
+
 def lora_state_dict(transformer, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
     """diffusers format: `transformer.<module>.lora_A.weight` (adapter name stripped)."""
     state = get_peft_model_state_dict(transformer, adapter_name=adapter)

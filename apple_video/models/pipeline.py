@@ -15,10 +15,11 @@ from safetensors.torch import load_file, save_file
 from apple_video import weights
 from apple_video.config import Preset
 from apple_video.errors import DeviceError, WeightsError
+from apple_video.faces.parsing import create_parser
 from apple_video.faces.types import SourceFace
 from apple_video.models import latents as L
 from apple_video.models.identity import IdentityFeatureExtractor, TinyIdentity
-from apple_video.models.lora import add_condition_lora, load_lora
+from apple_video.models.lora import add_condition_lora, fresh_condition_lora, load_lora
 from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache, speed_up
 from apple_video.sampling.flow import FlowCondition, invert, sample
 from apple_video.sampling.schedule import flux_schedule
@@ -79,7 +80,7 @@ def _seeded(seed: int):
 def build_tiny(preset: Preset) -> tuple[AppleFluxTransformer, AutoencoderKL, PromptEmbeddings, TinyIdentity]:
     """The real classes with small seeded random weights (tests and smoke runs)."""
     m = preset.model
-    identity = TinyIdentity(m.seed)
+    identity = TinyIdentity(m.seed, parser=create_parser("auto", announce=False))
     p = m.pulid_settings
     generator = _seeded(m.seed)
     transformer = AppleFluxTransformer(
@@ -130,20 +131,21 @@ def load_transformer(flux_dir: Path, pulid_file: Path, dtype: torch.dtype, indep
     return model.eval()
 
 
-def prompt_cache_path(flux_dir: Path) -> Path:
-    key = hashlib.sha256(f"{flux_dir.resolve()}|{PROMPT}".encode()).hexdigest()[:12]
+def prompt_cache_path(flux_dir: Path, prompt: str = PROMPT) -> Path:
+    key = hashlib.sha256(f"{flux_dir.resolve()}|{prompt}".encode()).hexdigest()[:12]
     return weights.weights_home() / "cache" / f"prompt-{key}.safetensors"
 
 
-def load_prompt_embeddings(flux_dir: Path, device: torch.device, dtype: torch.dtype) -> PromptEmbeddings:
-    """T5/CLIP embeddings of the fixed prompt, computed once and cached on disk; encoders freed afterwards."""
-    path = prompt_cache_path(flux_dir)
+def load_prompt_embeddings(flux_dir: Path, device: torch.device, dtype: torch.dtype, prompt: str = PROMPT) -> PromptEmbeddings:
+    """T5/CLIP embeddings of a prompt (the fixed one by default), computed once and cached on disk; encoders freed
+    afterwards."""
+    path = prompt_cache_path(flux_dir, prompt)
     if not path.is_file():
         from diffusers import FluxPipeline
 
-        logger.warning("encoding the fixed prompt once with the FLUX text encoders (cached at %s)", path)
+        logger.warning("encoding the prompt %r once with the FLUX text encoders (cached at %s)", prompt, path)
         pipe = FluxPipeline.from_pretrained(str(flux_dir), transformer=None, vae=None, torch_dtype=dtype).to(device)
-        embeds, pooled, _ = pipe.encode_prompt(prompt=PROMPT, prompt_2=None, device=device, max_sequence_length=512)
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, max_sequence_length=512)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"prompt_embeds": embeds.cpu().contiguous(), "pooled_embeds": pooled.cpu().contiguous()}, str(path))
         del pipe
@@ -191,10 +193,13 @@ class ApplePipeline:
     @classmethod
     def from_preset(cls, preset: Preset, device: torch.device, lora: str | Path | None = None,
                     offload: bool = False) -> ApplePipeline:
-        """Build the preset's model; `lora` replaces the preset's LoRA (e.g. a student you trained)."""
+        """Build the preset's model; `lora` replaces the preset's LoRA (e.g. a student you trained), and "fresh"
+        gives a new zero-effect LoRA of the preset's rank to train from scratch (no LoRA file needed)."""
         if preset.model.kind == "tiny":
             transformer, vae, prompt, identity = build_tiny(preset)
-            if lora is not None:
+            if lora == "fresh":
+                fresh_condition_lora(transformer, preset.model.lora_rank)
+            elif lora is not None:
                 load_lora(transformer, Path(lora))
             return cls(preset, transformer, vae, prompt, identity, device, real=False, offload=offload)
         return cls._from_checkpoints(preset, device, lora, offload)
@@ -208,10 +213,14 @@ class ApplePipeline:
         flux_dir = weights.require("flux-krea-dev")
         transformer = load_transformer(flux_dir, weights.require(preset.model.pulid or "pulid-flux-v0.9.1"), dtype,
                                        preset.sampling.independent_condition)
-        load_lora(transformer, Path(lora) if lora else weights.require(preset.model.lora or "apple-student"))
+        if lora == "fresh":
+            fresh_condition_lora(transformer, preset.model.lora_rank)
+        else:
+            load_lora(transformer, Path(lora) if lora else weights.require(preset.model.lora or "apple-student"))
         vae = AutoencoderKL.from_pretrained(str(flux_dir), subfolder="vae", torch_dtype=dtype)
         prompt = load_prompt_embeddings(flux_dir, device, dtype)
-        return cls(preset, transformer, vae, prompt, PulidIdentity(device), device, real=True, offload=offload)
+        return cls(preset, transformer, vae, prompt, PulidIdentity(device, create_parser("auto", announce=False)), device,
+                   real=True, offload=offload)
 
     @torch.no_grad()
     def id_embedding(self, sources: list[SourceFace]) -> tuple[torch.Tensor, torch.Tensor]:

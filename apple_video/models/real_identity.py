@@ -7,8 +7,9 @@ import torch
 
 from apple_video import weights
 from apple_video.errors import WeightsError
+from apple_video.faces.parsing import FaceParser
 from apple_video.faces.types import SourceFace
-from apple_video.models.identity import IdentityFeatures, _to_eva_input, eva_features, face_on_white
+from apple_video.models.identity import IdentityFeatures, announce_parser, eva_features, eva_input
 
 EVA_ARCH = "eva02_large_patch14_clip_336"
 
@@ -33,10 +34,12 @@ def load_eva_clip(path, device: torch.device) -> torch.nn.Module:
 class PulidIdentity:
     """ArcFace (glintr100, 512-d) on the 112 crop + EVA-CLIP CLS (768-d) and hidden states of the grey face."""
 
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, parser: FaceParser | None = None) -> None:
         from insightface.model_zoo import get_model
 
         self.device = device
+        self.parser = parser
+        announce_parser(parser)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
         self.arcface = get_model(str(weights.require("antelopev2-arcface")), providers=providers)
         self.arcface.prepare(ctx_id=0 if device.type == "cuda" else -1)
@@ -48,7 +51,7 @@ class PulidIdentity:
 
         bgr = np.ascontiguousarray(source.image[..., ::-1])
         arc = torch.as_tensor(self.arcface.get_feat(norm_crop(bgr, source.face.kps)).ravel(), dtype=torch.float32)[None]
-        pixels = _to_eva_input(face_on_white(source.crop, source.landmarks), 336).to(self.device)
+        pixels = eva_input(source, self.parser, 336).to(self.device)
         cls, hidden = eva_features(self.eva, pixels, stride=4)
         cls = torch.nn.functional.normalize(cls.float(), dim=-1).cpu()
         return IdentityFeatures(torch.cat([arc, cls], dim=-1), [h.float().cpu() for h in hidden])
