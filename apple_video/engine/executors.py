@@ -25,21 +25,45 @@ def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict]:
         yield {key: batch[key][i].item() if hasattr(batch[key][i], "item") else batch[key][i] for key in keys}
 
 
-def ensure_ray(settings: SwapSettings) -> None:
+def ray_failure(address: str, error: BaseException) -> str:
+    """One line naming the likely cause of a failed cluster connection."""
+    text = str(error)
+    lowered = text.lower()
+    if "version mismatch" in lowered or "was started with" in lowered:
+        cause = ("Ray or Python versions differ between this machine and the cluster; install the cluster's "
+                 "versions here")
+    elif "token" in lowered or "auth" in lowered or "unauthenticated" in lowered:
+        cause = ("the cluster requires an authentication token: set RAY_AUTH_TOKEN to the head node's token "
+                 "(or run where the head's token file is)")
+    elif "failed to connect" in lowered or "timed out" in lowered or "unavailable" in lowered:
+        cause = ("the head answered but its GCS could not be joined: check the port, firewalls, and whether the "
+                 "cluster requires an authentication token (RAY_AUTH_TOKEN)")
+    else:
+        cause = text.splitlines()[0] if text else error.__class__.__name__
+    return f"cannot connect to the Ray cluster at '{address}': {cause}"
+
+
+def connect_ray(address: str | None) -> None:
+    """Join (or start) Ray once per run, before any clip: a bad cluster fails here with one line."""
     import ray
 
     if ray.is_initialized():
         return
-    address = settings.ray_address
     if address in (None, "", "local"):
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    else:
-        check_reachable(address)
-        try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as error:
-            raise UserError(f"cannot connect to the Ray cluster at '{address}': {str(error).splitlines()[0]}") from None
+                 configure_logging=False, logging_level=logging.ERROR)
+        return
+    check_reachable(address)
+    try:
+        ray.init(address=address, log_to_driver=False, configure_logging=False, logging_level=logging.ERROR)
+    except Exception as error:  # noqa: BLE001 - Ray raises many types here; all mean "not connected"
+        raise UserError(ray_failure(address, error)) from None
+
+
+def ensure_ray(settings: SwapSettings) -> None:
+    import ray
+
+    connect_ray(settings.ray_address)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False
