@@ -188,6 +188,7 @@ def swap(ctx: click.Context, paths: tuple[str, ...], **opts) -> None:
     request.check_conflicts(opts, _given(ctx, opts))
     request.check_output_for(kind, target, output, sources, opts["force"])
     request.check_encoding(kind, opts, output)
+    request.warn_disk_space(target, output)
     request.resolve_runtime(opts)
     settings = request.settings_from(opts)
     if kind == "batch":

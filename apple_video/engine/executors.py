@@ -33,11 +33,11 @@ def ray_failure(address: str, error: BaseException) -> str:
         cause = ("Ray or Python versions differ between this machine and the cluster; install the cluster's "
                  "versions here")
     elif "token" in lowered or "auth" in lowered or "unauthenticated" in lowered:
-        cause = ("the cluster requires an authentication token: set RAY_AUTH_TOKEN to the head node's token "
-                 "(or run where the head's token file is)")
+        cause = ("the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the output "
+                 "of `ray get-auth-token` on the head node (or copy its ~/.ray/auth_token here)")
     elif "failed to connect" in lowered or "timed out" in lowered or "unavailable" in lowered:
-        cause = ("the head answered but its GCS could not be joined: check the port, firewalls, and whether the "
-                 "cluster requires an authentication token (RAY_AUTH_TOKEN)")
+        cause = ("the head answered but could not be joined: check the port and firewalls; if the cluster uses token "
+                 "authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on the head)")
     else:
         cause = text.splitlines()[0] if text else error.__class__.__name__
     return f"cannot connect to the Ray cluster at '{address}': {cause}"

@@ -57,6 +57,18 @@ def check_conflicts(opts: dict, given: set[str]) -> None:
         logger.warning("--face-detector insightface looks at a fixed 640 px picture: --face-detector-size is ignored")
 
 
+def warn_disk_space(target: Path, output: Path) -> None:
+    """A rough check: chunks and the final file together take about twice the input at default quality."""
+    import shutil
+
+    folder = output if output.is_dir() else output.resolve().parent
+    size = target.stat().st_size if target.is_file() else sum(p.stat().st_size for p in target.iterdir() if p.is_file())
+    free = shutil.disk_usage(folder).free
+    if free < 2 * size:
+        logger.warning("only %.1f GB free in %s for an input of %.1f GB: the job may run out of space",
+                       free / 1e9, folder, size / 1e9)
+
+
 def check_encoding(kind: str, opts: dict, output: Path) -> None:
     """Encoder, preset and container are tried on a tiny clip now, not after the whole analysis."""
     if kind not in ("video", "batch"):
