@@ -302,6 +302,10 @@ def test_unreachable_ray_cluster_fails_before_any_clip(tmp_path: Path, source_ph
 def test_ray_failure_names_the_cause() -> None:
     from apple_video.engine.executors import ray_failure
 
+    # the lines Ray 2.60 printed joining a `RAY_AUTH_MODE=token ray start --head` cluster without the token
+    seen = RuntimeError("Failed to connect to Ray cluster at 10.0.0.2:6379\ngcs_client.cc:210: Failed to get cluster ID "
+                        "from GCS server: Unauthenticated: RPC error: InvalidAuthToken: Authentication token is missing")
+    assert "RAY_AUTH_TOKEN" in ray_failure("h:1", seen) and "token authentication" in ray_failure("h:1", seen)
     assert "RAY_AUTH_TOKEN" in ray_failure("h:1", ConnectionError("Failed to connect to Ray cluster at 10.0.0.2"))
     assert "versions" in ray_failure("h:1", RuntimeError("Version mismatch: The cluster was started with: Ray 2.9"))
 

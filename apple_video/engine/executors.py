@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -43,6 +45,23 @@ def ray_failure(address: str, error: BaseException) -> str:
     return f"cannot connect to the Ray cluster at '{address}': {cause}"
 
 
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """Ray's C++ client writes its retries (pages of gcs_client lines) straight to fd 2: keep them in a file
+    while connecting; the caller reads it to name the cause."""
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        lines: list[str] = []
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines.extend(capture.read().decode(errors="replace").splitlines())
+
+
 def connect_ray(address: str | None) -> None:
     """Join (or start) Ray once per run, before any clip: a bad cluster fails here with one line."""
     import ray
@@ -54,10 +73,17 @@ def connect_ray(address: str | None) -> None:
                  configure_logging=False, logging_level=logging.ERROR)
         return
     check_reachable(address)
-    try:
-        ray.init(address=address, log_to_driver=False, configure_logging=False, logging_level=logging.ERROR)
-    except Exception as error:  # noqa: BLE001 - Ray raises many types here; all mean "not connected"
-        raise UserError(ray_failure(address, error)) from None
+    failure: Exception | None = None
+    with _native_stderr_captured() as native:
+        try:
+            ray.init(address=address, log_to_driver=False, configure_logging=False, logging_level=logging.ERROR)
+        except Exception as error:  # noqa: BLE001 - Ray raises many types here; all mean "not connected"
+            failure = error
+    for line in native:
+        logger.debug("ray: %s", line)
+    if failure is not None:
+        hints = [line for line in native if "auth" in line.lower() or "version" in line.lower()]
+        raise UserError(ray_failure(address, RuntimeError("\n".join([str(failure), *hints[-1:]])))) from None
 
 
 def ensure_ray(settings: SwapSettings) -> None:
