@@ -257,12 +257,16 @@ _DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
                 errno.EPERM: "permission denied", errno.EFBIG: "the file is too large for this file system or limit"}
 
 
-def _remove_partials(folder: Path) -> None:
-    """Half-written files (temp names) left by a failed write; finished chunks stay for the resume."""
-    if folder.is_dir():
-        for pattern in (".*.partial-*", ".*.tmp"):
-            for partial in folder.rglob(pattern):
-                partial.unlink(missing_ok=True)
+def _remove_partials(output: Path) -> None:
+    """Half-written files (temp names) of this job; finished chunks stay for the resume."""
+    job_dir = job_dir_for(output)
+    found = [*job_dir.rglob(".*.partial-*"), *job_dir.rglob(".*.tmp")] if job_dir.is_dir() else []
+    if output.suffix:
+        found += output.parent.glob(f".{output.stem}.partial-*{output.suffix}")
+    elif output.is_dir():
+        found += output.glob(".*.partial-*")
+    for partial in found:
+        partial.unlink(missing_ok=True)
 
 
 @contextlib.contextmanager
@@ -272,10 +276,12 @@ def output_errors(output: Path):
         yield
     except OSError as error:
         code = getattr(error, "errno", None)
-        if code not in _DISK_ERRORS:
-            raise
-        _remove_partials(job_dir_for(output))
-        _remove_partials(output.parent if output.suffix else output)
+        written = output.parent if output.suffix else output
+        name = getattr(error, "filename", None)
+        elsewhere = name is not None and not str(Path(str(name)).resolve()).startswith(str(written.resolve()))
+        if code not in _DISK_ERRORS or (code in (errno.EACCES, errno.EPERM) and elsewhere):
+            raise  # e.g. an unreadable input: not a problem of the output
+        _remove_partials(output)
         raise OutputError(f"cannot write {output}: {_DISK_ERRORS[code]}; "
                           f"free space or fix the folder, then run the same command again to resume") from None
 
