@@ -79,11 +79,16 @@ class DetectorSize(click.ParamType):
 
 
 def swap_options(func):
-    from apple_video.faces.detect import DETECTOR_CHOICES
-    from apple_video.faces.mask import MASK_REGIONS, PARSER_CHOICES
-    from apple_video.faces.select import SELECTOR_MODES, SELECTOR_ORDERS
+    # from the settings records, not faces/: importing OpenCV here would load it before its logging is set
     from apple_video.media.video import VIDEO_CODECS
-    from apple_video.settings import SWAPPER_CHOICES
+    from apple_video.settings import (
+        DETECTOR_CHOICES,
+        MASK_REGIONS,
+        PARSER_CHOICES,
+        SELECTOR_MODES,
+        SELECTOR_ORDERS,
+        SWAPPER_CHOICES,
+    )
 
     options = [
         click.option("-s", "--source", "--source-paths", "extra_sources", multiple=True, type=click.Path(),
