@@ -31,6 +31,11 @@ class _Formatter(logging.Formatter):
 
 def _setup_logging(verbose: int, quiet: bool) -> None:
     """Our own messages at INFO by default (which swapper, which detector); other libraries only warn."""
+    import os
+
+    # read by OpenCV and Ray's C++ core when they load (also in Ray workers): their native logs stay off the terminal
+    os.environ.setdefault("OPENCV_LOG_LEVEL", "DEBUG" if verbose > 1 else "SILENT")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "debug" if verbose > 1 else "error")
     level = logging.ERROR if quiet else (logging.DEBUG if verbose else logging.INFO)
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter())
@@ -56,17 +61,45 @@ def cli(ctx: click.Context, verbose: int, quiet: bool, debug: bool) -> None:
     ctx.obj = {"debug": debug}
 
 
+class DetectorSize(click.ParamType):
+    """A detector size as we write it (640) or as FaceFusion does (640x640)."""
+
+    name = "N|NxN"
+
+    def convert(self, value, param, ctx) -> int:
+        if isinstance(value, int):
+            return value
+        width, _, height = str(value).lower().partition("x")
+        if not width.isdigit() or (height and not height.isdigit()):
+            self.fail(f"'{value}' is not a size like 640 or 640x640", param, ctx)
+        size = max(int(width), int(height or width))
+        if not 160 <= size <= 4096:
+            self.fail(f"{size} is not in 160..4096", param, ctx)
+        return size
+
+
 def swap_options(func):
-    from apple_video.faces.detect import DETECTOR_CHOICES
-    from apple_video.faces.mask import MASK_REGIONS, PARSER_CHOICES
-    from apple_video.faces.select import SELECTOR_MODES, SELECTOR_ORDERS
+    # from the settings records, not faces/: importing OpenCV here would load it before its logging is set
     from apple_video.media.video import VIDEO_CODECS
-    from apple_video.settings import QUALITY_CHOICES, RECIPES, SWAPPER_CHOICES
+    from apple_video.settings import (
+        DETECTOR_CHOICES,
+        MASK_REGIONS,
+        PARSER_CHOICES,
+        QUALITY_CHOICES,
+        RECIPES,
+        SELECTOR_MODES,
+        SELECTOR_ORDERS,
+        SWAPPER_CHOICES,
+    )
 
     options = [
-        click.option("-s", "--source", "extra_sources", multiple=True, type=click.Path(),
+        click.option("-s", "--source", "--source-paths", "extra_sources", multiple=True, type=click.Path(),
                      help="Source photo (repeatable); several photos are combined into one identity."),
-        click.option("-o", "--output", required=True, type=click.Path(), help="Output file or folder."),
+        click.option("-t", "--target", "--target-path", "target", type=click.Path(), default=None,
+                     help="The video/image/folder to swap into (instead of the last path)."),
+        click.option("-o", "--output", "--output-path", required=True, type=click.Path(), help="Output file or folder."),
+        click.option("--allow-no-faces", is_flag=True,
+                     help="Write the input through unchanged when no face is found (default: fail with exit 2)."),
         click.option("--force", is_flag=True, help="Overwrite the output and start the job over (no resume)."),
         click.option("--swapper", type=click.Choice(SWAPPER_CHOICES), default="auto", show_default=True,
                      help="auto: APPLE when its weights (or --preset) are available, else classic."),
@@ -97,13 +130,15 @@ def swap_options(func):
         click.option("--fp8", is_flag=True, help="float8 linears on CUDA (needs torchao; changes outputs slightly)."),
         click.option("--seed", type=int, default=0, show_default=True, help="Random seed (outputs are reproducible)."),
         click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
-        click.option("--face-detector", "--face-detector-model", "face_detector", type=click.Choice(DETECTOR_CHOICES),
-                     default="auto", show_default=True, help="auto: insightface when its weights exist, else dlib."),
+        click.option("--face-detector", "--face-detector-model", "face_detector", default="auto", show_default=True,
+                     help=f"{', '.join(DETECTOR_CHOICES)}; auto: insightface when its weights exist, else dlib. "
+                          f"FaceFusion's scrfd and retinaface mean insightface."),
         click.option("--face-detector-score", type=click.FloatRange(0, 1), default=0.5, show_default=True),
-        click.option("--face-detector-size", type=click.IntRange(160, 2048), default=640, show_default=True,
-                     help="Longest side the detector sees."),
+        click.option("--face-detector-size", type=DetectorSize(), default="640", show_default=True,
+                     help="Longest side the detector sees first (N or NxN); smaller faces get a finer pass."),
         click.option("--face-detector-angles", multiple=True, type=click.Choice(["0", "90", "180", "270"]),
-                     default=("0",), show_default=True, help="Also look for faces rotated by these angles."),
+                     default=("0",), show_default=True,
+                     help="Also look for faces rotated by these angles (`--face-detector-angles 0 90 180 270`)."),
         click.option("--face-selector-mode", type=click.Choice(SELECTOR_MODES), default="reference", show_default=True,
                      help="reference: one chosen person tracked through the clip; one: one face per frame; many: all."),
         click.option("--face-selector-order", type=click.Choice(SELECTOR_ORDERS), default="large-small", show_default=True),
@@ -123,7 +158,8 @@ def swap_options(func):
         click.option("--output-video-encoder", type=click.Choice(VIDEO_CODECS), default=None,
                      help="Default libx264 (libvpx-vp9 for .webm). ffv1 or libx264rgb with quality 100 are lossless."),
         click.option("--output-video-quality", type=click.IntRange(0, 100), default=80, show_default=True, help=QUALITY_HELP),
-        click.option("--output-video-preset", default="veryfast", show_default=True),
+        click.option("--output-video-preset", default="veryfast", show_default=True,
+                     help="x264/x265 speed preset: ultrafast .. veryslow."),
         click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
                      help="local (in-process) or ray (Ray Data actors). Default: ray when --ray-address is given."),
         click.option("--ray-address", default=None, help="Ray cluster address ('auto' for a running cluster)."),
@@ -144,10 +180,16 @@ def swap_options(func):
     return func
 
 
+def _given(ctx: click.Context, opts: dict) -> set[str]:
+    """Options the user typed (not defaults): conflicts are only named for those."""
+    return {name for name in opts if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path())
 @swap_options
-def swap(paths: tuple[str, ...], **opts) -> None:
+@click.pass_context
+def swap(ctx: click.Context, paths: tuple[str, ...], **opts) -> None:
     """Swap the face in SOURCE photo(s) into TARGET: a video, a folder of frames, an image,
     or a folder / .txt list of videos (batch).
 
@@ -162,11 +204,14 @@ def swap(paths: tuple[str, ...], **opts) -> None:
     from apple_video.engine.batch import swap_batch
     from apple_video.engine.run import swap_any
 
-    sources, target = request.split_paths(paths, opts["extra_sources"])
+    sources, target = request.split_paths(paths, opts["extra_sources"], opts["target"])
     request.check_sources(sources, target, opts["lora"])
     kind = request.kind_of(target)
     output = Path(opts["output"])
+    request.check_conflicts(opts, _given(ctx, opts))
     request.check_output_for(kind, target, output, sources, opts["force"])
+    request.check_encoding(kind, opts, output)
+    request.warn_disk_space(target, output)
     request.resolve_runtime(opts)
     settings = request.settings_from(opts)
     if kind == "batch":
@@ -182,16 +227,26 @@ def swap(paths: tuple[str, ...], **opts) -> None:
     click.echo(summary.line())
 
 
+# options of a whole job that a preview sheet does not use: not offered by `preview`
+PREVIEW_UNUSED = ("executor", "ray_address", "num_gpus", "workers", "trim_start", "trim_end", "chunk_frames",
+                  "output_video_encoder", "output_video_quality", "output_video_preset", "allow_no_faces")
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--frames", "count", type=click.IntRange(1, 16), default=4, show_default=True, help="Frames in the sheet.")
 @swap_options
-def preview(paths: tuple[str, ...], count: int, **opts) -> None:
+@click.pass_context
+def preview(ctx: click.Context, paths: tuple[str, ...], count: int, **opts) -> None:
     """Swap a few frames spread over a clip and write a before/after contact sheet (PNG)."""
     from apple_video.engine import request
     from apple_video.engine.preview import make_preview
 
-    sources, target = request.split_paths(paths, opts["extra_sources"])
+    for param in swap.params:
+        if param.name in PREVIEW_UNUSED:
+            opts[param.name] = param.type_cast_value(ctx, param.get_default(ctx))
+    opts["allow_no_faces"] = True
+    sources, target = request.split_paths(paths, opts["extra_sources"], opts["target"])
     request.check_sources(sources, target)
     output = Path(opts["output"])
     if output.suffix.lower() != ".png":
@@ -202,6 +257,9 @@ def preview(paths: tuple[str, ...], count: int, **opts) -> None:
     request.resolve_runtime(opts)
     settings = request.settings_from(opts)
     click.echo(make_preview(sources, target, output, settings, count))
+
+
+preview.params = [p for p in preview.params if p.name not in PREVIEW_UNUSED]
 
 
 @cli.group()
@@ -221,6 +279,8 @@ def weights_check() -> None:
         click.echo(f"{state:8s} {entry.name:20s} {path}")
     click.echo("all model files present" if not missing else
                f"{missing} missing: the classic swapper is used until they are present (`apple-video weights where`)")
+    if missing:
+        sys.exit(1)
 
 
 @weights.command("where")
@@ -349,6 +409,22 @@ def evaluate(source: str, original: str, swapped: str, json_path: str | None) ->
 
 
 GLOBAL_FLAGS = ("-v", "-vv", "-vvv", "--verbose", "-q", "--quiet", "--debug")
+NARGS_OPTIONS = {"--face-detector-angles": ("0", "90", "180", "270")}
+
+
+def _expand_nargs(argv: list[str]) -> list[str]:
+    """FaceFusion's `--face-detector-angles 0 90 180` form: repeat the option for each value that follows it."""
+    out: list[str] = []
+    current, first = None, False
+    for arg in argv:
+        if current and arg in NARGS_OPTIONS[current]:
+            out += [arg] if first else [current, arg]
+            first = False
+            continue
+        current = arg if arg in NARGS_OPTIONS else None
+        first = current is not None
+        out.append(arg)
+    return out
 
 
 def _globals_first(argv: list[str]) -> list[str]:
@@ -363,7 +439,7 @@ def _globals_first(argv: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    argv = _globals_first(list(sys.argv[1:] if argv is None else argv))
+    argv = _expand_nargs(_globals_first(list(sys.argv[1:] if argv is None else argv)))
     debug = "--debug" in argv
     try:
         cli.main(args=argv, standalone_mode=False)

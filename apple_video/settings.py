@@ -119,6 +119,7 @@ class SwapSettings:
     trim_start: int | None = None
     trim_end: int | None = None
     force: bool = False
+    allow_no_faces: bool = False  # write the input through when no face is found, instead of failing
 
     @property
     def trimmed(self) -> bool:

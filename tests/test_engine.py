@@ -171,7 +171,7 @@ def test_batch_reports_bad_clip(tmp_path: Path, source_photo: Path, face_clip: P
     os.link(noface_clip, clips / "b.mp4")
     (clips / "c.mp4").write_bytes(face_clip.read_bytes()[:3000])  # corrupt
     out = tmp_path / "out"
-    summaries = swap_batch([source_photo], clips, out, SwapSettings(swapper="classic"))
+    summaries = swap_batch([source_photo], clips, out, SwapSettings(swapper="classic", allow_no_faces=True))
     status = {Path(s.input).name: s.status for s in summaries}
     assert status == {"a.mp4": "ok", "b.mp4": "ok", "c.mp4": "failed"}
     assert probe(out / "a.mp4").frame_count == 51 and probe(out / "b.mp4").frame_count == 20

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from apple_video.engine.run import Summary, swap_video
+from apple_video.engine.run import Summary, swap_any
 from apple_video.errors import AppleVideoError, InputError
 from apple_video.media.video import is_video_path
 from apple_video.settings import SwapSettings
@@ -33,7 +33,7 @@ def swap_batch(sources: list[Path], target: Path, output_dir: Path, settings: Sw
             summaries.append(Summary(str(clip), str(output), status="skipped", error="output exists (use --force)"))
             continue
         try:
-            summaries.append(swap_video(sources, clip, output, settings))
+            summaries.append(swap_any(sources, clip, output, settings))  # locked, disk errors as one line
         except AppleVideoError as error:
             logger.error("%s: %s", clip, error)
             summaries.append(Summary(str(clip), str(output), status="failed", error=str(error)))

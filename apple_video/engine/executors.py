@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
+import tempfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -25,21 +27,69 @@ def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict]:
         yield {key: batch[key][i].item() if hasattr(batch[key][i], "item") else batch[key][i] for key in keys}
 
 
-def ensure_ray(settings: SwapSettings) -> None:
+def ray_failure(address: str, error: BaseException) -> str:
+    """One line naming the likely cause of a failed cluster connection."""
+    text = str(error)
+    lowered = text.lower()
+    if "version mismatch" in lowered or "was started with" in lowered:
+        cause = ("Ray or Python versions differ between this machine and the cluster; install the cluster's "
+                 "versions here")
+    elif "token" in lowered or "auth" in lowered or "unauthenticated" in lowered:
+        cause = ("the cluster uses token authentication: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN to the output "
+                 "of `ray get-auth-token` on the head node (or copy its ~/.ray/auth_token here)")
+    elif "failed to connect" in lowered or "timed out" in lowered or "unavailable" in lowered:
+        cause = ("the head answered but could not be joined: check the port and firewalls; if the cluster uses token "
+                 "authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on the head)")
+    else:
+        cause = text.splitlines()[0] if text else error.__class__.__name__
+    return f"cannot connect to the Ray cluster at '{address}': {cause}"
+
+
+@contextlib.contextmanager
+def _native_stderr_captured():
+    """Ray's C++ client writes its retries (pages of gcs_client lines) straight to fd 2: keep them in a file
+    while connecting; the caller reads it to name the cause."""
+    with tempfile.TemporaryFile(mode="w+b") as capture:
+        saved = os.dup(2)
+        os.dup2(capture.fileno(), 2)
+        lines: list[str] = []
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            capture.seek(0)
+            lines.extend(capture.read().decode(errors="replace").splitlines())
+
+
+def connect_ray(address: str | None) -> None:
+    """Join (or start) Ray once per run, before any clip: a bad cluster fails here with one line."""
     import ray
 
     if ray.is_initialized():
         return
-    address = settings.ray_address
     if address in (None, "", "local"):
         ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False)
-    else:
-        check_reachable(address)
+                 configure_logging=False, logging_level=logging.ERROR)
+        return
+    check_reachable(address)
+    failure: Exception | None = None
+    with _native_stderr_captured() as native:
         try:
-            ray.init(address=address, log_to_driver=False, configure_logging=False)
-        except (ConnectionError, RuntimeError, ValueError) as error:
-            raise UserError(f"cannot connect to the Ray cluster at '{address}': {str(error).splitlines()[0]}") from None
+            ray.init(address=address, log_to_driver=False, configure_logging=False, logging_level=logging.ERROR)
+        except Exception as error:  # noqa: BLE001 - Ray raises many types here; all mean "not connected"
+            failure = error
+    for line in native:
+        logger.debug("ray: %s", line)
+    if failure is not None:
+        hints = [line for line in native if "auth" in line.lower() or "version" in line.lower()]
+        raise UserError(ray_failure(address, RuntimeError("\n".join([str(failure), *hints[-1:]])))) from None
+
+
+def ensure_ray(settings: SwapSettings) -> None:
+    import ray
+
+    connect_ray(settings.ray_address)
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     context.print_on_execution_start = False

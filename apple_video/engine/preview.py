@@ -9,7 +9,7 @@ import numpy as np
 
 from apple_video.engine.run import load_sources
 from apple_video.engine.stages import Renderer
-from apple_video.faces.detect import create_detector
+from apple_video.faces.detect import create_detector, detect_faces
 from apple_video.faces.select import select_targets
 from apple_video.media.images import ImageData, is_image_path, read_image, write_image
 from apple_video.media.video import decode_frames, probe, to_display
@@ -40,7 +40,7 @@ def make_preview(sources: list[Path], target: Path, output: Path, settings: Swap
     renderer = Renderer(settings, swapper, load_sources(sources, detector, swapper.crop_size))
     rows, swapped_faces = [], 0
     for rgb in frames:
-        selection = select_targets([detector.detect(rgb)], 1.0, settings.selector, settings.tracking)
+        selection = select_targets([detect_faces(detector, rgb)], 1.0, settings.selector, settings.tracking)
         [(_, _, out, _)], stats = renderer.render([(0, 0, rgb)], selection.targets)
         swapped_faces += stats.faces_swapped
         rows.append(np.concatenate([_cell(rgb), _cell(out)], axis=1))

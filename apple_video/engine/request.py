@@ -5,13 +5,15 @@ cli.py parses; this module decides. Everything here runs before any decode or mo
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
-from apple_video.errors import DeviceError, InputError, OutputError, UserError
+from apple_video.errors import ConfigError, DeviceError, InputError, OutputError, UserError
 from apple_video.media.images import IMAGE_EXTENSIONS, is_image_path
-from apple_video.media.paths import check_output
-from apple_video.media.video import default_codec_for, is_video_path
+from apple_video.media.paths import check_output, check_writable
+from apple_video.media.video import check_encoder, default_codec_for, is_video_path
 from apple_video.settings import (
+    DETECTOR_CHOICES,
     MASK_REGIONS,
     DetectorSettings,
     EncodeSettings,
@@ -21,6 +23,61 @@ from apple_video.settings import (
     SwapSettings,
 )
 
+logger = logging.getLogger(__name__)
+
+# FaceFusion's detector names: the ones we have an equivalent for, and the rest (refused with our choices)
+DETECTOR_ALIASES = {"scrfd": "insightface", "retinaface": "insightface"}
+FACEFUSION_DETECTORS = ("many", "retinaface", "scrfd", "yolo_face", "yunet")
+# options that only the APPLE swapper reads; named when given with --swapper classic
+APPLE_ONLY = ("preset", "steps", "id_weight", "lora", "second_order", "no_inversion")
+
+
+def detector_name(value: str) -> str:
+    if value in DETECTOR_CHOICES:
+        return value
+    if value in DETECTOR_ALIASES:
+        logger.info("face detector '%s' (FaceFusion): using %s, its SCRFD detector", value, DETECTOR_ALIASES[value])
+        return DETECTOR_ALIASES[value]
+    raise ConfigError(f"unknown --face-detector '{value}': choose one of {', '.join(DETECTOR_CHOICES)} "
+                      f"(FaceFusion's scrfd and retinaface map to insightface; {', '.join(FACEFUSION_DETECTORS[3:])} "
+                      f"and many are not available)")
+
+
+def check_conflicts(opts: dict, given: set[str]) -> None:
+    """Options that contradict each other: refuse the ones that would change what runs, warn about the ignored."""
+    if opts.get("executor") == "local" and opts.get("ray_address"):
+        raise ConfigError("--executor local contradicts --ray-address: drop one of them")
+    if opts.get("swapper") == "classic":
+        ignored = [f"--{name.replace('_', '-')}" for name in APPLE_ONLY if name in given]
+        if ignored:
+            logger.warning("--swapper classic ignores %s (APPLE model options)", ", ".join(ignored))
+    if opts.get("swapper") == "apple" and "classic_blend" in given:
+        logger.warning("--swapper apple ignores --classic-blend")
+    if "face_detector_size" in given and opts.get("face_detector") == "insightface":
+        logger.warning("--face-detector insightface looks at a fixed 640 px picture: --face-detector-size is ignored")
+
+
+def warn_disk_space(target: Path, output: Path) -> None:
+    """A rough check: chunks and the final file together take about twice the input at default quality."""
+    import shutil
+
+    folder = output if output.is_dir() else output.resolve().parent
+    size = target.stat().st_size if target.is_file() else sum(p.stat().st_size for p in target.iterdir() if p.is_file())
+    free = shutil.disk_usage(folder).free
+    if free < 2 * size:
+        logger.warning("only %.1f GB free in %s for an input of %.1f GB: the job may run out of space",
+                       free / 1e9, folder, size / 1e9)
+
+
+def check_encoding(kind: str, opts: dict, output: Path) -> None:
+    """Encoder, preset and container are tried on a tiny clip now, not after the whole analysis."""
+    if kind not in ("video", "batch"):
+        return
+    suffix = output.suffix.lower() if kind == "video" else ".mp4"
+    encode = video_encode(opts["output_video_encoder"], opts["output_video_quality"], opts["output_video_preset"],
+                          Path(f"out{suffix}"))
+    check_encoder(encode, suffix)
+
 
 def video_encode(encoder: str | None, quality: int, preset: str, output: Path) -> EncodeSettings:
 
@@ -29,7 +86,12 @@ def video_encode(encoder: str | None, quality: int, preset: str, output: Path) -
     return EncodeSettings(codec=codec, crf=crf, preset=preset)
 
 
-def split_paths(paths: tuple[str, ...], extra_sources: tuple[str, ...]) -> tuple[list[Path], Path]:
+def split_paths(paths: tuple[str, ...], extra_sources: tuple[str, ...], target: str | None = None) -> tuple[list[Path], Path]:
+    if target is not None:
+        sources = [Path(p) for p in (*extra_sources, *paths)]
+        if not sources:
+            raise UserError("missing SOURCE: give the source photo(s) with -s or before the target")
+        return sources, Path(target)
     if not paths:
         raise UserError("missing arguments: give SOURCE... TARGET (e.g. `apple-video swap face.jpg clip.mp4 -o out.mp4`)")
     if len(paths) == 1 and not extra_sources:
@@ -86,6 +148,7 @@ def check_output_for(kind: str, target: Path, output: Path, sources: list[Path],
             raise OutputError(f"output must be a folder for a {kind} input: {output}")
         if not output.resolve().parent.is_dir():
             raise OutputError(f"output directory does not exist: {output.parent}")
+        check_writable(output if output.is_dir() else output.resolve().parent)
         resumable = job_dir_for(output).exists()
         if kind == "folder" and output.is_dir() and any(output.iterdir()) and not (force or resumable):
             raise OutputError(f"output folder is not empty: {output} (use --force to overwrite)")
@@ -127,7 +190,7 @@ def settings_from(opts: dict) -> SwapSettings:
                            recipe=recipe_from(opts), device=opts["device"], lora=opts["lora"],
                            second_order=opts["second_order"], offload=opts.get("offload", False),
                            quality=opts.get("quality"), fp8=opts.get("fp8", False)),
-        detector=DetectorSettings(name=opts["face_detector"], score=opts["face_detector_score"],
+        detector=DetectorSettings(name=detector_name(opts["face_detector"]), score=opts["face_detector_score"],
                                   size=opts["face_detector_size"], angles=angles),
         selector=SelectorSettings(mode=opts["face_selector_mode"], order=opts["face_selector_order"],
                                   reference_frame_number=opts["reference_frame_number"],
@@ -146,16 +209,17 @@ def settings_from(opts: dict) -> SwapSettings:
         trim_start=opts["trim_start"],
         trim_end=opts["trim_end"],
         force=opts["force"],
+        allow_no_faces=opts.get("allow_no_faces", False),
     )
 
 
 def resolve_runtime(opts: dict) -> None:
     if opts["executor"] is None:
         opts["executor"] = "ray" if opts["ray_address"] else "local"
-    if opts["executor"] == "ray" and opts["ray_address"] not in (None, "", "local", "auto"):
-        from apple_video.engine.executors import check_reachable
+    if opts["executor"] == "ray" and opts["ray_address"] not in (None, "", "local"):
+        from apple_video.engine.executors import connect_ray
 
-        check_reachable(opts["ray_address"])
+        connect_ray(opts["ray_address"])
     if opts["num_gpus"] is None:
         import torch
 

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import hashlib
 import json
 import logging
+import os
 import shutil
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from itertools import islice
 from pathlib import Path
 
@@ -37,8 +42,8 @@ from apple_video.engine.stages import (
     target_to_dict,
     write_json,
 )
-from apple_video.errors import NoFaceError, UserError
-from apple_video.faces.detect import FaceDetector, create_detector
+from apple_video.errors import NoFaceError, OutputError, UserError
+from apple_video.faces.detect import FaceDetector, create_detector, detect_faces
 from apple_video.faces.select import select_targets
 from apple_video.faces.sources import source_faces
 from apple_video.faces.track import find_cuts, frame_signature
@@ -56,6 +61,37 @@ def batched(items, size: int):
     iterator = iter(items)
     while group := list(islice(iterator, size)):
         yield group
+
+
+class LogProgress:
+    """Progress for logs and pipes (stderr not a terminal): one line every `every` seconds and one at the end."""
+
+    def __init__(self, total: int, desc: str, every: float = 10.0) -> None:
+        self.total, self.desc, self.every = total, desc, every
+        self.done, self.started = 0, time.monotonic()
+        self.last = self.started
+
+    def update(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done >= self.total:
+            self.last = now
+            rate = self.done / max(now - self.started, 1e-6)
+            logger.info("%s: %d/%d frames (%d%%, %.1f frames/s)", self.desc, self.done, self.total,
+                        100 * self.done // max(self.total, 1), rate)
+
+    def __enter__(self) -> LogProgress:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def progress(total: int, desc: str):
+    """A bar on a terminal, periodic log lines otherwise (CI logs, `2> log.txt`, Ray job drivers)."""
+    if sys.stderr.isatty() or total == 0:
+        return tqdm(total=total, desc=desc, unit="frame", disable=None)
+    return LogProgress(total, desc)
 
 
 @dataclass
@@ -196,7 +232,8 @@ def _fingerprint(path: Path, sources: list[Path], settings: SwapSettings) -> str
     for p in [path, *sources]:
         stat = p.stat()
         parts.append(f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    relevant = {k: v for k, v in asdict(settings).items() if k not in ("force", "executor", "ray_address", "workers")}
+    ignored = ("force", "executor", "ray_address", "workers", "allow_no_faces")
+    relevant = {k: v for k, v in asdict(settings).items() if k not in ignored}
     parts.append(json.dumps(relevant, sort_keys=True, default=str))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
@@ -205,6 +242,69 @@ def job_dir_for(output: Path) -> Path:
     if output.suffix:
         return output.parent / f".{output.name}.apple-video-job"
     return output / ".apple-video-job"
+
+
+def lock_path_for(output: Path) -> Path:
+    job_dir = job_dir_for(output)
+    return job_dir.with_name(f"{job_dir.name}.lock")
+
+
+@contextlib.contextmanager
+def job_lock(output: Path):
+    """One job per output: a second run on the same output refuses at once instead of redoing the work."""
+    path = lock_path_for(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 - held for the whole job
+    try:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            raise OutputError(f"another apple-video job is writing {output} (pid {holder}); wait for it to finish "
+                              f"or choose another -o") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(str(os.getpid()))
+        handle.flush()
+        yield
+    finally:
+        handle.close()
+        path.unlink(missing_ok=True)
+
+
+_DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+                errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied",
+                errno.EPERM: "permission denied", errno.EFBIG: "the file is too large for this file system or limit"}
+
+
+def _remove_partials(output: Path) -> None:
+    """Half-written files (temp names) of this job; finished chunks stay for the resume."""
+    job_dir = job_dir_for(output)
+    found = [*job_dir.rglob(".*.partial-*"), *job_dir.rglob(".*.tmp")] if job_dir.is_dir() else []
+    if output.suffix:
+        found += output.parent.glob(f".{output.stem}.partial-*{output.suffix}")
+    elif output.is_dir():
+        found += output.glob(".*.partial-*")
+    for partial in found:
+        partial.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def output_errors(output: Path):
+    """Output-side OS errors (full disk, read-only, no permission) are the user's to fix: one line, exit 2."""
+    try:
+        yield
+    except OSError as error:
+        code = getattr(error, "errno", None)
+        written = output.parent if output.suffix else output
+        name = getattr(error, "filename", None)
+        elsewhere = name is not None and not str(Path(str(name)).resolve()).startswith(str(written.resolve()))
+        if code not in _DISK_ERRORS or (code in (errno.EACCES, errno.EPERM) and elsewhere):
+            raise  # e.g. an unreadable input: not a problem of the output
+        _remove_partials(output)
+        raise OutputError(f"cannot write {output}: {_DISK_ERRORS[code]}; "
+                          f"free space or fix the folder, then run the same command again to resume") from None
 
 
 def _open_manifest(job_dir: Path, key: str, chunks: list[tuple[int, int]], force: bool) -> dict:
@@ -240,14 +340,14 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
     summary = Summary(str(spec.input), str(spec.output), frames=frame_count)
     chunks = plan_chunks(frame_count, keyframes, settings.chunk_frames)
     announce_swapper(settings)  # missing weights or a faceless source fail here, before any job file exists
-    sources = load_sources(source_paths, create_detector(settings.detector), crop_size_for(settings))
+    sources = load_sources(source_paths, source_detector(settings), crop_size_for(settings))
     manifest = _open_manifest(spec.job_dir, _fingerprint(spec.input, source_paths, settings), chunks, settings.force)
     manifest_path = spec.job_dir / "manifest.json"
     summary.chunks_resumed = len(manifest["rendered"])
 
     started = time.perf_counter()
     todo = [c for c in range(len(chunks)) if c not in manifest["analyzed"]]
-    with tqdm(total=sum(chunks[c][1] - chunks[c][0] for c in todo), desc="analyze", unit="frame", disable=None) as bar:
+    with progress(sum(chunks[c][1] - chunks[c][0] for c in todo), "analyze") as bar:
         for row in run_stage(AnalyzeWorker, (spec,), _items(chunks, todo), settings, gpu=False):
             chunk = int(row["chunk"])
             manifest["analyzed"].append(chunk)
@@ -267,13 +367,15 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
     cuts = find_cuts(signatures, settings.tracking.cut_threshold)
     selection = select_targets(detections, fps, settings.selector, settings.tracking, cuts)
     summary.small_faces_skipped = selection.skipped_small
+    if not any(selection.targets.values()) and not settings.allow_no_faces:
+        raise NoFaceError(_no_faces_message(spec.input, frame_count, detections, selection.skipped_small, settings))
     for c, (start, stop) in enumerate(chunks):
         write_json(spec.targets_file(c), [target_to_dict(t) for i in range(start, stop) for t in selection.targets.get(i, [])])
     summary.seconds["track"] = time.perf_counter() - started
 
     started = time.perf_counter()
     todo = [c for c in range(len(chunks)) if c not in manifest["rendered"]]
-    with tqdm(total=sum(chunks[c][1] - chunks[c][0] for c in todo), desc="swap", unit="frame", disable=None) as bar:
+    with progress(sum(chunks[c][1] - chunks[c][0] for c in todo), "swap") as bar:
         for row in run_stage(RenderWorker, (spec, sources), _items(chunks, todo), settings, gpu=True):
             chunk = int(row["chunk"])
             manifest["rendered"].append(chunk)
@@ -291,21 +393,56 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
             start_s = float(info.pts[0] * info.time_base)
             window = (start_s, start_s + info.duration)
         concat_chunks([spec.chunk_file(c) for c in range(len(chunks))], spec.output, info.path if info.audio else None,
-                      pts, info.time_base, info.rotation, window)
+                      pts, info.time_base, info.rotation, window, rate=info.fps)
     stats = manifest["stats"].values()
     summary.frames_swapped = sum(s["swapped_frames"] for s in stats)
     summary.faces_swapped = sum(s["faces_swapped"] for s in stats)
     summary.faces_skipped = sum(s["faces_skipped"] for s in stats)
     summary.frames_passed_through = frame_count - summary.frames_swapped
+    if summary.faces_swapped == 0:
+        logger.warning("no face was swapped in %s: the output is the input re-encoded%s", spec.input,
+                       "" if settings.allow_no_faces else " (the swapper skipped every face it was given)")
     shutil.rmtree(spec.job_dir, ignore_errors=True)
     summary.seconds["finish"] = time.perf_counter() - started
     return summary
+
+
+def _no_faces_message(path: Path, frames: int, detections: list[list], small: int, settings: SwapSettings,
+                      where: str = "to swap in") -> str:
+    found = sum(len(faces) for faces in detections)
+    if found and small:
+        cause = (f"the {small} faces found are smaller than {settings.selector.min_face_size} px; use a larger clip "
+                 f"or a closer shot")
+    elif found:
+        cause = "faces were found but none matched the selector; try --face-selector-mode many"
+    else:
+        cause = ("no face was detected: faces may be small, sideways or turned away; try --face-detector insightface "
+                 "(weights: `apple-video weights where`), --face-detector-angles 0 90 180 270 or --face-detector-size 1280")
+    return (f"no face {where} {path} ({frames} frames analysed): {cause}; "
+            f"--allow-no-faces writes the input through unchanged")
+
+
+def source_detector(settings: SwapSettings) -> FaceDetector:
+    """Source photos are searched upright first, whatever angles the target needs."""
+    angles = (0, *(a for a in settings.detector.angles if a != 0))
+    return create_detector(replace(settings.detector, angles=angles), announce=False)
+
+
+def for_rotation(settings: SwapSettings, rotation: int) -> SwapSettings:
+    """A clip with display rotation may have been filmed upright in its stored picture: unless angles were chosen,
+    also look at the picture turned back by the rotation (only on frames where upright finds nothing)."""
+    if not rotation or settings.detector.angles != (0,):
+        return settings
+    back = (360 - rotation) % 360
+    logger.debug("display rotation %d: also looking for faces turned by %d degrees", rotation, back)
+    return replace(settings, detector=replace(settings.detector, angles=(0, back)))
 
 
 def swap_video(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> Summary:
     info = open_video(input_path).info
     if settings.trimmed:
         info = trim(info, settings.trim_start, settings.trim_end)
+    settings = for_rotation(settings, info.rotation)
     spec = JobSpec("video", input_path, output, job_dir_for(output), settings, info=info)
     return run_frames_job(spec, source_paths, info.frame_count, float(info.fps), info.keyframes)
 
@@ -324,10 +461,10 @@ def swap_image(source_paths: list[Path], input_path: Path, output: Path, setting
     announce_swapper(settings)
     swapper = create_swapper(settings)
     detector = create_detector(settings.detector)
-    sources = load_sources(source_paths, detector, swapper.crop_size)
-    detections = [detector.detect(data.rgb)]
-    if not detections[0]:
-        raise NoFaceError(f"no face found in the target image {input_path}; nothing to swap")
+    sources = load_sources(source_paths, source_detector(settings), swapper.crop_size)
+    detections = [detect_faces(detector, data.rgb)]
+    if not detections[0] and not settings.allow_no_faces:
+        raise NoFaceError(_no_faces_message(input_path, 1, detections, 0, settings, "found in the target image"))
     selection = select_targets(detections, 1.0, settings.selector, settings.tracking)
     renderer = Renderer(settings, swapper, sources)
     [(_, _, rgb, swapped)], stats = renderer.render([(0, 0, data.rgb)], selection.targets)
@@ -338,6 +475,14 @@ def swap_image(source_paths: list[Path], input_path: Path, output: Path, setting
 
 
 def swap_any(source_paths: list[Path], target: Path, output: Path, settings: SwapSettings) -> Summary:
+    with output_errors(output):
+        if is_image_path(target) and not target.is_dir():
+            return swap_image(source_paths, target, output, settings)
+        with job_lock(output):
+            return _swap_frames(source_paths, target, output, settings)
+
+
+def _swap_frames(source_paths: list[Path], target: Path, output: Path, settings: SwapSettings) -> Summary:
     if target.is_dir():
         return swap_folder(source_paths, target, output, settings)
     if is_image_path(target):

@@ -14,7 +14,7 @@ from typing import TypeVar
 import numpy as np
 
 from apple_video.faces.align import alignment_matrix, transform_points, warp_crop
-from apple_video.faces.detect import create_detector
+from apple_video.faces.detect import ScaleSearch, create_detector
 from apple_video.faces.mask import feather, hull_mask, oval_mask, pad_mask, parsing_mask
 from apple_video.faces.parsing import FaceParser, create_parser
 from apple_video.faces.paste import paste_back
@@ -127,11 +127,13 @@ class Analyzer:
         tracks average them, which is all selection needs."""
         found: dict[int, list[Face]] = {}
         previous = -1
+        search = ScaleSearch(self.detector)
         for index, _, rgb in frames:
-            faces = self.detector.detect(rgb, embed=False)
+            faces = search.detect(index, rgb, embed=False)
             if faces and (index % self.embed_every == 0 or len(faces) != previous):
                 embed = getattr(self.detector, "embed", None)
-                faces = embed(rgb, faces) if embed and self.detector.settings.angles == (0,) else self.detector.detect(rgb)
+                faces = (embed(rgb, faces) if embed and self.detector.settings.angles == (0,)
+                         else self.detector.detect(rgb, True, search.used))
             previous = len(faces)
             found[index] = faces
         return found

@@ -19,11 +19,19 @@ from apple_video.settings import DETECTOR_CHOICES, DetectorName, DetectorSetting
 
 logger = logging.getLogger(__name__)
 
+# dlib's HOG window is 80 px: a face must be about this wide where the detector looks (measured: a 60 px face
+# box is found at scale 1, a 40 px one at scale 1.5).
+HOG_FACE = 64
+MIN_FACE = 40  # pixels of the original frame: faces this small are still looked for
+FINE_MAX_SIDE = 2560  # the fine pass never looks at a picture larger than this (cost grows with area)
+
+
 class FaceDetector(Protocol):
     name: str
 
-    def detect(self, rgb: np.ndarray, embed: bool = True) -> list[Face]:
-        """Faces in an RGB image; `embed=False` skips identity embeddings (the costly part on CPU)."""
+    def detect(self, rgb: np.ndarray, embed: bool = True, scale: float | None = None) -> list[Face]:
+        """Faces in an RGB image; `embed=False` skips identity embeddings (the costly part on CPU);
+        `scale` overrides the detector's working scale where it has one (None: from --face-detector-size)."""
 
 
 def _sigmoid(x: float) -> float:
@@ -77,10 +85,21 @@ class DlibDetector:
         rects, scores, _ = self._hog.run(small, upsample, threshold)
         return [((r.left(), r.top(), r.right(), r.bottom()), _sigmoid(s)) for r, s in zip(rects, scores, strict=True)]
 
-    def _detect_upright(self, rgb: np.ndarray, embed: bool) -> list[Face]:
+    def base_scale(self, shape: tuple[int, ...]) -> float:
+        return min(1.0, self.settings.size / max(shape[:2]))
+
+    def fine_scale(self, shape: tuple[int, ...]) -> float:
+        """The scale at which a MIN_FACE face is found, as far as FINE_MAX_SIDE allows."""
+        return max(self.base_scale(shape), min(HOG_FACE / MIN_FACE, FINE_MAX_SIDE / max(shape[:2])))
+
+    def _detect_upright(self, rgb: np.ndarray, embed: bool, scale: float | None = None) -> list[Face]:
         rgb = np.ascontiguousarray(rgb)
-        scale = min(1.0, self.settings.size / max(rgb.shape[:2]))
-        small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA) if scale < 1 else rgb
+        scale = self.base_scale(rgb.shape) if scale is None else scale
+        if abs(scale - 1.0) < 1e-3:
+            small, scale = rgb, 1.0
+        else:
+            interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+            small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=interpolation)
         faces = []
         for (x0, y0, x1, y1), score in self._boxes(small):
             rect = self._dlib.rectangle(int(x0 / scale), int(y0 / scale), int(x1 / scale), int(y1 / scale))
@@ -91,8 +110,8 @@ class DlibDetector:
             faces.append(Face(bbox, kps_from_68(landmarks), score, landmarks, embedding))
         return faces
 
-    def detect(self, rgb: np.ndarray, embed: bool = True) -> list[Face]:
-        return detect_with_angles(lambda image: self._detect_upright(image, embed), rgb, self.settings.angles)
+    def detect(self, rgb: np.ndarray, embed: bool = True, scale: float | None = None) -> list[Face]:
+        return detect_with_angles(lambda image: self._detect_upright(image, embed, scale), rgb, self.settings.angles)
 
 
 class InsightFaceDetector:
@@ -123,8 +142,51 @@ class InsightFaceDetector:
             faces.append(Face(np.asarray(box[:4], np.float64), np.asarray(kps, np.float64), float(box[4]), None, embedding))
         return faces
 
-    def detect(self, rgb: np.ndarray, embed: bool = True) -> list[Face]:
+    def detect(self, rgb: np.ndarray, embed: bool = True, scale: float | None = None) -> list[Face]:
+        # SCRFD letterboxes to its fixed input size and finds faces down to ~16 px there: no scale to pick
         return detect_with_angles(lambda image: self._detect_upright(image, embed), rgb, self.settings.angles)
+
+
+class ScaleSearch:
+    """Pick the detector's scale from the frame and the face sizes found, over a stream of frames.
+
+    Each frame is searched at the current scale (--face-detector-size at first). The first frame, every
+    `probe_every`-th frame and any frame that lost a face are also searched at the fine scale (faces down to
+    MIN_FACE px); when that finds more faces, it wins and the scale follows the smallest face found, so a clip
+    of small faces is searched finely throughout while a clip of large faces costs one fine pass now and then.
+    Make one per chunk: results then depend only on the chunk's frames, whichever worker runs it."""
+
+    def __init__(self, detector: FaceDetector, probe_every: int = 24) -> None:
+        self.detector = detector
+        self.probe_every = probe_every
+        self.scale: float | None = None
+        self.previous = 0
+        self.seen = 0
+        self.used: float | None = None  # the scale the last frame's faces came from
+
+    def detect(self, index: int, rgb: np.ndarray, embed: bool = True) -> list[Face]:
+        if not hasattr(self.detector, "fine_scale"):
+            return self.detector.detect(rgb, embed)
+        base, fine = self.detector.base_scale(rgb.shape), self.detector.fine_scale(rgb.shape)
+        current = self.scale or base
+        faces = self.detector.detect(rgb, embed, current)
+        self.used = current
+        due = self.seen == 0 or index % self.probe_every == 0 or len(faces) < self.previous
+        if due and fine > current * 1.05:
+            finer = self.detector.detect(rgb, embed, fine)
+            if len(finer) > len(faces):
+                faces, self.used = finer, fine
+        if faces:
+            smallest = min(float(f.bbox[2] - f.bbox[0]) for f in faces)
+            wanted = min(fine, max(base, 1.25 * HOG_FACE / max(smallest, 1.0)))
+            self.scale = wanted if wanted > base * 1.05 else None
+        self.previous, self.seen = len(faces), self.seen + 1
+        return faces
+
+
+def detect_faces(detector: FaceDetector, rgb: np.ndarray, embed: bool = True) -> list[Face]:
+    """One still picture (a photo, a preview frame): searched at the set size and finely, the richer result kept."""
+    return ScaleSearch(detector).detect(0, rgb, embed)
 
 
 def _rotate_back(face: Face, angle: int, shape: tuple[int, int]) -> Face:

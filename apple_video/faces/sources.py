@@ -8,7 +8,7 @@ import numpy as np
 
 from apple_video.errors import NoFaceError
 from apple_video.faces.align import alignment_matrix, transform_points, warp_crop
-from apple_video.faces.detect import FaceDetector
+from apple_video.faces.detect import FaceDetector, detect_faces
 from apple_video.faces.select import sort_faces
 from apple_video.faces.types import SourceFace
 
@@ -19,7 +19,7 @@ def source_faces(images: list[np.ndarray], names: list[str], detector: FaceDetec
     """Detect the largest face in each source photo and align it; one-line errors for photos without a face."""
     sources = []
     for image, name in zip(images, names, strict=True):
-        faces = detector.detect(image)
+        faces = detect_faces(detector, image)
         if not faces:
             raise NoFaceError(f"no face found in the source photo {name}; use a clear, frontal photo of one face")
         if len(faces) > 1:

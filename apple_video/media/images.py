@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import struct
+import warnings
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,7 @@ from apple_video.media.metadata import synthetic_tag
 from apple_video.media.paths import temp_path_for
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
+MAX_PIXELS = 120_000_000  # ~11000 x 11000: larger images are refused from their header, before decoding
 _EXIF_DESCRIPTION = 0x010E
 _EXIF_SOFTWARE = 0x0131
 
@@ -87,9 +89,30 @@ def _read_deep_png(path: Path) -> ImageData | None:
     return ImageData(np.ascontiguousarray(narrow[..., :3]), alpha, False, "RGB;16", deep)
 
 
+def check_pixels(path: Path) -> None:
+    """Read the size from the header only and refuse pixel bombs (a few MB that decode to tens of GB)."""
+    size = ""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                width, height = image.size
+        pixels, size = width * height, f" ({width}x{height})"
+    except Image.DecompressionBombError as error:  # Pillow's own limit (2 x 89 MP) names the pixel count only
+        found = re.search(r"\((\d+) pixels\)", str(error))
+        pixels = int(found.group(1)) if found else MAX_PIXELS + 1
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+        return  # not a header Pillow knows: the decoder below reports it
+    if pixels > MAX_PIXELS:
+        raise InputError(f"image {path} declares {pixels / 1e6:.0f} megapixels{size}, over the "
+                         f"{MAX_PIXELS // 1_000_000} megapixel limit; scale it down first")
+
+
 def read_image(path: str | Path) -> ImageData:
     """Read any supported still image into 8-bit RGB (+ alpha), EXIF rotation applied."""
     path = Path(path)
+    if path.is_file() and path.stat().st_size > 0:
+        check_pixels(path)
     if path.suffix.lower() == ".png" and path.is_file() and path.stat().st_size > 0:
         deep = _read_deep_png(path)
         if deep is not None:

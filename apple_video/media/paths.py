@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 from apple_video.errors import InputError, OutputError
@@ -21,6 +22,15 @@ def check_input(path: Path) -> Path:
     return path
 
 
+def check_writable(folder: Path) -> None:
+    """Try a file in the folder now: a read-only or foreign folder fails here, not after the work is done."""
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".apple-video-probe-"):
+            pass
+    except OSError as error:
+        raise OutputError(f"cannot write to the folder {folder}: {error.strerror or error}") from None
+
+
 def check_output(output: Path, inputs: list[Path], force: bool) -> Path:
     """Refuse outputs that would lose data or cannot be written."""
     resolved = output.resolve()
@@ -31,4 +41,5 @@ def check_output(output: Path, inputs: list[Path], force: bool) -> Path:
         raise OutputError(f"output directory does not exist: {output.parent}")
     if output.exists() and not force:
         raise OutputError(f"output exists: {output} (use --force to overwrite)")
+    check_writable(resolved.parent)
     return output

@@ -6,6 +6,7 @@ import heapq
 import logging
 import os
 import queue
+import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -23,7 +24,7 @@ from apple_video.settings import EncodeSettings
 logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".mxf", ".wmv", ".gif")
-VIDEO_CODECS = ("libx264", "libx264rgb", "libx265", "libvpx-vp9", "libsvtav1", "h264_nvenc", "hevc_nvenc", "ffv1")
+VIDEO_CODECS = ("libx264", "libx264rgb", "libx265", "libvpx-vp9", "h264_nvenc", "hevc_nvenc", "ffv1")
 _AUDIO_OK = {
     ".mp4": {"aac", "mp3", "ac3", "eac3", "alac", "flac", "opus"},
     ".m4v": {"aac", "mp3", "ac3", "eac3", "alac"},
@@ -124,6 +125,10 @@ def probe(path: str | Path) -> VideoInfo:
         if not entries:
             raise InputError(f"no decodable video frames in {path}")
         entries.sort()
+        declared = stream.frames or 0
+        if declared > len(entries):
+            logger.warning("%s is truncated: its header lists %d frames but only %d are there; the output will end "
+                           "at frame %d", path, declared, len(entries), len(entries))
         pts = tuple(ts for ts, _ in entries)
         keyframes = tuple(i for i, (_, key) in enumerate(entries) if key) or (0,)
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
@@ -259,6 +264,50 @@ def _decode_frames(info: VideoInfo, start: int, stop: int | None) -> Iterator[De
             raise DecodeError(f"{info.path}: decoding failed at frame {index}: {error}", index) from None
     if index < stop:
         raise DecodeError(f"{info.path}: video is truncated or corrupt: decoding stopped at frame {index} of {stop}", index)
+
+
+X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
+# video codecs each container can hold (the others are refused before any work)
+CONTAINER_CODECS = {
+    ".webm": ("libvpx-vp9",),
+    ".mp4": ("libx264", "libx265", "libvpx-vp9", "h264_nvenc", "hevc_nvenc"),
+    ".m4v": ("libx264", "libx265", "h264_nvenc", "hevc_nvenc"),
+    ".mov": ("libx264", "libx264rgb", "libx265", "h264_nvenc", "hevc_nvenc", "ffv1"),
+}
+
+
+def check_encoder(settings: EncodeSettings, suffix: str) -> None:
+    """Refuse an encoder, preset or container pairing that cannot work, by encoding a tiny clip with it."""
+    allowed = CONTAINER_CODECS.get(suffix)
+    if allowed is not None and settings.codec not in allowed:
+        raise OutputError(f"{suffix} files cannot hold {settings.codec} video: use --output-video-encoder "
+                          f"{' or '.join(c for c in allowed if 'nvenc' not in c)}, or another file type")
+    if settings.codec in ("libx264", "libx264rgb", "libx265") and settings.preset not in X264_PRESETS:
+        raise OutputError(f"unknown --output-video-preset '{settings.preset}' for {settings.codec}: "
+                          f"choose one of {', '.join(X264_PRESETS)}")
+    if settings.codec not in av.codecs_available:
+        raise OutputError(f"video encoder '{settings.codec}' is not in this PyAV build; use libx264")
+    width, height = 256, 144
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            probe_file = Path(tmp) / f"probe{suffix}"
+            with av.open(str(probe_file), "w") as out:
+                stream = out.add_stream(settings.codec, rate=25)
+                stream.width, stream.height = width, height
+                stream.pix_fmt = _pix_fmt(settings, width, height)
+                stream.options = _codec_options(settings)
+                for i in range(2):
+                    frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 40 * i, np.uint8), format="rgb24")
+                    frame.pts = i
+                    out.mux(stream.encode(frame))
+                out.mux(stream.encode(None))
+            with av.open(str(probe_file)) as back:  # the chunks are read back when joined: a decoder must exist
+                next(back.decode(video=0))
+    except (av.FFmpegError, ValueError, OSError, StopIteration) as error:
+        hint = " (NVENC needs an NVIDIA GPU and driver)" if "nvenc" in settings.codec else ""
+        raise OutputError(f"the video encoder {settings.codec} does not work here{hint}: "
+                          f"{str(error).splitlines()[0] if str(error) else error.__class__.__name__}; "
+                          f"try --output-video-encoder libx264") from None
 
 
 def default_codec_for(path: Path) -> str:
@@ -417,7 +466,7 @@ def _restamped(packets: Iterator[tuple[float, int, av.Packet]], pts: Sequence[in
 
 def concat_chunks(
     chunks: list[Path], output: Path, audio_source: Path | None, pts: Sequence[int], time_base: Fraction, rotation: int = 0,
-    audio_window: tuple[float, float] | None = None,
+    audio_window: tuple[float, float] | None = None, rate: Fraction | None = None,
 ) -> Path:
     """Join chunk files into `output` (temp file + rename), muxing the audio of `audio_source` beside them.
 
@@ -432,6 +481,8 @@ def concat_chunks(
             video_in = first.streams.video[0]
             video_out = out.add_stream_from_template(video_in)
             video_out.time_base = time_base
+            if rate:  # Matroska derives the frame rate it reports from this; else from its 1 ms time base
+                video_out.codec_context.framerate = rate
             if rotation:
                 video_out.set_display_rotation(rotation)
             copies, reencode = _add_audio_streams(out, audio_source, suffix) if audio_source else ({}, [])
