@@ -18,7 +18,7 @@ from apple_video.settings import SwapSettings
 from apple_video.swappers.base import CropJob
 from apple_video.swappers.classic import ClassicSwapper, delaunay, triangle_maps
 
-FLICKER_BOUND = 1.3
+FLICKER_BOUND = 1.2
 
 
 def test_identity_moves_to_source(tmp_path: Path, source_photo: Path, face_clip: Path, hopper: np.ndarray) -> None:
