@@ -25,8 +25,8 @@ RIGID_POINTS = np.r_[17:48]  # brows, nose and eyes: the part of the face a talk
 
 def regularised_landmarks(target: np.ndarray, source: np.ndarray, keep: float) -> np.ndarray:
     """`target` with its brows, nose and eyes moved toward the source's shape fitted (affine, least squares) onto
-    them: `keep` of the target's own residual stays. The source's geometry is part of its identity, and a fit over
-    31 points is far steadier in time than each point, so sharp source detail (glasses, wrinkles) does not shimmer."""
+    them; `keep` of the target's own residual stays. The source's eye and nose geometry is part of its identity,
+    and the fit damps the per-point jitter of the detector a little (sharp source detail shows every wobble)."""
     target = np.asarray(target, np.float64)
     src = np.hstack([np.asarray(source, np.float64)[RIGID_POINTS], np.ones((len(RIGID_POINTS), 1))])
     affine, *_ = np.linalg.lstsq(src, target[RIGID_POINTS], rcond=None)
