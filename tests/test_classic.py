@@ -220,3 +220,19 @@ def forehead_change(before: np.ndarray, after: np.ndarray, landmarks: np.ndarray
 def test_no_dark_band_under_the_hairline(smiling_target: np.ndarray, smiling_swap: np.ndarray) -> None:
     lm = create_detector(DetectorSettings(name="dlib")).detect(smiling_target)[0].landmarks
     assert forehead_change(smiling_target, smiling_swap, lm) < 10  # 41 when the source hat was warped in
+
+
+def test_chunking_never_changes_a_frame(tmp_path: Path, source_photo: Path, clip_frames) -> None:
+    from apple_video.engine.run import swap_folder
+
+    folder = tmp_path / "moving"
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(clip_frames[10 + i]).save(folder / f"f{i}.png")
+    runs = {}
+    for chunk, batch in ((3, 1), (96, 4)):
+        output = tmp_path / f"out{chunk}"
+        swap_folder([source_photo], folder, output, SwapSettings(swapper="classic", chunk_frames=chunk, batch_size=batch))
+        runs[chunk] = [np.asarray(Image.open(output / f"f{i}.png")) for i in range(8)]
+    for a, b in zip(runs[3], runs[96], strict=True):
+        assert np.array_equal(a, b)
