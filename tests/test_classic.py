@@ -4,14 +4,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
+import pytest
+from PIL import Image
 
 from apple_video.engine.run import swap_video
 from apple_video.faces.detect import DetectorSettings, create_detector
+from apple_video.faces.mask import face_height, mouth_interior_mask
+from apple_video.media import synth
 from apple_video.media.video import decode_frames, probe
 from apple_video.settings import SwapSettings
 from apple_video.swappers.base import CropJob
-from apple_video.swappers.classic import ClassicSwapper
+from apple_video.swappers.classic import ClassicSwapper, delaunay, triangle_maps
+
+FLICKER_BOUND = 1.2
 
 
 def test_identity_moves_to_source(tmp_path: Path, source_photo: Path, face_clip: Path, hopper: np.ndarray) -> None:
@@ -62,3 +69,170 @@ def test_poisson_blend_changes_the_face_only(tmp_path: Path, source_photo: Path,
     ys, xs = np.nonzero(changed)
     assert changed.sum() > 1000 and not np.array_equal(outs["poisson"], outs["feather"])
     assert xs.min() > 100 and xs.max() < 400  # still only around the face
+
+
+# --- seams, mouth and temporal stability (issue 17) -------------------------------------------------------------
+
+
+def seam_score(before: np.ndarray, after: np.ndarray) -> float:
+    """Mean absolute gradient across the boundary of the changed region (along its normal), output over input:
+    1 = the edge of the swap adds no step, a band or a glow raises it."""
+    changed = (np.abs(after.astype(np.int16) - before.astype(np.int16)).sum(2) > 20).astype(np.uint8)
+    changed = cv2.morphologyEx(changed, cv2.MORPH_CLOSE, np.ones((9, 9), np.uint8))
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(changed)
+    region = (labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA]))).astype(np.uint8)
+    kernel = np.ones((3, 3), np.uint8)
+    band = (cv2.dilate(region, kernel) > 0) & (cv2.erode(region, kernel) == 0)
+    smooth = cv2.GaussianBlur(region.astype(np.float32), (0, 0), 4.0)
+    nx, ny = cv2.Sobel(smooth, cv2.CV_32F, 1, 0), cv2.Sobel(smooth, cv2.CV_32F, 0, 1)
+    norm = np.hypot(nx, ny) + 1e-6
+
+    def across(rgb: np.ndarray) -> float:
+        grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float32)
+        gx, gy = cv2.Sobel(grey, cv2.CV_32F, 1, 0), cv2.Sobel(grey, cv2.CV_32F, 0, 1)
+        return float(np.abs((gx * nx + gy * ny) / norm)[band].mean())
+
+    return across(after) / across(before)
+
+
+def region_flicker(before: list[np.ndarray], after: list[np.ndarray], region: np.ndarray) -> float:
+    """Mean frame-to-frame difference inside `region`, output over input (1 = as steady as the input)."""
+    def diff(frames: list[np.ndarray]) -> float:
+        return float(np.mean([np.abs(frames[i + 1].astype(np.float32) - frames[i])[region].mean()
+                              for i in range(len(frames) - 1)]))
+
+    return diff(after) / diff(before)
+
+
+def talking_frames(face: np.ndarray, detector, count: int = 36, open_px: float = 9.0) -> tuple[list[np.ndarray], np.ndarray]:
+    """A still head whose jaw and lower lip open and close every 12 frames (piecewise-affine warp of a photo)."""
+    lm = detector.detect(face)[0].landmarks
+    h, w = face.shape[:2]
+    corners = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1], [w / 2, 0], [w / 2, h - 1], [0, h / 2], [w - 1, h / 2]])
+    points = np.concatenate([lm, corners])
+    triangles = delaunay(points)
+    weight = np.zeros(len(points))
+    weight[[56, 57, 58, 65, 66, 67]] = 1.0
+    weight[[55, 59]] = 0.6
+    weight[5:12] = [0.4, 0.7, 0.9, 1.0, 0.9, 0.7, 0.4]
+    frames = []
+    for t in range(count):
+        moved = points.copy()
+        moved[:, 1] += weight * open_px * 0.5 * (1 - np.cos(2 * np.pi * t / 12))
+        map_x, map_y, _ = triangle_maps(points, moved, triangles, max(w, h))
+        frames.append(cv2.remap(face, map_x[:h, :w], map_y[:h, :w], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101))
+    return frames, lm
+
+
+@pytest.fixture(scope="module")
+def smiling_target(astronaut_patch: np.ndarray) -> np.ndarray:
+    """The astronaut's open smile (teeth showing), large enough to look at."""
+    return synth.paste_patch(synth.background(480, 360), astronaut_patch, synth.Placement(240, 180, 1.6))
+
+
+@pytest.fixture(scope="module")
+def smiling_swap(tmp_path_factory, source_photo: Path, smiling_target: np.ndarray) -> np.ndarray:
+    from apple_video.engine.run import swap_image
+
+    folder = tmp_path_factory.mktemp("smile")
+    Image.fromarray(smiling_target).save(folder / "t.png")
+    swap_image([source_photo], folder / "t.png", folder / "o.png", SwapSettings(swapper="classic"))
+    return np.asarray(Image.open(folder / "o.png").convert("RGB"))
+
+
+def test_open_mouth_interior_is_the_targets(smiling_target: np.ndarray, smiling_swap: np.ndarray) -> None:
+    detector = create_detector(DetectorSettings(name="dlib"))
+    lm = detector.detect(smiling_target)[0].landmarks
+    mouth = mouth_interior_mask(lm, max(smiling_target.shape))[: smiling_target.shape[0], : smiling_target.shape[1]]
+    inside = cv2.erode(mouth, np.ones((3, 3), np.uint8)) > 0
+    assert inside.sum() >= 40  # the smile is open: teeth between the inner lips
+    diff = np.abs(smiling_swap.astype(np.int16) - smiling_target.astype(np.int16)).mean(2)
+    cheeks = np.zeros_like(mouth)
+    cv2.fillPoly(cheeks, [np.round(lm[[1, 2, 3, 31, 39]]).astype(np.int32)], 1)
+    assert diff[cheeks > 0].mean() > 8  # the face did change...
+    assert diff[inside].mean() < 4, diff[inside].mean()  # ...but the teeth are the target's, not source colour
+
+
+def test_no_seam_at_the_mask_edge(smiling_target: np.ndarray, smiling_swap: np.ndarray) -> None:
+    assert seam_score(smiling_target, smiling_swap) <= 1.5
+
+
+@pytest.mark.parametrize("mode", ["grey", "deep", "alpha"])
+def test_grey_16bit_alpha_sources(tmp_path: Path, hopper: np.ndarray, smiling_target: np.ndarray,
+                                  smiling_swap: np.ndarray, mode: str) -> None:
+    from apple_video.engine.run import swap_image
+
+    grey = cv2.cvtColor(hopper, cv2.COLOR_RGB2GRAY)
+    if mode == "grey":
+        Image.fromarray(grey).save(tmp_path / "s.png")
+    elif mode == "deep":
+        cv2.imwrite(str(tmp_path / "s.png"), grey.astype(np.uint16) * 257)
+    else:
+        Image.fromarray(np.dstack([hopper, np.full(grey.shape, 200, np.uint8)])).save(tmp_path / "s.png")
+    Image.fromarray(smiling_target).save(tmp_path / "t.png")
+    swap_image([tmp_path / "s.png"], tmp_path / "t.png", tmp_path / "o.png", SwapSettings(swapper="classic"))
+    out = np.asarray(Image.open(tmp_path / "o.png").convert("RGB"))
+    # colour comes from the target: a grey source gives the same skin tone as a colour one, no patch anywhere
+    face = np.abs(smiling_swap.astype(np.int16) - smiling_target.astype(np.int16)).sum(2) > 6
+    tone = out[face].astype(np.float32).mean(0) - smiling_swap[face].astype(np.float32).mean(0)
+    assert np.abs(tone).max() < 6, tone
+    assert seam_score(smiling_target, out) <= 1.5
+
+
+def test_still_frames_give_identical_outputs(tmp_path: Path, source_photo: Path, clip_frames) -> None:
+    from apple_video.engine.run import swap_folder
+
+    folder, output = tmp_path / "still", tmp_path / "out"
+    folder.mkdir()
+    for i in range(7):
+        Image.fromarray(clip_frames[20]).save(folder / f"f{i}.png")
+    swap_folder([source_photo], folder, output, SwapSettings(swapper="classic", chunk_frames=3, batch_size=2))
+    outs = [np.asarray(Image.open(output / f"f{i}.png")) for i in range(7)]
+    assert not np.array_equal(outs[0], clip_frames[20])
+    for out in outs[1:]:
+        assert np.array_equal(out, outs[0])
+
+
+def test_talking_clip_is_as_steady_as_the_input(tmp_path: Path, source_photo: Path, astronaut_patch: np.ndarray) -> None:
+    detector = create_detector(DetectorSettings(name="dlib"))
+    still = synth.paste_patch(synth.background(480, 360), astronaut_patch, synth.Placement(240, 180, 1.6))
+    frames, lm = talking_frames(still, detector)
+    clip = synth.write_clip(tmp_path / "talk.mp4", frames, fps=15)
+    swap_video([source_photo], clip, tmp_path / "out.mp4", SwapSettings(swapper="classic", chunk_frames=16))
+    before = [f.rgb for f in decode_frames(probe(clip))]
+    after = [f.rgb for f in decode_frames(probe(tmp_path / "out.mp4"))]
+    region = np.zeros(still.shape[:2], np.uint8)
+    cv2.fillPoly(region, [cv2.convexHull(lm.astype(np.float32)).astype(np.int32)], 1)
+    region = cv2.dilate(region, np.ones((21, 21), np.uint8)) > 0
+    assert region_flicker(before, after, region) <= FLICKER_BOUND
+
+
+def forehead_change(before: np.ndarray, after: np.ndarray, landmarks: np.ndarray) -> float:
+    """Mean absolute grey-level change in the band between the brows and the top of the usual face mask (0.25
+    face height above them): where a source's hat, hair or brow edge shows as a band over the target's hairline."""
+    lift = face_height(landmarks) * 0.25
+    band = np.zeros(before.shape[:2], np.uint8)
+    cv2.fillPoly(band, [np.round(np.concatenate([landmarks[17:27], (landmarks[17:27] - lift)[::-1]])).astype(np.int32)], 1)
+    grey = [cv2.cvtColor(x, cv2.COLOR_RGB2GRAY).astype(np.float32) for x in (before, after)]
+    return float(np.abs(grey[0] - grey[1])[band > 0].mean())
+
+
+def test_no_dark_band_under_the_hairline(smiling_target: np.ndarray, smiling_swap: np.ndarray) -> None:
+    lm = create_detector(DetectorSettings(name="dlib")).detect(smiling_target)[0].landmarks
+    assert forehead_change(smiling_target, smiling_swap, lm) < 10  # 41 when the source hat was warped in
+
+
+def test_chunking_never_changes_a_frame(tmp_path: Path, source_photo: Path, clip_frames) -> None:
+    from apple_video.engine.run import swap_folder
+
+    folder = tmp_path / "moving"
+    folder.mkdir()
+    for i in range(8):
+        Image.fromarray(clip_frames[10 + i]).save(folder / f"f{i}.png")
+    runs = {}
+    for chunk, batch in ((3, 1), (96, 4)):
+        output = tmp_path / f"out{chunk}"
+        swap_folder([source_photo], folder, output, SwapSettings(swapper="classic", chunk_frames=chunk, batch_size=batch))
+        runs[chunk] = [np.asarray(Image.open(output / f"f{i}.png")) for i in range(8)]
+    for a, b in zip(runs[3], runs[96], strict=True):
+        assert np.array_equal(a, b)

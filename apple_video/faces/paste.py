@@ -44,16 +44,3 @@ def paste_back(frame: np.ndarray, crop: np.ndarray, matrix: np.ndarray, soft_mas
     inside = alpha > 0
     region[inside] = blended[inside]
     return out
-
-
-def color_transfer(source: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    """Match `source`'s LAB mean/std to `target`'s inside `mask` (Reinhard), both uint8 RGB of the same size."""
-    inside = mask > 0
-    if inside.sum() < 16:
-        return source
-    src = cv2.cvtColor(source, cv2.COLOR_RGB2LAB).astype(np.float32)
-    tgt = cv2.cvtColor(target, cv2.COLOR_RGB2LAB).astype(np.float32)
-    s_mean, s_std = src[inside].mean(0), src[inside].std(0) + 1e-6
-    t_mean, t_std = tgt[inside].mean(0), tgt[inside].std(0) + 1e-6
-    out = (src - s_mean) * (t_std / s_std) + t_mean
-    return cv2.cvtColor(np.clip(out, 0, 255).astype(np.uint8), cv2.COLOR_LAB2RGB)

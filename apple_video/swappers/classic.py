@@ -1,5 +1,6 @@
-"""Classic landmark swap: Delaunay piecewise-affine warp of the source face onto the target's 68 landmarks,
-LAB colour transfer, then the shared feathered paste-back. Works with no model weights at all."""
+"""Classic landmark swap: Delaunay piecewise-affine warp of the source face onto the target's 68 landmarks, then a
+two-band blend (the target's low frequencies, the source's detail) inside the inner face of both faces, with the
+target's mouth interior kept. Works with no model weights at all, and the same crop always gives the same output."""
 
 from __future__ import annotations
 
@@ -8,16 +9,31 @@ import numpy as np
 from scipy.spatial import Delaunay
 
 from apple_video.errors import NoFaceError
-from apple_video.faces.mask import hull_mask
-from apple_video.faces.paste import color_transfer
+from apple_video.faces.align import alignment_matrix, warp_crop
+from apple_video.faces.mask import face_height, inner_face_mask, mouth_interior_mask, skin_mask, soft_edge
 from apple_video.swappers.base import CropJob, SourceFace, SwapSkipped
 
 
 def extended_points(landmarks: np.ndarray) -> np.ndarray:
     """68 landmarks plus the brows lifted toward the forehead, so the warp covers the whole mask."""
     lm = np.asarray(landmarks, np.float64)
-    lift = (lm[8] - lm[27]) * 0.25
-    return np.concatenate([lm, lm[17:27] - lift])
+    return np.concatenate([lm, lm[17:27] - face_height(lm) * 0.25])
+
+
+RIGID_POINTS = np.r_[17:48]  # brows, nose and eyes: the part of the face a talking head does not deform
+
+
+def regularised_landmarks(target: np.ndarray, source: np.ndarray, keep: float) -> np.ndarray:
+    """`target` with its brows, nose and eyes moved toward the source's shape fitted (affine, least squares) onto
+    them; `keep` of the target's own residual stays. The source's eye and nose geometry is part of its identity,
+    and the fit damps the per-point jitter of the detector a little (sharp source detail shows every wobble)."""
+    target = np.asarray(target, np.float64)
+    src = np.hstack([np.asarray(source, np.float64)[RIGID_POINTS], np.ones((len(RIGID_POINTS), 1))])
+    affine, *_ = np.linalg.lstsq(src, target[RIGID_POINTS], rcond=None)
+    fitted = src @ affine
+    out = target.copy()
+    out[RIGID_POINTS] = fitted + keep * (target[RIGID_POINTS] - fitted)
+    return out
 
 
 def delaunay(points: np.ndarray) -> np.ndarray:
@@ -30,24 +46,74 @@ def _signed_areas(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     return (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
 
 
+def triangle_maps(src_pts: np.ndarray, dst_pts: np.ndarray, triangles: np.ndarray,
+                  size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-pixel source coordinates (map_x, map_y) of the piecewise-affine warp src -> dst, and the pixels covered."""
+    ids = np.zeros((size, size), np.uint8)  # triangle index + 1; fewer than 255 triangles for 78 points
+    affine = np.zeros((len(triangles), 2, 3), np.float64)
+    for k, tri in enumerate(triangles):
+        d = dst_pts[tri].astype(np.float32)
+        affine[k] = cv2.getAffineTransform(d, src_pts[tri].astype(np.float32))
+        cv2.fillConvexPoly(ids, np.round(d * 16).astype(np.int32), k + 1, lineType=cv2.LINE_8, shift=4)
+    ys, xs = np.nonzero(ids)
+    m = affine[ids[ys, xs] - 1]
+    map_x = np.full((size, size), -1.0, np.float32)
+    map_y = np.full((size, size), -1.0, np.float32)
+    map_x[ys, xs] = m[:, 0, 0] * xs + m[:, 0, 1] * ys + m[:, 0, 2]
+    map_y[ys, xs] = m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]
+    return map_x, map_y, ids > 0
+
+
 def warp_triangles(src: np.ndarray, src_pts: np.ndarray, dst_pts: np.ndarray, triangles: np.ndarray,
                    size: int) -> np.ndarray:
-    """Piecewise-affine warp of `src` so that its points move onto `dst_pts`."""
-    out = np.zeros((size, size, 3), np.float32)
-    for tri in triangles:
-        s = src_pts[tri].astype(np.float32)
-        d = dst_pts[tri].astype(np.float32)
-        x, y, w, h = cv2.boundingRect(d)
-        x0, y0, x1, y1 = max(x, 0), max(y, 0), min(x + w, size), min(y + h, size)
-        if x1 <= x0 or y1 <= y0:
-            continue
-        matrix = cv2.getAffineTransform(s, d - np.float32([x0, y0]))
-        patch = cv2.warpAffine(src, matrix, (x1 - x0, y1 - y0), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
-        tri_mask = np.zeros((y1 - y0, x1 - x0), np.float32)
-        cv2.fillConvexPoly(tri_mask, np.round(d - np.float32([x0, y0])).astype(np.int32), 1.0)
-        region = out[y0:y1, x0:x1]
-        keep = tri_mask[..., None]
-        region[:] = region * (1 - keep) + patch.astype(np.float32) * keep
+    """Piecewise-affine warp of `src` (any channel count) so that its points move onto `dst_pts`; float32, zero
+    where no triangle covers the output."""
+    map_x, map_y, covered = triangle_maps(src_pts, dst_pts, triangles, size)
+    out = cv2.remap(src.astype(np.float32), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
+    out = out.reshape(size, size, -1)
+    out[~covered] = 0.0
+    return out
+
+
+def _masked_blur(image: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndarray:
+    """Gaussian blur of `image` counting only pixels where `weight` > 0 (normalised convolution). Done at a
+    quarter of the size when the blur is wide: the result has no detail finer than that anyway."""
+    h, w = weight.shape
+    factor = 4 if sigma >= 8 and min(h, w) >= 64 else 1
+    small = (w // factor, h // factor)
+    weighted = np.dstack([image * weight[..., None], weight])
+    if factor > 1:
+        weighted = cv2.resize(weighted, small, interpolation=cv2.INTER_AREA)
+    blurred = cv2.GaussianBlur(weighted, (0, 0), sigma / factor)
+    if factor > 1:
+        blurred = cv2.resize(blurred, (w, h), interpolation=cv2.INTER_LINEAR)
+    return blurred[..., :-1] / np.maximum(blurred[..., -1:], 1e-4)
+
+
+def match_low_band(face: np.ndarray, target: np.ndarray, region: np.ndarray, sigma: float) -> np.ndarray:
+    """`face` (float RGB) recoloured to `target` inside `region`, in Lab: contrast matched per channel (ratio of
+    standard deviations, clamped), then the low frequencies (below `sigma`) replaced by the target's.
+
+    Colour thus comes from the target alone, which makes grey and differently lit sources fit and keeps the
+    colour as steady as the target's own; only the detail is the source's."""
+    weight = (region > 0).astype(np.float32)
+    if weight.sum() < 16:
+        return face
+    face_lab = cv2.cvtColor(np.clip(face, 0, 255).astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    target_lab = cv2.cvtColor(target.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
+    inside = weight > 0
+    gain = np.clip((target_lab[inside].std(0) + 1.0) / (face_lab[inside].std(0) + 1.0), 0.5, 2.0)
+    face_lab = face_lab * gain
+    face_lab += _masked_blur(target_lab, weight, sigma) - _masked_blur(face_lab, weight, sigma)
+    return cv2.cvtColor(face_lab, cv2.COLOR_LAB2RGB) * 255.0
+
+
+def band_blend(face: np.ndarray, target: np.ndarray, region: np.ndarray, sigma: float, edge: int) -> np.ndarray:
+    """Two-band blend of `face` into `target` inside `region` (0/255): low band from the target, detail from the
+    face, faded in over `edge` pixels inside the region so neither a colour band nor a hard seam shows."""
+    matched = match_low_band(face, target, region, sigma)
+    alpha = soft_edge(region, edge)[..., None]
+    out = target.astype(np.float32) * (1.0 - alpha) + matched * alpha
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
 
@@ -61,19 +127,39 @@ def poisson_blend(face: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.
     return cv2.seamlessClone(face, target, inner, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
 
 
+def antialiased_crop(source: SourceFace, size: int) -> np.ndarray:
+    """The source's aligned crop, low-passed before a downscale: aliased detail (wrinkles, glasses rims) would
+    shimmer as the warp moves it by fractions of a pixel from frame to frame."""
+    matrix = alignment_matrix(source.face.kps, size)
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    image = np.ascontiguousarray(source.image[..., :3])
+    if scale >= 1.0 or image.shape[0] < 2:
+        return np.ascontiguousarray(source.crop[..., :3])
+    blurred = cv2.GaussianBlur(image, (0, 0), 0.6 * np.sqrt(1.0 / scale**2 - 1.0))
+    return warp_crop(blurred, matrix, size)
+
+
 class ClassicSwapper:
-    """The offline default swapper and evaluation baseline."""
+    """The offline default swapper and evaluation baseline.
+
+    Per crop: warp the source face onto the target's (track-smoothed) landmarks, keep only the inner face of both
+    faces (the source's forehead only where it is skin), drop the target's mouth interior, and blend in two bands.
+    No state is carried between crops, so chunking and workers never change a frame's result."""
 
     name = "classic"
     real = True
 
-    def __init__(self, crop_size: int = 256, fold_tolerance: float = 0.1, poisson: bool = False) -> None:
+    def __init__(self, crop_size: int = 256, fold_tolerance: float = 0.1, poisson: bool = False,
+                 low_band: float = 0.1, keep_shape: float = 0.3) -> None:
         self.crop_size = crop_size
+        self.keep_shape = keep_shape  # how much of the target's own brow/eye/nose shape the warp follows
+        self.low_band = low_band  # the colour band's Gaussian sigma, as a fraction of the crop size
         self.fold_tolerance = fold_tolerance
         self.poisson = poisson
         self._source: SourceFace | None = None
         self._src_points: np.ndarray | None = None
         self._triangles: np.ndarray | None = None
+        self._src_layers: np.ndarray | None = None  # (S, S, 4) float32: RGB and the source's usable-face mask
 
     def auto_batch_size(self) -> int:
         return 4  # one crop at a time inside; the group size only sets how much decoding runs ahead
@@ -85,26 +171,50 @@ class ClassicSwapper:
         self._source = usable[0]
         self._src_points = extended_points(self._source.landmarks)
         self._triangles = delaunay(self._src_points)
+        crop = antialiased_crop(self._source, self.crop_size)
+        usable_face = self._source_mask(crop, self._source.landmarks)
+        self._src_layers = np.dstack([crop.astype(np.float32), usable_face.astype(np.float32)])
+
+    def _source_mask(self, crop: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """The source's inner face; above the brows and at the sides only skin-coloured pixels (no hat, hair)."""
+        size = crop.shape[0]
+        inner = inner_face_mask(landmarks, size)
+        core = np.zeros_like(inner)
+        core_points = np.asarray(landmarks, np.float64)[17:68]
+        cv2.fillPoly(core, [np.round(cv2.convexHull(core_points.astype(np.float32))).astype(np.int32)], 255)
+        usable = cv2.bitwise_and(inner, cv2.bitwise_or(core, skin_mask(crop, landmarks)))
+        # keep the largest piece only: stray skin-coloured specks in the hair are not face
+        count, labels, stats, _ = cv2.connectedComponentsWithStats(usable)
+        if count > 2:
+            usable = np.where(labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])), 255, 0).astype(np.uint8)
+        return usable
+
+    def blend_region(self, landmarks: np.ndarray, warped_source_mask: np.ndarray) -> np.ndarray:
+        """Where the source replaces the target (0/255): inner face of both faces, minus the target's mouth."""
+        size = self.crop_size
+        region = inner_face_mask(landmarks, size)
+        region[warped_source_mask < 127.5] = 0
+        region[mouth_interior_mask(landmarks, size, grow=max(1, size // 128)) > 0] = 0
+        return region
 
     def swap_one(self, job: CropJob) -> np.ndarray:
-        if self._source is None or self._triangles is None:
+        if self._source is None or self._triangles is None or self._src_layers is None:
             raise RuntimeError("prepare() must be called before swap()")
         if job.landmarks is None:
             raise SwapSkipped("no 68 landmarks for this face")
-        dst_points = extended_points(job.landmarks)
+        dst_points = extended_points(regularised_landmarks(job.landmarks, self._source.landmarks, self.keep_shape))
         src_sign = np.sign(_signed_areas(self._src_points, self._triangles))
         dst_sign = np.sign(_signed_areas(dst_points, self._triangles))
         if np.mean(src_sign != dst_sign) > self.fold_tolerance:
             raise SwapSkipped("the warp would fold (extreme profile)")
-        warped = warp_triangles(self._source.crop, self._src_points, dst_points, self._triangles, self.crop_size)
-        mask = hull_mask(job.landmarks, self.crop_size)
-        warped = color_transfer(warped, job.crop, mask)
+        layers = warp_triangles(self._src_layers, self._src_points, dst_points, self._triangles, self.crop_size)
+        region = self.blend_region(job.landmarks, layers[..., 3])
+        target = np.ascontiguousarray(job.crop[..., :3])
+        sigma = self.crop_size * self.low_band
         if self.poisson:
-            return poisson_blend(warped, job.crop, mask)
-        out = job.crop.copy()
-        inside = mask > 0
-        out[inside] = warped[inside]
-        return out
+            face = np.clip(match_low_band(layers[..., :3], target, region, sigma) + 0.5, 0, 255).astype(np.uint8)
+            return poisson_blend(face, target, region)
+        return band_blend(layers[..., :3], target, region, sigma, edge=max(2, self.crop_size // 32))
 
     def swap(self, jobs: list[CropJob]) -> list[np.ndarray | None]:
         results: list[np.ndarray | None] = []
