@@ -20,6 +20,7 @@ from apple_video.errors import InputError, NoFaceError
 from apple_video.evaluate.flicker import FLICKER_MODEL, FlickerMeter, FlickerSample, face_box, flicker_ratio
 from apple_video.evaluate.identity import (
     IdentityModel,
+    best_face,
     cosine,
     create_identity_model,
     eval_detector,
@@ -53,7 +54,7 @@ def source_embedding(path: Path, detector: DlibDetector, model: IdentityModel) -
     faces = detector.detect(rgb, embed=False)
     if not faces:
         raise NoFaceError(f"no face found in the source photo {path}")
-    return model.embed(rgb, max(faces, key=lambda f: f.area))
+    return model.embed(rgb, best_face(faces))
 
 
 def _psnr(a: np.ndarray, b: np.ndarray) -> float:

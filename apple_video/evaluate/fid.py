@@ -7,14 +7,13 @@ so the numbers are comparable to pytorch-fid's and the paper's protocol (REFace'
 
 from __future__ import annotations
 
-import warnings
+import math
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import linalg
 from torch import nn
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
@@ -119,20 +118,32 @@ def activations(model: FIDInception, images: Iterable[np.ndarray], batch: int = 
     return np.concatenate(feats) if feats else np.zeros((0, 2048))
 
 
-def frechet_distance(a: np.ndarray, b: np.ndarray, eps: float = 1e-6) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2) of two feature sets (rows are samples)."""
+def _trace_sqrt_product(a: np.ndarray, b: np.ndarray) -> float:
+    """Tr((S_a S_b)^1/2) of the two samples' covariances, exactly, without a general matrix square root.
+
+    Few samples (n <= dims): the covariances are Xa'Xa/(na-1) and Xb'Xb/(nb-1) with centred rows, and the
+    non-zero eigenvalues of their product are the squared singular values of Xa Xb' / sqrt((na-1)(nb-1)).
+    Many samples: S_a^1/2 from a symmetric eigendecomposition, then the eigenvalues of S_a^1/2 S_b S_a^1/2."""
+    xa, xb = a - a.mean(0), b - b.mean(0)
+    scale = math.sqrt((len(a) - 1) * (len(b) - 1))
+    if max(len(a), len(b)) <= a.shape[1]:
+        return float(np.linalg.svd(xa @ xb.T / scale, compute_uv=False).sum())
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    values, vectors = np.linalg.eigh(cov_a)
+    root_a = (vectors * np.sqrt(np.clip(values, 0, None))) @ vectors.T
+    inner = np.linalg.eigvalsh(root_a @ cov_b @ root_a)
+    return float(np.sqrt(np.clip(inner, 0, None)).sum())
+
+
+def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """||mu_a - mu_b||^2 + Tr(S_a) + Tr(S_b) - 2 Tr((S_a S_b)^1/2) of two feature sets (rows are samples)."""
     if len(a) < 2 or len(b) < 2:
         raise InputError("FID needs at least 2 images on each side")
-    mu_a, mu_b = a.mean(0), b.mean(0)
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    with warnings.catch_warnings():  # a singular product is expected with fewer samples than dimensions
-        warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        root = linalg.sqrtm(cov_a @ cov_b)
-        if not np.isfinite(root).all():  # nudge both diagonals, as pytorch-fid does
-            offset = np.eye(len(cov_a)) * eps
-            root = linalg.sqrtm((cov_a + offset) @ (cov_b + offset))
-    root = np.real(root)
-    return float(np.sum((mu_a - mu_b) ** 2) + np.trace(cov_a) + np.trace(cov_b) - 2 * np.trace(root))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    trace_a = float(np.sum(np.var(a, axis=0, ddof=1)))
+    trace_b = float(np.sum(np.var(b, axis=0, ddof=1)))
+    mean_term = float(np.sum((a.mean(0) - b.mean(0)) ** 2))
+    return mean_term + trace_a + trace_b - 2 * _trace_sqrt_product(a, b)
 
 
 def image_files(folder: Path) -> list[Path]:

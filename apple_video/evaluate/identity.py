@@ -75,6 +75,11 @@ def eval_detector(size: int = 640) -> DlibDetector:
     return DlibDetector(DetectorSettings(name="dlib", size=size))
 
 
+def best_face(faces: list[Face]) -> Face:
+    """The surest detection of a portrait (HOG's false positives on clothing can be larger than the face)."""
+    return max(faces, key=lambda f: f.score)
+
+
 def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.dot(a, b) / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-12))
 
@@ -161,7 +166,7 @@ def measure_scale(model: IdentityModel, detector: DlibDetector) -> SimilaritySca
         for variant in photo_variants(photo):
             faces = detector.detect(variant, embed=False)
             if faces:
-                embeddings.append(model.embed(variant, max(faces, key=lambda f: f.area)))
+                embeddings.append(model.embed(variant, best_face(faces)))
         if embeddings:
             people[name] = embeddings
     same = [cosine(e[0], other) for e in people.values() for other in e[1:]]
