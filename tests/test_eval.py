@@ -236,6 +236,9 @@ def test_pairs_run_swaps_scores_resumes_and_reports(tmp_path: Path, source_photo
     with pytest.raises(OutputError, match="other pairs or settings"):
         run_pairs(pairs, folder, SwapSettings(swapper="classic", seed=1))
     assert read_json(folder / "report.json").metrics == report.metrics
+    (folder / "mine.txt").write_text("the user's")
+    run_pairs(pairs, folder, SwapSettings(swapper="classic", seed=1), force=True)  # starts over, keeps other files
+    assert (folder / "mine.txt").exists() and json.loads((folder / "run.json").read_text())["swap"]["seed"] == 1
 
 
 def test_reports_side_by_side(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
+import cv2
 import numpy as np
 
 from apple_video.errors import InputError, NoFaceError
@@ -57,19 +58,18 @@ def source_embedding(path: Path, detector: DlibDetector, model: IdentityModel) -
     return model.embed(rgb, best_face(faces))
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
-    mse = float(np.mean((a.astype(np.float32) - b.astype(np.float32)) ** 2)) if a.size else 0.0
-    return 99.0 if mse == 0 else 10 * math.log10(255**2 / mse)
-
-
 def _background_psnr(a: np.ndarray, b: np.ndarray, boxes: list[np.ndarray]) -> float:
-    """PSNR outside the (padded) face boxes, on every 2nd pixel of every 2nd row (plenty for a mean)."""
-    keep = np.ones(a.shape[:2], bool)
+    """PSNR (dB) outside the padded face boxes; 99 when identical there."""
+    keep = np.full(a.shape[:2], 255, np.uint8)
     for box in boxes:
         x0, y0, x1, y1 = box.astype(int)
         pad = int(0.3 * (x1 - x0))
-        keep[max(0, y0 - pad): y1 + pad, max(0, x0 - pad): x1 + pad] = False
-    return _psnr(a[::2, ::2][keep[::2, ::2]], b[::2, ::2][keep[::2, ::2]])
+        keep[max(0, y0 - pad): y1 + pad, max(0, x0 - pad): x1 + pad] = 0
+    count = cv2.countNonZero(keep) * a.shape[2]
+    if count == 0:
+        return 99.0
+    mse = cv2.norm(a, b, cv2.NORM_L2SQR, mask=keep) / count
+    return 99.0 if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
 def _mean(values: list[float]) -> float | None:

@@ -149,9 +149,9 @@ def package_photos() -> dict[str, np.ndarray]:
 
 
 def photo_variants(rgb: np.ndarray) -> list[np.ndarray]:
-    """The photo, mirrored, re-framed at 70% and JPEG-recompressed with a brightness shift."""
+    """The photo, mirrored, re-framed at 80% and JPEG-recompressed with a brightness shift."""
     h, w = rgb.shape[:2]
-    small = np.asarray(Image.fromarray(rgb).resize((int(w * 0.7), int(h * 0.7)), Image.LANCZOS))
+    small = np.asarray(Image.fromarray(rgb).resize((int(w * 0.8), int(h * 0.8)), Image.LANCZOS))
     buffer = io.BytesIO()
     Image.fromarray(np.clip(rgb.astype(np.int16) + 20, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=30)
     recompressed = np.asarray(Image.open(buffer).convert("RGB"))

@@ -42,6 +42,8 @@ from apple_video.swappers.factory import announce_swapper, create_swapper, resol
 
 logger = logging.getLogger(__name__)
 
+RUN_FILES = ("run.json", "scores.jsonl", "report.json", "report.md", "report.png")
+
 
 @dataclass(frozen=True)
 class Pair:
@@ -111,15 +113,17 @@ def _run_record(pairs_file: Path, swap: SwapSettings, evaluation: EvalSettings) 
 
 def _open_run(folder: Path, record: dict, force: bool) -> None:
     run_file = folder / "run.json"
-    if force and folder.exists():
-        shutil.rmtree(folder)
+    if force:  # only what a run writes: the folder may hold the user's other files
+        shutil.rmtree(folder / "swaps", ignore_errors=True)
+        for name in RUN_FILES:
+            (folder / name).unlink(missing_ok=True)
     if run_file.exists():
         previous = json.loads(run_file.read_text())
         if json.loads(json.dumps(record, default=str)) != previous:
             raise OutputError(f"{folder} holds a run with other pairs or settings (use --force to start over, "
                               "or another folder)")
         return
-    if folder.exists() and any(folder.iterdir()):
+    if folder.exists() and any(p.name not in ("swaps", *RUN_FILES) for p in folder.iterdir()) and not force:
         raise OutputError(f"output folder is not empty: {folder} (use --force to overwrite)")
     (folder / "swaps").mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps(record, indent=1, default=str))
