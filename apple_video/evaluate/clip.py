@@ -38,6 +38,8 @@ from apple_video.settings import EvalSettings
 
 logger = logging.getLogger(__name__)
 
+SERIES = ("id_similarity", "pose_error_deg", "expression_error_pct", "flicker_swapped", "flicker_original")
+
 
 def media_frames(path: Path) -> tuple[int, Iterator[np.ndarray]]:
     """Frame count and an iterator of display-oriented RGB frames (an image is a one-frame clip)."""
@@ -77,6 +79,64 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(finite)) if finite else None
 
 
+class _ClipScorer:
+    """Per-frame work of a clip evaluation, and what it accumulates for the report."""
+
+    def __init__(self, count: int, settings: EvalSettings, detector: DlibDetector, model: IdentityModel,
+                 source: np.ndarray) -> None:
+        self.settings, self.detector, self.model, self.source = settings, detector, model, source
+        self.series: dict[str, list[float | None]] = {k: [None] * count for k in SERIES}
+        self.closer: list[bool] = []
+        self.original_ids: list[np.ndarray] = []
+        self.psnr: list[float] = []
+        self.flicker: list[FlickerSample] = []
+        self.lm_before: list[np.ndarray] = []
+        self.lm_after: list[np.ndarray] = []
+        self.compared = 0
+        self._since_id = settings.id_every  # frames with a face since the last identity embedding
+        self._meter = FlickerMeter()
+        self._previous: tuple[np.ndarray, np.ndarray, Face | None] | None = None
+
+    def add(self, index: int, a: np.ndarray, b: np.ndarray) -> None:
+        faces = self.detector.detect(a, embed=False)
+        self.psnr.append(_background_psnr(a, b, [f.bbox for f in faces]))
+        face_a = max(faces, key=lambda f: f.area) if faces else None
+        if face_a is not None:
+            self.compared += 1
+            face_b = self.detector.fit(b, face_a.bbox)
+            self.series["pose_error_deg"][index] = pose_error(face_a.landmarks, face_b.landmarks, a.shape[:2],
+                                                              b.shape[:2])
+            self.series["expression_error_pct"][index] = expression_distance(face_a.landmarks, face_b.landmarks)
+            self.lm_before.append(face_a.landmarks)
+            self.lm_after.append(face_b.landmarks)
+            self._identity(index, a, b, face_a, face_b)
+            self._flicker(index, a, b, face_a)
+        self._previous = (a, b, face_a)
+
+    def _identity(self, index: int, a: np.ndarray, b: np.ndarray, face_a: Face, face_b: Face) -> None:
+        if self._since_id < self.settings.id_every:
+            self._since_id += 1
+            return
+        self._since_id = 1
+        swapped = self.model.embed(b, face_b)
+        self.series["id_similarity"][index] = cosine(swapped, self.source)
+        if len(self.closer) % 4 == 0:  # the original's identity changes little: a quarter as often
+            self.original_ids.append(self.model.embed(a, face_a))
+        original = np.mean(self.original_ids, 0)
+        self.closer.append(bool(np.linalg.norm(swapped - self.source) < np.linalg.norm(swapped - original)))
+
+    def _flicker(self, index: int, a: np.ndarray, b: np.ndarray, face_a: Face) -> None:
+        previous = self._previous
+        if previous is None or previous[2] is None or index % self.settings.flicker_every:
+            return
+        box = face_box([previous[2].bbox, face_a.bbox], a.shape[:2])
+        sample = self._meter.measure((previous[0], a), (previous[1], b), box)
+        if sample is not None:
+            self.flicker.append(sample)
+            self.series["flicker_swapped"][index] = sample.swapped
+            self.series["flicker_original"][index] = sample.original
+
+
 def evaluate_clip(source: Path, original: Path, swapped: Path, settings: EvalSettings = EvalSettings()) -> EvalReport:
     started = time.perf_counter()
     detector = eval_detector(settings.detector_size)
@@ -86,47 +146,14 @@ def evaluate_clip(source: Path, original: Path, swapped: Path, settings: EvalSet
     count_after, after = media_frames(swapped)
     if count != count_after:
         raise InputError(f"{original} has {count} frames but {swapped} has {count_after}: not the same clip")
-
-    series: dict[str, list[float | None]] = {k: [None] * count for k in
-                                             ("id_similarity", "pose_error_deg", "expression_error_pct",
-                                              "flicker_swapped", "flicker_original")}
-    closer, original_ids, psnr, flicker = [], [], [], []
-    lm_before: list[np.ndarray] = []
-    lm_after: list[np.ndarray] = []
-    meter = FlickerMeter()
-    previous: tuple[np.ndarray, np.ndarray, Face | None] | None = None
-    compared = 0
+    scorer = _ClipScorer(count, settings, detector, model, src)
     with progress(count, "eval") as bar:
         for index, (a, b) in enumerate(zip(before, after, strict=True)):
-            faces = detector.detect(a, embed=False)
-            psnr.append(_background_psnr(a, b, [f.bbox for f in faces]))
-            face_a = max(faces, key=lambda f: f.area) if faces else None
-            if face_a is not None:
-                compared += 1
-                face_b = detector.fit(b, face_a.bbox)
-                series["pose_error_deg"][index] = pose_error(face_a.landmarks, face_b.landmarks, a.shape[:2], b.shape[:2])
-                series["expression_error_pct"][index] = expression_distance(face_a.landmarks, face_b.landmarks)
-                lm_before.append(face_a.landmarks)
-                lm_after.append(face_b.landmarks)
-                if index % settings.id_every == 0:
-                    swapped_id = model.embed(b, face_b)
-                    series["id_similarity"][index] = cosine(swapped_id, src)
-                    if index % (4 * settings.id_every) == 0 or not original_ids:
-                        original_ids.append(model.embed(a, face_a))
-                    closer.append(np.linalg.norm(swapped_id - src) < np.linalg.norm(swapped_id - np.mean(original_ids, 0)))
-                if previous is not None and previous[2] is not None and index % settings.flicker_every == 0:
-                    box = face_box([previous[2].bbox, face_a.bbox], a.shape[:2])
-                    sample = meter.measure((previous[0], a), (previous[1], b), box)
-                    if sample is not None:
-                        flicker.append(sample)
-                        series["flicker_swapped"][index] = sample.swapped
-                        series["flicker_original"][index] = sample.original
-            previous = (a, b, face_a)
+            scorer.add(index, a, b)
             bar.update(1)
-    if not compared:
+    if not scorer.compared:
         raise NoFaceError(f"no frame of {original} shows a face")
-    report = _clip_report(source, original, swapped, settings, model, series, closer, flicker, psnr,
-                          lm_before, lm_after, count, compared)
+    report = _clip_report(source, original, swapped, settings, scorer, count)
     report.seconds["frames"] = time.perf_counter() - started
     scale = measure_scale(model, detector)
     report.scale = {**asdict(scale), "text": scale.text()}
@@ -134,9 +161,10 @@ def evaluate_clip(source: Path, original: Path, swapped: Path, settings: EvalSet
     return report
 
 
-def _clip_report(source: Path, original: Path, swapped: Path, settings: EvalSettings, model: IdentityModel,
-                 series: dict, closer: list, flicker: list[FlickerSample], psnr: list[float],
-                 lm_before: list[np.ndarray], lm_after: list[np.ndarray], count: int, compared: int) -> EvalReport:
+def _clip_report(source: Path, original: Path, swapped: Path, settings: EvalSettings, scorer: _ClipScorer,
+                 count: int) -> EvalReport:
+    series, closer, flicker, model = scorer.series, scorer.closer, scorer.flicker, scorer.model
+    lm_before, lm_after = scorer.lm_before, scorer.lm_after
     ids = [v for v in series["id_similarity"] if v is not None]
     jitter = None
     if len(lm_before) >= 3:
@@ -153,15 +181,15 @@ def _clip_report(source: Path, original: Path, swapped: Path, settings: EvalSett
         "flicker_swapped": _mean([s.swapped for s in flicker]),
         "flicker_original": _mean([s.original for s in flicker]),
         "jitter_ratio": jitter,
-        "background_psnr_db": _mean(psnr),
+        "background_psnr_db": _mean(scorer.psnr),
     }
     models = {"id_similarity": model.name, "id_similarity_std": model.name, "id_closer_to_source": model.name,
               "pose_error_deg": POSE_MODEL, "expression_error_pct": EXPRESSION_MODEL, "flicker_ratio": FLICKER_MODEL,
               "flicker_swapped": FLICKER_MODEL, "flicker_original": FLICKER_MODEL,
               "jitter_ratio": "dlib 68 landmarks: mean |second difference| over frames",
               "background_psnr_db": "PSNR outside the padded face boxes"}
-    notes = [f"identity every {settings.id_every} frame(s) ({len(ids)} frames); the original's identity every "
-             f"{4 * settings.id_every}", "swapped-face landmarks are fitted in the original face's box (no second "
+    notes = [f"identity on every {settings.id_every}th frame with a face ({len(ids)} frames); the original's "
+             f"identity a quarter as often", "swapped-face landmarks are fitted in the original face's box (no second "
                                          "detection)",
              "expression error is landmark-based (the paper uses Deep3DFaceRecon coefficients): compare runs, not papers"]
     kind = "clip" if count > 1 else "image"
@@ -171,5 +199,5 @@ def _clip_report(source: Path, original: Path, swapped: Path, settings: EvalSett
             models.pop(name)
         series = {}
     return EvalReport(kind, {"source": str(source), "original": str(original), "swapped": str(swapped)},
-                      asdict(settings), models, metrics, {"frames": count, "frames_with_face": compared},
+                      asdict(settings), models, metrics, {"frames": count, "frames_with_face": scorer.compared},
                       series, notes=notes)
