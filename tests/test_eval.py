@@ -275,3 +275,18 @@ def test_cli_short_form_and_report_table(tmp_path: Path, source_photo: Path) -> 
     table = (tmp_path / "t.md").read_text()
     assert "| metric | better | r | m | paper |" in table
     assert "| ID similarity (cosine to source) | higher | 1.000 | 1.000 | 0.54 |" in table
+
+
+@pytest.mark.slow
+def test_pairs_run_with_the_tiny_apple_preset(tmp_path: Path, source_photo: Path, astronaut) -> None:
+    """The runner drives the APPLE swapper (one model load for all pairs); random weights: only the plumbing."""
+    from apple_video.settings import ModelOptions
+
+    Image.fromarray(astronaut).save(tmp_path / "astronaut.png")
+    (tmp_path / "pairs.txt").write_text(f"{source_photo} astronaut.png\nastronaut.png {source_photo}\n")
+    settings = SwapSettings(swapper="apple", model=ModelOptions(preset="tiny"))
+    report = run_pairs(tmp_path / "pairs.txt", tmp_path / "run", settings)
+    assert report.settings["swapper"] == "apple" and report.settings["swap"]["model"]["preset"] == "tiny"
+    assert len(list((tmp_path / "run" / "swaps").iterdir())) == 2
+    unscored = [n for n in report.notes if "not scored" in n]  # random weights may leave no detectable face
+    assert report.counts["pairs"] == 2 and report.counts["scored"] + len(unscored) == 2
