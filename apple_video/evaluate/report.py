@@ -138,8 +138,8 @@ def plot(report: EvalReport, path: Path) -> Path:
         for name, values in members.items():
             y = np.array([np.nan if v is None else v for v in values], float)
             x = np.arange(len(y))
-            ax.plot(x[np.isfinite(y)], y[np.isfinite(y)], ".-" if np.isfinite(y).sum() < 60 else "-", lw=1, ms=3,
-                    label=name.replace("_", " "))
+            style = "o" if report.kind == "pairs" else (".-" if np.isfinite(y).sum() < 60 else "-")  # pairs: no order
+            ax.plot(x[np.isfinite(y)], y[np.isfinite(y)], style, lw=1, ms=3, label=name.replace("_", " "))
         if len(members) > 1:
             ax.legend(fontsize=7)
         ax.set_ylabel(panel.replace("_", " "), fontsize=8)
