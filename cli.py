@@ -388,24 +388,100 @@ def prepare_data_cmd(raw_dir: str, output: str, preset: str, identity_list: str 
     click.echo(f"{output}: {kept} faces in {len(manifest['shards'])} shards, {len(manifest['skipped'])} images skipped")
 
 
-@cli.command("eval")
+class _EvalGroup(click.Group):
+    """`apple-video eval SOURCE ORIGINAL SWAPPED` stays the short form of `apple-video eval clip ...`."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["clip", *args]
+        return super().parse_args(ctx, args)
+
+
+def _eval_options(func):
+    from apple_video.settings import IDENTITY_MODEL_CHOICES
+
+    options = [
+        click.option("--identity-model", type=click.Choice(IDENTITY_MODEL_CHOICES), default="auto", show_default=True,
+                     help="auto: insightface w600k when its weights exist, else dlib 128-D (never the model APPLE "
+                          "conditions on)."),
+        click.option("--id-every", type=click.IntRange(1), default=8, show_default=True,
+                     help="Videos: identity embeddings on every N-th frame (the costly part)."),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+@cli.group("eval", cls=_EvalGroup)
+def evaluate() -> None:
+    """Identity, pose, expression, FID and temporal metrics, with readable reports.
+
+    \b
+      apple-video eval face.jpg clip.mp4 out.mp4 --report runs/clip   # one clip (or image)
+      apple-video eval pairs pairs.csv -o runs/apple --preset krea-512 --fid-reference ffhq/
+      apple-video eval report runs/apple/report.json runs/classic/report.json -o table.md"""
+
+
+@evaluate.command("clip")
 @click.argument("source", type=click.Path())
 @click.argument("original", type=click.Path())
 @click.argument("swapped", type=click.Path())
-@click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the metrics as JSON.")
-def evaluate(source: str, original: str, swapped: str, json_path: str | None) -> None:
-    """Identity, pose, expression, temporal and background metrics of SWAPPED against ORIGINAL and SOURCE.
-
-    \b
-      apple-video eval face.jpg clip.mp4 out.mp4
-      apple-video eval face.jpg photo.png out.png --json metrics.json"""
-    from apple_video.evaluate.metrics import evaluate as run_eval
-    from apple_video.evaluate.metrics import report
+@click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the report as JSON.")
+@click.option("--report", "report_prefix", type=click.Path(), default=None,
+              help="Write PREFIX.json, PREFIX.md and PREFIX.png (per-frame series and metric bars).")
+@_eval_options
+def eval_clip(source: str, original: str, swapped: str, json_path: str | None, report_prefix: str | None,
+              identity_model: str, id_every: int) -> None:
+    """Score SWAPPED against ORIGINAL (pose, expression, flicker) and SOURCE (identity)."""
+    from apple_video.evaluate.clip import evaluate_clip
+    from apple_video.evaluate.report import write_all, write_json
+    from apple_video.settings import EvalSettings
 
     for path in (source, original, swapped):
         if not Path(path).exists():
             raise InputError(f"input not found: {path}")
-    click.echo(report(run_eval(Path(source), Path(original), Path(swapped)), Path(json_path) if json_path else None))
+    report = evaluate_clip(Path(source), Path(original), Path(swapped),
+                           EvalSettings(identity_model=identity_model, id_every=id_every))
+    if json_path:
+        write_json(report, Path(json_path))
+    if report_prefix:
+        click.echo("report: " + ", ".join(str(p) for p in write_all(report, Path(report_prefix))))
+    click.echo(report.summary())
+
+
+@evaluate.command("pairs")
+@click.argument("pairs_file", type=click.Path())
+@click.option("--fid-reference", type=click.Path(), default=None, help="Folder of real images to compute FID against.")
+@_eval_options
+@swap_options
+def eval_pairs(pairs_file: str, fid_reference: str | None, identity_model: str, id_every: int, **opts) -> None:
+    """Swap every `source,target` line of PAIRS_FILE (CSV or .txt) into -o FOLDER, then score the run
+    (the paper's protocol). A rerun with the same settings resumes."""
+    from apple_video.engine import request
+    from apple_video.evaluate.runner import run_pairs
+    from apple_video.settings import EvalSettings
+
+    request.check_sources([], Path(pairs_file), opts["lora"])
+    request.resolve_runtime(opts)
+    settings = request.settings_from(opts)
+    evaluation = EvalSettings(identity_model=identity_model, id_every=id_every, fid_reference=fid_reference)
+    report = run_pairs(Path(pairs_file), Path(opts["output"]), settings, evaluation, opts["force"])
+    click.echo(report.summary())
+    click.echo(f"report: {Path(opts['output']) / 'report.md'} (.json, .png)")
+
+
+@evaluate.command("report")
+@click.argument("reports", nargs=-1, required=True, type=click.Path())
+@click.option("-o", "--output", type=click.Path(), default=None, help="Write the table to this Markdown file.")
+def eval_report(reports: tuple[str, ...], output: str | None) -> None:
+    """Put several runs' report JSONs side by side in one Markdown table."""
+    from apple_video.evaluate.report import compare_table, read_json
+
+    table = compare_table([(Path(r).parent.name if Path(r).stem == "report" else Path(r).stem, read_json(Path(r)))
+                           for r in reports])
+    if output:
+        Path(output).write_text(table)
+    click.echo(table)
 
 
 GLOBAL_FLAGS = ("-v", "-vv", "-vvv", "--verbose", "-q", "--quiet", "--debug")

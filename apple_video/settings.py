@@ -124,3 +124,19 @@ class SwapSettings:
     @property
     def trimmed(self) -> bool:
         return self.trim_start is not None or self.trim_end is not None
+
+
+IdentityModelName = Literal["auto", "dlib", "insightface"]
+IDENTITY_MODEL_CHOICES: tuple[str, ...] = ("auto", "dlib", "insightface")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """How `apple-video eval` scores a swap (every field is written into the report)."""
+
+    identity_model: IdentityModelName = "auto"  # auto: insightface w600k when its weights exist, else dlib 128-D
+    id_every: int = 8  # video: identity embeddings on every N-th frame (the costly part on CPU)
+    flicker_every: int = 1  # video: flicker on every N-th pair of consecutive frames
+    detector_size: int = 640  # longest side the (dlib) detector sees, as the swap's analyze stage
+    fid_reference: str | None = None  # pairs: folder of real images for FID (None: no FID)
+    fid_batch: int = 16

@@ -56,6 +56,12 @@ REGISTRY: tuple[WeightFile, ...] = (
     WeightFile("arcface-r50", "arcface/backbone_r50.pth", None, None,
                "insightface arcface_torch IResNet-50 (ms1mv3_arcface_r50_fp16/backbone.pth): differentiable identity loss",
                min_bytes=1_000_000),
+    WeightFile("arcface-w600k", "insightface/models/buffalo_l/w600k_r50.onnx", None, None,
+               "insightface buffalo_l ArcFace w600k_r50 (buffalo_l.zip of the insightface model zoo): identity metric of "
+               "`eval`, not the antelopev2 model APPLE conditions on", min_bytes=1_000_000),
+    WeightFile("fid-inception", "fid/pt_inception-2015-12-05-6726825d.pth", None, None,
+               "FID Inception-v3 (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, its GitHub release fid_weights)",
+               min_bytes=1_000_000),
 )
 
 

@@ -76,6 +76,13 @@ class DlibDetector:
             face.embedding = np.array(self._rec.compute_face_descriptor(rgb, self._shape(rgb, rect)))
         return faces
 
+    def fit(self, rgb: np.ndarray, bbox: np.ndarray) -> Face:
+        """The 68 landmarks of the face in a known box (no detection: ~1 ms instead of ~20 ms at 720p)."""
+        rgb = np.ascontiguousarray(rgb)
+        shape = self._shape(rgb, self._dlib.rectangle(*(int(v) for v in bbox)))
+        landmarks = np.array([(p.x, p.y) for p in shape.parts()], dtype=np.float64)
+        return Face(np.asarray(bbox, np.float64).copy(), kps_from_68(landmarks), 1.0, landmarks)
+
     def _boxes(self, small: np.ndarray) -> list[tuple[tuple[int, int, int, int], float]]:
         upsample = 1 if max(small.shape[:2]) < 400 else 0
         if self._cnn is not None:

@@ -1,0 +1,56 @@
+"""`apple-video eval` on a clip against the swap's own analyze stage on the same clip.
+
+Swaps a synthetic 720p clip (a real face moving over a textured background) with the classic swapper, takes
+the analyze stage's seconds from the job summary, then times `evaluate_clip` on (source, clip, swapped clip).
+Goal: `eval/analyze time ratio` <= 1.5 (eval detects the original once, fits the swapped face's landmarks in
+the same box and embeds identities every 8th frame, as the analyze stage does).
+
+    python benchmarks/eval.py [--seconds 10] [--width 1280 --height 720]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from apple_video.engine.run import swap_video  # noqa: E402
+from apple_video.evaluate.clip import evaluate_clip  # noqa: E402
+from apple_video.settings import DetectorSettings, EvalSettings, SwapSettings  # noqa: E402
+from benchmarks.common import ROOT, face_clip  # noqa: E402
+
+SOURCE = ROOT / "examples" / "source.jpg"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--width", type=int, default=1280)
+    parser.add_argument("--height", type=int, default=720)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = face_clip(Path(tmp) / "clip.mp4", args.seconds, (args.width, args.height))
+        swapped = Path(tmp) / "swapped.mp4"
+        summary = swap_video([SOURCE], clip, swapped, SwapSettings(swapper="classic", detector=DetectorSettings("dlib")))
+        analyze = summary.seconds["analyze"]
+        start = time.perf_counter()
+        report = evaluate_clip(SOURCE, clip, swapped, EvalSettings())
+        evaluation = time.perf_counter() - start
+    print(f"clip {args.seconds:g} s {args.width}x{args.height}: {summary.frames} frames, "
+          f"{report.counts['frames_with_face']} with a face")
+    print("swap stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.seconds.items()))
+    print(f"eval {evaluation:.1f}s (frames {report.seconds['frames']:.1f}s, similarity scale "
+          f"{report.seconds['total'] - report.seconds['frames']:.1f}s)")
+    print(f"id similarity {report.metrics['id_similarity']:.3f}, pose error {report.metrics['pose_error_deg']:.2f} deg, "
+          f"flicker ratio {report.metrics['flicker_ratio']:.2f}")
+    print(f"eval/analyze time ratio: {evaluation / analyze:.2f}")
+
+
+if __name__ == "__main__":
+    main()
