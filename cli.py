@@ -104,7 +104,7 @@ def swap_options(func):
         click.option("--swapper", type=click.Choice(SWAPPER_CHOICES), default="auto", show_default=True,
                      help="auto: APPLE when its weights (or --preset) are available, else classic."),
         click.option("--classic-blend", type=click.Choice(["feather", "poisson"]), default="feather", show_default=True,
-                     help="Classic swapper: copy the warped face in (feather) or blend its gradients (poisson)."),
+                     help="Classic swapper: two-band blend of the inner face, faded in (feather), or blend its gradients (poisson)."),
         click.option("--preset", default=None, help="Model preset: krea-512 (real weights) or tiny (random, for tests)."),
         click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Inversion and sampling steps."),
         click.option("--id-weight", type=click.FloatRange(0, 5), default=None, help="Identity strength (PuLID id_weight)."),
