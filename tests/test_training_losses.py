@@ -101,7 +101,7 @@ def test_id_loss_is_averaged_over_the_samples_it_applies_to(tmp_path, faces, mon
     total, stats = trainer.loss(batch, 0, np.random.default_rng(0), gen)
     assert len(seen) == 1 and len(seen[0]) == int((t <= 0.5).sum())
     assert stats["id"] == pytest.approx(float(seen[0].mean()), rel=1e-5)
-    assert float(total.detach()) == pytest.approx(stats["mse"] + 0.5 * stats["id"], rel=1e-5)
+    assert float(total.detach()) == pytest.approx(float(stats["mse"] + 0.5 * stats["id"]), rel=1e-5)
 
 
 def test_text_drop_feeds_the_empty_prompt(tmp_path, faces) -> None:
@@ -124,7 +124,7 @@ def test_lpips_term_with_a_random_backbone(tmp_path, faces) -> None:
     trainer = Trainer(cfg, FixedBatch(faces))
     total, stats = trainer.loss(FixedBatch(faces).batch(None, 2), 0, np.random.default_rng(0), torch.Generator().manual_seed(0))
     assert stats["lpips"] > 0
-    assert float(total.detach()) == pytest.approx(stats["mse"] + 2.0 * stats["lpips"], rel=1e-5)
+    assert float(total.detach()) == pytest.approx(float(stats["mse"] + 2.0 * stats["lpips"]), rel=1e-5)
     total.backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.params)
 
