@@ -212,15 +212,19 @@ class ClassicSwapper:
         return usable
 
     def blend_region(self, landmarks: np.ndarray, warped_source_mask: np.ndarray) -> np.ndarray:
-        """Where the source replaces the target (0/255): inner face of both faces, minus the target's lips and mouth
-        (grown a little): the target's moving mouth stays its own, with no source lip edge sliding over it."""
+        """Where the source replaces the target (0/255): inner face of both faces, minus the target's lips, mouth
+        and chin (grown a little): the target's moving mouth stays its own, with no source lip edge sliding over it."""
         size = self.crop_size
         region = inner_face_mask(landmarks, size)
         region[warped_source_mask < 127.5] = 0
-        lips = np.zeros_like(region)
-        cv2.fillPoly(lips, [np.round(cv2.convexHull(np.asarray(landmarks, np.float32)[48:60])).astype(np.int32)], 255)
+        pts = np.asarray(landmarks, np.float32)
+        kept = np.zeros_like(region)
+        cv2.fillPoly(kept, [np.round(cv2.convexHull(pts[48:60])).astype(np.int32)], 255)
+        # the chin (jaw line up to the lower lip) moves with every word: stretching the source's texture over it
+        # flickers, and the target's own chin carries little identity
+        cv2.fillPoly(kept, [np.round(np.concatenate([pts[4:13], pts[[54, 55, 56, 57, 58, 59, 48]]])).astype(np.int32)], 255)
         grow = max(1, size // 128)
-        region[cv2.dilate(lips, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))) > 0] = 0
+        region[cv2.dilate(kept, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))) > 0] = 0
         return region
 
     def swap_one(self, job: CropJob) -> np.ndarray:
