@@ -18,8 +18,7 @@ from apple_video.settings import SwapSettings
 from apple_video.swappers.base import CropJob
 from apple_video.swappers.classic import ClassicSwapper, delaunay, triangle_maps
 
-FLICKER_BOUND = 1.2
-EVAL_FLICKER_BOUND = 1.5  # measured 1.39 (1.99 before the eyes+nose crop, kept lips and chin, detail matching); issue 17 asks 1.2
+FLICKER_BOUND = 1.2  # issue 17; measured: eval (DIS) flicker 1.18 (1.99 before), frame difference 1.01 (1.14)
 
 
 def test_identity_moves_to_source(tmp_path: Path, source_photo: Path, face_clip: Path, hopper: np.ndarray) -> None:
@@ -224,7 +223,7 @@ def test_talking_clip_eval_flicker(source_photo: Path, talking_swap: tuple[Path,
     clip, output, _ = talking_swap
     metrics = evaluate_clip(source_photo, clip, output, EvalSettings(identity_model="dlib")).metrics
     assert metrics["id_closer_to_source"] >= 0.9
-    assert metrics["flicker_ratio"] <= EVAL_FLICKER_BOUND, metrics["flicker_ratio"]
+    assert metrics["flicker_ratio"] <= FLICKER_BOUND, metrics["flicker_ratio"]
 
 
 def forehead_change(before: np.ndarray, after: np.ndarray, landmarks: np.ndarray) -> float:
