@@ -51,7 +51,7 @@ from apple_video.faces.types import SourceFace
 from apple_video.media.images import is_image_path, read_image, write_image
 from apple_video.media.video import VideoInfo, concat_chunks, is_video_path, trim
 from apple_video.settings import SwapSettings
-from apple_video.swappers.factory import announce_swapper, create_swapper, crop_size_for
+from apple_video.swappers.factory import announce_swapper, create_swapper, crop_size_for, tracking_for
 
 logger = logging.getLogger(__name__)
 
@@ -365,7 +365,7 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
         for index, signature in analysis["signatures"].items():
             signatures[int(index)] = np.asarray(signature, np.float32)
     cuts = find_cuts(signatures, settings.tracking.cut_threshold)
-    selection = select_targets(detections, fps, settings.selector, settings.tracking, cuts)
+    selection = select_targets(detections, fps, settings.selector, tracking_for(settings), cuts)
     summary.small_faces_skipped = selection.skipped_small
     if not any(selection.targets.values()) and not settings.allow_no_faces:
         raise NoFaceError(_no_faces_message(spec.input, frame_count, detections, selection.skipped_small, settings))

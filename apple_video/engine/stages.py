@@ -13,14 +13,14 @@ from typing import TypeVar
 
 import numpy as np
 
-from apple_video.faces.align import alignment_matrix, transform_points, warp_crop
+from apple_video.faces.align import transform_points, warp_crop
 from apple_video.faces.detect import ScaleSearch, create_detector
 from apple_video.faces.mask import feather, hull_mask, oval_mask, pad_mask, parsing_mask
 from apple_video.faces.parsing import FaceParser, create_parser
 from apple_video.faces.paste import paste_back
 from apple_video.faces.types import Face, FaceTarget
 from apple_video.settings import SwapSettings
-from apple_video.swappers.base import CropJob, SourceFace, Swapper
+from apple_video.swappers.base import CropJob, SourceFace, Swapper, crop_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -196,7 +196,7 @@ class Renderer:
         group = RenderGroup(frames)
         for position, (index, _, rgb) in enumerate(frames):
             for target in targets.get(index, []):
-                matrix = alignment_matrix(target.kps, size)
+                matrix = crop_matrix(self.swapper, target.kps, target.landmarks)
                 landmarks = transform_points(target.landmarks, matrix) if target.landmarks is not None else None
                 group.jobs.append(CropJob(warp_crop(rgb, matrix, size), landmarks,
                                           track_seed(self.settings.seed, target.track_id)))

@@ -7,6 +7,7 @@ from typing import Protocol
 
 import numpy as np
 
+from apple_video.faces.align import alignment_matrix
 from apple_video.faces.types import SourceFace
 
 
@@ -35,3 +36,10 @@ class Swapper(Protocol):
 
     def swap(self, jobs: list[CropJob]) -> list[np.ndarray | None]:
         """Swapped crops in job order; None where a crop was skipped (it then passes through)."""
+
+
+def crop_matrix(swapper: Swapper, kps: np.ndarray, landmarks: np.ndarray | None) -> np.ndarray:
+    """Frame -> crop transform of a target face: the swapper's own when it has one (`crop_matrix(kps, landmarks)`),
+    else the FFHQ 5-point alignment the diffusion models were trained on."""
+    own = getattr(swapper, "crop_matrix", None)
+    return own(kps, landmarks) if own is not None else alignment_matrix(kps, swapper.crop_size)

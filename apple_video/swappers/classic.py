@@ -1,6 +1,6 @@
 """Classic landmark swap: Delaunay piecewise-affine warp of the source face onto the target's 68 landmarks, then a
 two-band blend (the target's low frequencies, the source's detail) inside the inner face of both faces, with the
-target's mouth interior kept. Works with no model weights at all, and the same crop always gives the same output."""
+target's lips and mouth interior kept. Works with no model weights at all, and the same crop always gives the same output."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 from scipy.spatial import Delaunay
 
 from apple_video.errors import NoFaceError
-from apple_video.faces.align import alignment_matrix, warp_crop
-from apple_video.faces.mask import face_height, inner_face_mask, mouth_interior_mask, skin_mask, soft_edge
+from apple_video.faces.align import alignment_matrix, similarity_from_points, warp_crop
+from apple_video.faces.mask import face_height, inner_face_mask, skin_mask, soft_edge
 from apple_video.swappers.base import CropJob, SourceFace, SwapSkipped
 
 
@@ -21,6 +21,7 @@ def extended_points(landmarks: np.ndarray) -> np.ndarray:
 
 
 RIGID_POINTS = np.r_[17:48]  # brows, nose and eyes: the part of the face a talking head does not deform
+ALIGN_POINTS = np.r_[27:48]  # nose and eyes: not moved by speech or by raised brows
 
 
 def regularised_landmarks(target: np.ndarray, source: np.ndarray, keep: float) -> np.ndarray:
@@ -90,9 +91,21 @@ def _masked_blur(image: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndar
     return blurred[..., :-1] / np.maximum(blurred[..., -1:], 1e-4)
 
 
-def match_low_band(face: np.ndarray, target: np.ndarray, region: np.ndarray, sigma: float) -> np.ndarray:
+def match_fine_detail(face: np.ndarray, target: np.ndarray, inside: np.ndarray, sigma: float) -> np.ndarray:
+    """`face` (one channel) with its detail finer than `sigma` scaled down to the target's amount inside `inside`
+    (never up): a crisp source on a soft target looks pasted, and its sharp edges (glasses rims, wrinkles) show
+    every sub-pixel wobble of the warp as flicker."""
+    fine_face = face - cv2.GaussianBlur(face, (0, 0), sigma)
+    fine_target = target - cv2.GaussianBlur(target, (0, 0), sigma)
+    ratio = float(np.clip((fine_target[inside].std() + 1e-3) / (fine_face[inside].std() + 1e-3), 0.3, 1.0))
+    return face - (1.0 - ratio) * fine_face
+
+
+def match_low_band(face: np.ndarray, target: np.ndarray, region: np.ndarray, sigma: float,
+                   fine: float = 3.0) -> np.ndarray:
     """`face` (float RGB) recoloured to `target` inside `region`, in Lab: contrast matched per channel (ratio of
-    standard deviations, clamped), then the low frequencies (below `sigma`) replaced by the target's.
+    standard deviations, clamped), then the low frequencies (below `sigma`) replaced by the target's, and the detail
+    finer than `fine` pixels no sharper than the target's.
 
     Colour thus comes from the target alone, which makes grey and differently lit sources fit and keeps the
     colour as steady as the target's own; only the detail is the source's."""
@@ -105,6 +118,7 @@ def match_low_band(face: np.ndarray, target: np.ndarray, region: np.ndarray, sig
     gain = np.clip((target_lab[inside].std(0) + 1.0) / (face_lab[inside].std(0) + 1.0), 0.5, 2.0)
     face_lab = face_lab * gain
     face_lab += _masked_blur(target_lab, weight, sigma) - _masked_blur(face_lab, weight, sigma)
+    face_lab[..., 0] = match_fine_detail(face_lab[..., 0], target_lab[..., 0], inside, fine)
     return cv2.cvtColor(face_lab, cv2.COLOR_LAB2RGB) * 255.0
 
 
@@ -143,14 +157,14 @@ class ClassicSwapper:
     """The offline default swapper and evaluation baseline.
 
     Per crop: warp the source face onto the target's (track-smoothed) landmarks, keep only the inner face of both
-    faces (the source's forehead only where it is skin), drop the target's mouth interior, and blend in two bands.
+    faces (the source's forehead only where it is skin), keep the target's lips and mouth interior, and blend in two bands.
     No state is carried between crops, so chunking and workers never change a frame's result."""
 
     name = "classic"
     real = True
 
     def __init__(self, crop_size: int = 256, fold_tolerance: float = 0.1, poisson: bool = False,
-                 low_band: float = 0.1, keep_shape: float = 0.3) -> None:
+                 low_band: float = 0.1, keep_shape: float = 0.0) -> None:
         self.crop_size = crop_size
         self.keep_shape = keep_shape  # how much of the target's own brow/eye/nose shape the warp follows
         self.low_band = low_band  # the colour band's Gaussian sigma, as a fraction of the crop size
@@ -160,6 +174,14 @@ class ClassicSwapper:
         self._src_points: np.ndarray | None = None
         self._triangles: np.ndarray | None = None
         self._src_layers: np.ndarray | None = None  # (S, S, 4) float32: RGB and the source's usable-face mask
+
+    def crop_matrix(self, kps: np.ndarray, landmarks: np.ndarray | None) -> np.ndarray:
+        """Frame -> crop transform fitted on the eyes and nose (21 points) onto the source's: the FFHQ alignment
+        follows the mouth corners, so it would shift the whole face by a pixel or so as the mouth moves."""
+        if landmarks is None or self._source is None:
+            return alignment_matrix(kps, self.crop_size)
+        return similarity_from_points(np.asarray(landmarks, np.float64)[ALIGN_POINTS],
+                                      self._source.landmarks[ALIGN_POINTS])
 
     def auto_batch_size(self) -> int:
         return 4  # one crop at a time inside; the group size only sets how much decoding runs ahead
@@ -190,11 +212,19 @@ class ClassicSwapper:
         return usable
 
     def blend_region(self, landmarks: np.ndarray, warped_source_mask: np.ndarray) -> np.ndarray:
-        """Where the source replaces the target (0/255): inner face of both faces, minus the target's mouth."""
+        """Where the source replaces the target (0/255): inner face of both faces, minus the target's lips, mouth
+        and chin (grown a little): the target's moving mouth stays its own, with no source lip edge sliding over it."""
         size = self.crop_size
         region = inner_face_mask(landmarks, size)
         region[warped_source_mask < 127.5] = 0
-        region[mouth_interior_mask(landmarks, size, grow=max(1, size // 128)) > 0] = 0
+        pts = np.asarray(landmarks, np.float32)
+        kept = np.zeros_like(region)
+        cv2.fillPoly(kept, [np.round(cv2.convexHull(pts[48:60])).astype(np.int32)], 255)
+        # the chin (jaw line up to the lower lip) moves with every word: stretching the source's texture over it
+        # flickers, and the target's own chin carries little identity
+        cv2.fillPoly(kept, [np.round(np.concatenate([pts[4:13], pts[[54, 55, 56, 57, 58, 59, 48]]])).astype(np.int32)], 255)
+        grow = max(1, size // 128)
+        region[cv2.dilate(kept, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * grow + 1, 2 * grow + 1))) > 0] = 0
         return region
 
     def swap_one(self, job: CropJob) -> np.ndarray:

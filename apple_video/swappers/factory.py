@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 from apple_video import weights
-from apple_video.settings import SwapSettings
+from apple_video.settings import SwapSettings, TrackSettings
 from apple_video.swappers.base import Swapper
 from apple_video.swappers.presets import apple_preset, apple_weights_present, required_weights
 
@@ -27,6 +28,18 @@ def crop_size_for(settings: SwapSettings) -> int:
 
         return ClassicSwapper().crop_size
     return apple_preset(settings.model).sampling.crop_size
+
+
+CLASSIC_SMOOTHING = 4.0  # the classic swap's landmark One-Euro cutoff is this many times lower
+
+
+def tracking_for(settings: SwapSettings) -> TrackSettings:
+    """Landmark smoothing along tracks for this swapper. The classic swap keeps the target's own lips, mouth and
+    chin, so a slow filter cannot make speech lag, while every bit of the detector's wobble moves the source's
+    sharp detail; APPLE keeps the given settings (its FFHQ crops follow the mouth corners)."""
+    if resolve_swapper_name(settings) != "classic":
+        return settings.tracking
+    return replace(settings.tracking, min_cutoff=settings.tracking.min_cutoff / CLASSIC_SMOOTHING)
 
 
 def announce_swapper(settings: SwapSettings) -> None:
