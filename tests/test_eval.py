@@ -26,9 +26,9 @@ from apple_video.evaluate.identity import (
     retrieval,
 )
 from apple_video.evaluate.landmarks import expression_distance, head_pose
-from apple_video.evaluate.progress import LogProgress
 from apple_video.evaluate.report import compare_table, markdown, read_json, write_all
 from apple_video.evaluate.runner import read_pairs, run_pairs
+from apple_video.progress import LogProgress
 from apple_video.settings import EvalSettings, SwapSettings
 
 

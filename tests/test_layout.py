@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # The layer order, bottom first. A module may import its own layer or any lower one, never a higher one.
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("apple_video", "apple_video.errors"),
-    ("apple_video.config", "apple_video.settings", "apple_video.weights", "apple_video.media"),
+    ("apple_video.config", "apple_video.settings", "apple_video.weights", "apple_video.progress", "apple_video.media"),
     ("apple_video.faces",),
     ("apple_video.sampling",),
     ("apple_video.models",),

@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
@@ -19,7 +18,6 @@ from itertools import islice
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from apple_video.engine.executors import run_stage
 from apple_video.engine.sources import (
@@ -50,6 +48,7 @@ from apple_video.faces.track import find_cuts, frame_signature
 from apple_video.faces.types import SourceFace
 from apple_video.media.images import is_image_path, read_image, write_image
 from apple_video.media.video import VideoInfo, concat_chunks, is_video_path, trim
+from apple_video.progress import progress
 from apple_video.settings import SwapSettings
 from apple_video.swappers.factory import announce_swapper, create_swapper, crop_size_for, tracking_for
 
@@ -61,37 +60,6 @@ def batched(items, size: int):
     iterator = iter(items)
     while group := list(islice(iterator, size)):
         yield group
-
-
-class LogProgress:
-    """Progress for logs and pipes (stderr not a terminal): one line every `every` seconds and one at the end."""
-
-    def __init__(self, total: int, desc: str, every: float = 10.0) -> None:
-        self.total, self.desc, self.every = total, desc, every
-        self.done, self.started = 0, time.monotonic()
-        self.last = self.started
-
-    def update(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.last >= self.every or self.done >= self.total:
-            self.last = now
-            rate = self.done / max(now - self.started, 1e-6)
-            logger.info("%s: %d/%d frames (%d%%, %.1f frames/s)", self.desc, self.done, self.total,
-                        100 * self.done // max(self.total, 1), rate)
-
-    def __enter__(self) -> LogProgress:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
-
-def progress(total: int, desc: str):
-    """A bar on a terminal, periodic log lines otherwise (CI logs, `2> log.txt`, Ray job drivers)."""
-    if sys.stderr.isatty() or total == 0:
-        return tqdm(total=total, desc=desc, unit="frame", disable=None)
-    return LogProgress(total, desc)
 
 
 @dataclass

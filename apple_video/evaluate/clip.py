@@ -28,12 +28,12 @@ from apple_video.evaluate.identity import (
     measure_scale,
 )
 from apple_video.evaluate.landmarks import EXPRESSION_MODEL, POSE_MODEL, expression_distance, pose_error
-from apple_video.evaluate.progress import progress
 from apple_video.evaluate.report import EvalReport
 from apple_video.faces.detect import DlibDetector
 from apple_video.faces.types import Face
 from apple_video.media.images import is_image_path, list_frames, read_image
 from apple_video.media.video import decode_frames, probe, to_display
+from apple_video.progress import progress
 from apple_video.settings import EvalSettings
 
 logger = logging.getLogger(__name__)

@@ -32,11 +32,11 @@ from apple_video.evaluate.identity import (
     retrieval,
 )
 from apple_video.evaluate.landmarks import EXPRESSION_MODEL, POSE_MODEL, expression_distance, pose_error
-from apple_video.evaluate.progress import progress
 from apple_video.evaluate.report import EvalReport, write_all
 from apple_video.faces.detect import DlibDetector, create_detector
 from apple_video.faces.select import select_targets
 from apple_video.media.images import is_image_path, read_image, write_image
+from apple_video.progress import progress
 from apple_video.settings import EvalSettings, SwapSettings
 from apple_video.swappers.factory import announce_swapper, create_swapper, resolve_swapper_name
 
