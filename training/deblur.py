@@ -46,10 +46,6 @@ def deblur_condition(image: np.ndarray, mask: np.ndarray, size: int = 8) -> np.n
     return out
 
 
-def mask_from_parsing(labels: np.ndarray) -> np.ndarray:
-    return np.where(np.isin(labels, BLUR_LABELS), 255, 0).astype(np.uint8)
-
-
 def hull_labels(landmarks: np.ndarray, size: int) -> np.ndarray:
     """A stand-in parsing map when no parsing weights exist: skin (1) inside the landmark hull, background (0) outside."""
     return np.where(hull_mask(landmarks, size, HULL_REGIONS) > 0, 1, 0).astype(np.uint8)
@@ -113,9 +109,7 @@ def teacher_condition(image: np.ndarray, landmarks: np.ndarray, labels: np.ndarr
     `labels`: CelebAMask-HQ parsing of the crop (None: the landmark hull, no glasses); `irises`: (K, 2) iris
     points in crop space (None: estimated from the 68 eye landmarks)."""
     shape = image.shape[:2]
-    region = face_region(labels, landmarks, min(shape))
-    out = image.copy()
-    out[region] = downsample_blur(image, downsample)[region]
+    out = deblur_condition(image, face_region(labels, landmarks, min(shape)), downsample)
     out[landmark_pixels(landmarks, shape)] = LANDMARK_COLOUR
     out[iris_pixels(irises if irises is not None else irises_from_eyes(landmarks), shape)] = IRIS_COLOUR
     if labels is not None:

@@ -185,10 +185,8 @@ class ApplePipeline:
 
     def auto_batch_size(self) -> int:
         """Crops per model call that fit the free memory of this pipeline's device (call after loading)."""
-        per_crop = int(self.preset.model.crop_memory_gib * GIB)
-        if self.device.type == "cuda":
-            return choose_batch_size(free_memory(self.device), per_crop, CUDA_BATCH_LIMIT)
-        return choose_batch_size(free_memory(self.device), per_crop, CPU_BATCH_LIMIT)
+        limit = CUDA_BATCH_LIMIT if self.device.type == "cuda" else CPU_BATCH_LIMIT
+        return choose_batch_size(free_memory(self.device), int(self.preset.model.crop_memory_gib * GIB), limit)
 
     @classmethod
     def from_preset(cls, preset: Preset, device: torch.device, lora: str | Path | None = None,
