@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 DETECTOR_ALIASES = {"scrfd": "insightface", "retinaface": "insightface"}
 FACEFUSION_DETECTORS = ("many", "retinaface", "scrfd", "yolo_face", "yunet")
 # options that only the APPLE swapper reads; named when given with --swapper classic
-APPLE_ONLY = ("preset", "steps", "id_weight", "lora", "second_order", "no_inversion")
+APPLE_ONLY = ("preset", "steps", "id_weight", "lora", "second_order", "no_inversion", "recipe", "quality", "fp8",
+              "offload")
 
 
 def detector_name(value: str) -> str:
@@ -80,7 +81,6 @@ def check_encoding(kind: str, opts: dict, output: Path) -> None:
 
 
 def video_encode(encoder: str | None, quality: int, preset: str, output: Path) -> EncodeSettings:
-
     codec = encoder or default_codec_for(output)
     crf = round(51 - quality * 0.51) if codec != "libvpx-vp9" else round(63 - quality * 0.63)
     return EncodeSettings(codec=codec, crf=crf, preset=preset)
@@ -103,7 +103,6 @@ def split_paths(paths: tuple[str, ...], extra_sources: tuple[str, ...], target: 
 def check_sources(sources: list[Path], target: Path, lora: str | None = None) -> None:
     if lora and not Path(lora).is_file():
         raise InputError(f"LoRA file not found: {lora}")
-
     for source in sources:
         if not source.exists():
             raise InputError(f"source photo not found: {source}")
@@ -118,7 +117,6 @@ def check_sources(sources: list[Path], target: Path, lora: str | None = None) ->
 
 
 def kind_of(target: Path) -> str:
-
     if target.is_dir():
         entries = [p for p in target.iterdir() if p.is_file()]
         if any(is_video_path(p) for p in entries) and not any(is_image_path(p) for p in entries):
@@ -180,7 +178,6 @@ def batch_size_from(value: str | int) -> int | str:
 
 
 def settings_from(opts: dict) -> SwapSettings:
-
     angles = tuple(sorted({int(a) for a in opts["face_detector_angles"]})) or (0,)
     regions = tuple(opts["face_mask_regions"]) or MASK_REGIONS
     return SwapSettings(
