@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from apple_video import __version__
-from apple_video.errors import AppleVideoError, InputError, OutputError, UserError
+from apple_video.errors import AppleVideoError, InputError, UserError
 
 logger = logging.getLogger("cli")
 
@@ -78,7 +78,12 @@ class DetectorSize(click.ParamType):
         return size
 
 
-def swap_options(func):
+def swap_options(leave_out: tuple[str, ...] = ()):
+    """The swap options, less those named in `leave_out` (click parameter names)."""
+    return lambda func: _add_swap_options(func, leave_out)
+
+
+def _add_swap_options(func, leave_out: tuple[str, ...]):
     # from the settings records, not faces/: importing OpenCV here would load it before its logging is set
     from apple_video.media.video import VIDEO_CODECS
     from apple_video.settings import (
@@ -176,8 +181,14 @@ def swap_options(func):
                      help="Face crops per model call, or auto: what the GPU's free memory holds (up to 16; 1-4 on CPU)."),
     ]
     for option in reversed(options):
-        func = option(func)
+        if _param_name(option) not in leave_out:
+            func = option(func)
     return func
+
+
+def _param_name(option) -> str:
+    """The parameter name a click.option decorator declares (`--face-detector-model` -> face_detector)."""
+    return option(lambda: None).__click_params__[0].name
 
 
 def _given(ctx: click.Context, opts: dict) -> set[str]:
@@ -185,9 +196,18 @@ def _given(ctx: click.Context, opts: dict) -> set[str]:
     return {name for name in opts if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
 
 
+def _run(job) -> None:
+    """Run a planned job and print what it reports; exit 1 when part of it failed (a batch's clip)."""
+    result = job.run()
+    for line in result.lines:
+        click.echo(line)
+    if not result.ok:
+        sys.exit(1)
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path())
-@swap_options
+@swap_options()
 @click.pass_context
 def swap(ctx: click.Context, paths: tuple[str, ...], **opts) -> None:
     """Swap the face in SOURCE photo(s) into TARGET: a video, a folder of frames, an image,
@@ -200,66 +220,27 @@ def swap(ctx: click.Context, paths: tuple[str, ...], **opts) -> None:
       apple-video swap face.jpg clips/ -o out/ --ray-address auto
 
     An interrupted video or folder job resumes when the same command is run again."""
-    from apple_video.engine import request
-    from apple_video.engine.batch import swap_batch
-    from apple_video.engine.run import swap_any
+    from apple_video.engine.job import plan_job
 
-    sources, target = request.split_paths(paths, opts["extra_sources"], opts["target"])
-    request.check_sources(sources, target, opts["lora"])
-    kind = request.kind_of(target)
-    output = Path(opts["output"])
-    request.check_conflicts(opts, _given(ctx, opts))
-    request.check_output_for(kind, target, output, sources, opts["force"])
-    request.check_encoding(kind, opts, output)
-    request.warn_disk_space(target, output)
-    request.resolve_runtime(opts)
-    settings = request.settings_from(opts)
-    if kind == "batch":
-        summaries = swap_batch(sources, target, output, settings)
-        failed = [s for s in summaries if s.status != "ok"]
-        for summary in summaries:
-            click.echo(summary.line())
-        click.echo(f"{len(summaries) - len(failed)} of {len(summaries)} clips done -> {output}")
-        if failed:
-            sys.exit(1)
-        return
-    summary = swap_any(sources, target, output, settings)
-    click.echo(summary.line())
+    _run(plan_job("swap", {**opts, "paths": paths}, _given(ctx, opts)))
 
 
-# options of a whole job that a preview sheet does not use: not offered by `preview`
-PREVIEW_UNUSED = ("executor", "ray_address", "num_gpus", "workers", "trim_start", "trim_end", "chunk_frames",
-                  "output_video_encoder", "output_video_quality", "output_video_preset", "allow_no_faces")
+def _video_only() -> tuple[str, ...]:
+    from apple_video.settings import video_only_options
+
+    return video_only_options()
 
 
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path())
 @click.option("--frames", "count", type=click.IntRange(1, 16), default=4, show_default=True, help="Frames in the sheet.")
-@swap_options
+@swap_options(leave_out=_video_only())  # a sheet of a few frames: no executor, chunks, trim or encoder
 @click.pass_context
 def preview(ctx: click.Context, paths: tuple[str, ...], count: int, **opts) -> None:
     """Swap a few frames spread over a clip and write a before/after contact sheet (PNG)."""
-    from apple_video.engine import request
-    from apple_video.engine.preview import make_preview
+    from apple_video.engine.job import plan_job
 
-    for param in swap.params:
-        if param.name in PREVIEW_UNUSED:
-            opts[param.name] = param.type_cast_value(ctx, param.get_default(ctx))
-    opts["allow_no_faces"] = True
-    sources, target = request.split_paths(paths, opts["extra_sources"], opts["target"])
-    request.check_sources(sources, target)
-    output = Path(opts["output"])
-    if output.suffix.lower() != ".png":
-        raise OutputError(f"the preview sheet is a PNG: {output}")
-    from apple_video.media.paths import check_output
-
-    check_output(output, [target, *sources], opts["force"])
-    request.resolve_runtime(opts)
-    settings = request.settings_from(opts)
-    click.echo(make_preview(sources, target, output, settings, count))
-
-
-preview.params = [p for p in preview.params if p.name not in PREVIEW_UNUSED]
+    _run(plan_job("preview", {**opts, "paths": paths, "count": count}, _given(ctx, opts)))
 
 
 @cli.group()
@@ -453,21 +434,17 @@ def eval_clip(source: str, original: str, swapped: str, json_path: str | None, r
 @click.argument("pairs_file", type=click.Path())
 @click.option("--fid-reference", type=click.Path(), default=None, help="Folder of real images to compute FID against.")
 @_eval_options
-@swap_options
-def eval_pairs(pairs_file: str, fid_reference: str | None, identity_model: str, id_every: int, **opts) -> None:
+@swap_options()
+@click.pass_context
+def eval_pairs(ctx: click.Context, pairs_file: str, fid_reference: str | None, identity_model: str, id_every: int,
+               **opts) -> None:
     """Swap every `source,target` line of PAIRS_FILE (CSV or .txt) into -o FOLDER, then score the run
     (the paper's protocol). A rerun with the same settings resumes."""
-    from apple_video.engine import request
-    from apple_video.evaluate.runner import run_pairs
-    from apple_video.settings import EvalSettings
+    from apple_video.engine.job import plan_job
 
-    request.check_sources([], Path(pairs_file), opts["lora"])
-    request.resolve_runtime(opts)
-    settings = request.settings_from(opts)
-    evaluation = EvalSettings(identity_model=identity_model, id_every=id_every, fid_reference=fid_reference)
-    report = run_pairs(Path(pairs_file), Path(opts["output"]), settings, evaluation, opts["force"])
-    click.echo(report.summary())
-    click.echo(f"report: {Path(opts['output']) / 'report.md'} (.json, .png)")
+    options = {**opts, "pairs_file": pairs_file, "fid_reference": fid_reference, "identity_model": identity_model,
+               "id_every": id_every}
+    _run(plan_job("pairs", options, _given(ctx, opts)))
 
 
 @evaluate.command("report")

@@ -1,4 +1,5 @@
-"""Typed settings. Presets live in `configs/<name>.yaml`; unknown keys and bad values are errors naming the key."""
+"""Typed settings. Presets live in `apple_video/configs/<name>.yaml` (package data: an installed wheel has them);
+unknown keys and bad values are errors naming the key."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from apple_video.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# inside the package, so that `pip install .` ships the presets (`configs/` in a checkout links here)
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 
 class _Strict(BaseModel):
@@ -136,17 +138,21 @@ def load_preset(name_or_path: str | Path) -> Preset:
 
 
 def with_quality(preset: Preset, quality: str | None) -> Preset:
-    """The preset with a --quality level's sampling settings (None: the preset's own)."""
+    """The preset with a --quality level's sampling settings (None: the preset's own). The level's table is applied
+    as it is, None values included: `paper` resets `inversion_solver` to None (the same solver as sampling)."""
     if quality is None:
         return preset
     if quality not in QUALITY_SETTINGS:
         raise ConfigError(f"unknown quality '{quality}' (choose from {', '.join(QUALITY_SETTINGS)})")
-    return with_overrides(preset, **QUALITY_SETTINGS[quality])
+    return _replace_sampling(preset, QUALITY_SETTINGS[quality])
 
 
 def with_overrides(preset: Preset, **sampling: Any) -> Preset:
-    """Return a copy of the preset with sampling settings replaced (None values are ignored)."""
-    changes = {k: v for k, v in sampling.items() if v is not None}
+    """Return a copy of the preset with command-line sampling overrides (None: the option was not given)."""
+    return _replace_sampling(preset, {k: v for k, v in sampling.items() if v is not None})
+
+
+def _replace_sampling(preset: Preset, changes: dict[str, Any]) -> Preset:
     if not changes:
         return preset
     merged = {**preset.sampling.model_dump(), **changes}

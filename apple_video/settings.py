@@ -2,12 +2,107 @@
 
 They sit at the bottom of the package (they import nothing of ours) so that faces, media, swappers and the
 engine all read the same records and no layer reaches up for them.
+
+Every field declares, once, where it matters (`setting(..., scope=..., options=...)`): whether it changes the
+output or only how a job runs, whether only the APPLE (or classic) swapper or only whole video jobs read it, and
+which command-line options set it. The resume fingerprint, the run record, the "ignored with --swapper classic"
+warning and the options a preview sheet leaves out are all derived from that (`output_record`,
+`ignored_options`, `video_only_options`): adding an option is one field here plus its click declaration.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Literal
+import dataclasses
+from collections.abc import Iterator
+from dataclasses import MISSING, dataclass, field
+from typing import Any, Literal
+
+# A field's scope: any of these; a field with none of them changes the output whatever the swapper or input.
+APPLE = "apple"  # read only by the APPLE swapper (named when given with --swapper classic)
+CLASSIC = "classic"  # read only by the classic swapper (named when given with --swapper apple)
+VIDEO = "video"  # read only by whole video / frame-folder jobs: a preview sheet or a still image does not use it
+RUNTIME = "runtime"  # how a job runs, not what it writes: outside the resume fingerprint and the run record
+SCOPES = (APPLE, CLASSIC, VIDEO, RUNTIME)
+
+
+def setting(default: Any = MISSING, *, scope: tuple[str, ...] = (), options: tuple[str, ...] = (),
+            default_factory: Any = MISSING) -> Any:
+    """A settings field with its scope and the command-line options (click parameter names) that set it.
+    The first option gives the value; the others also feed it (e.g. --no-inversion feeds the recipe)."""
+    unknown = set(scope) - set(SCOPES)
+    if unknown:
+        raise ValueError(f"unknown setting scope {sorted(unknown)}")
+    metadata = {"scope": frozenset(scope), "options": tuple(options)}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class SettingField:
+    """One leaf field of a settings record, with the scope it inherits from the records above it."""
+
+    path: str  # dotted, e.g. "model.steps"
+    scope: frozenset[str]
+    options: tuple[str, ...]
+
+
+def nested_record(f: dataclasses.Field) -> type | None:
+    """The record type of a field that holds a nested settings record (None for a plain value)."""
+    if f.default_factory is not MISSING:
+        value = f.default_factory()
+        return type(value) if dataclasses.is_dataclass(value) else None
+    return type(f.default) if dataclasses.is_dataclass(f.default) else None
+
+
+def setting_fields(record: type, prefix: str = "", inherited: frozenset[str] = frozenset()) -> Iterator[SettingField]:
+    """Every leaf field of a settings record type, nested records walked (a nested record's scope applies to all
+    of its fields)."""
+    for f in dataclasses.fields(record):
+        scope = inherited | f.metadata.get("scope", frozenset())
+        nested = nested_record(f)
+        if nested is not None:
+            yield from setting_fields(nested, f"{prefix}{f.name}.", scope)
+        else:
+            yield SettingField(f"{prefix}{f.name}", scope, f.metadata.get("options", ()))
+
+
+def output_record(settings: Any, media: Literal["video", "image"] = "video") -> dict[str, Any]:
+    """The settings that change what a job writes, as nested plain data: the resume fingerprint of a video job
+    and the run record of an image job (`media="image"` also leaves out what only video jobs read)."""
+    dropped = {RUNTIME} if media == "video" else {RUNTIME, VIDEO}
+    return _record(settings, frozenset(), dropped)
+
+
+def _record(settings: Any, inherited: frozenset[str], dropped: set[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(settings):
+        scope = inherited | f.metadata.get("scope", frozenset())
+        if scope & dropped:
+            continue
+        value = getattr(settings, f.name)
+        if dataclasses.is_dataclass(value):
+            out[f.name] = _record(value, scope, dropped)
+        else:
+            out[f.name] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def ignored_options(given: set[str] | frozenset[str], swapper: str, record: type | None = None) -> list[str]:
+    """The options the user gave that the chosen swapper does not read, as flags (`--steps`)."""
+    other = {"classic": APPLE, "apple": CLASSIC}.get(swapper)
+    if other is None:
+        return []
+    fields = setting_fields(record or SwapSettings)
+    names = [name for f in fields if other in f.scope for name in f.options if name in given]
+    return [f"--{name.replace('_', '-')}" for name in dict.fromkeys(names)]
+
+
+def video_only_options(record: type | None = None) -> tuple[str, ...]:
+    """Options of whole video jobs (executor, chunks, trim, encoder...): a preview sheet does not offer them."""
+    names = [name for f in setting_fields(record or SwapSettings) if VIDEO in f.scope for name in f.options]
+    return tuple(dict.fromkeys(names))
+
 
 DetectorName = Literal["auto", "dlib", "dlib-cnn", "insightface"]
 DETECTOR_CHOICES: tuple[str, ...] = ("auto", "dlib", "dlib-cnn", "insightface")
@@ -15,10 +110,10 @@ DETECTOR_CHOICES: tuple[str, ...] = ("auto", "dlib", "dlib-cnn", "insightface")
 
 @dataclass(frozen=True)
 class DetectorSettings:
-    name: DetectorName = "auto"
-    score: float = 0.5  # 0..1; dlib's SVM margin 0 maps to 0.5
-    size: int = 640  # longest side the detector sees
-    angles: tuple[int, ...] = (0,)
+    name: DetectorName = setting("auto", options=("face_detector",))
+    score: float = setting(0.5, options=("face_detector_score",))  # 0..1; dlib's SVM margin 0 maps to 0.5
+    size: int = setting(640, options=("face_detector_size",))  # longest side the detector sees
+    angles: tuple[int, ...] = setting((0,), options=("face_detector_angles",))
     embeddings: bool = True
 
 
@@ -34,10 +129,10 @@ PARSER_CHOICES: tuple[str, ...] = ("auto", "bisenet", "landmarks")
 
 @dataclass(frozen=True)
 class MaskSettings:
-    parser: str = "auto"  # auto | bisenet | landmarks
-    regions: tuple[str, ...] = MASK_REGIONS
-    blur: float = 0.3  # fraction of the feather width relative to the face size
-    padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, right, bottom, left, percent of crop size
+    parser: str = setting("auto", options=("face_parser",))  # auto | bisenet | landmarks
+    regions: tuple[str, ...] = setting(MASK_REGIONS, options=("face_mask_regions",))
+    blur: float = setting(0.3, options=("face_mask_blur",))  # fraction of the feather width relative to the face size
+    padding: tuple[int, int, int, int] = setting((0, 0, 0, 0), options=("face_mask_padding",))  # top, right, bottom, left, percent of crop size
 
 
 SelectorMode = Literal["reference", "one", "many"]
@@ -48,11 +143,11 @@ SELECTOR_ORDERS: tuple[str, ...] = ("large-small", "small-large", "left-right", 
 
 @dataclass(frozen=True)
 class SelectorSettings:
-    mode: SelectorMode = "reference"
-    order: SelectorOrder = "large-small"
-    reference_frame_number: int | None = None  # None: the first frame that has a face
-    reference_face_position: int = 0
-    reference_face_distance: float = 0.3
+    mode: SelectorMode = setting("reference", options=("face_selector_mode",))
+    order: SelectorOrder = setting("large-small", options=("face_selector_order",))
+    reference_frame_number: int | None = setting(None, options=("reference_frame_number",))  # None: the first frame that has a face
+    reference_face_position: int = setting(0, options=("reference_face_position",))
+    reference_face_distance: float = setting(0.3, options=("reference_face_distance",))
     min_face_size: int = 24  # pixels; smaller faces are skipped and counted
 
 
@@ -68,9 +163,9 @@ class TrackSettings:
 
 @dataclass(frozen=True)
 class EncodeSettings:
-    codec: str = "libx264"
-    crf: int = 18
-    preset: str = "veryfast"
+    codec: str = setting("libx264", options=("output_video_encoder",))
+    crf: int = setting(18, options=("output_video_quality",))
+    preset: str = setting("veryfast", options=("output_video_preset",))
     pix_fmt: str | None = None
 
 
@@ -87,39 +182,40 @@ QUALITY_CHOICES: tuple[str, ...] = ("fast", "balanced", "paper")
 
 @dataclass(frozen=True)
 class ModelOptions:
-    preset: str | None = None  # None: krea-512 when its weights exist
-    steps: int | None = None
-    id_weight: float | None = None
-    recipe: RecipeName | None = None  # None: the preset's (student: seeded noise; inversion: invert, then sample)
-    device: str = "auto"
-    offload: bool = False  # keep the transformer's weights in host memory, stream them to the GPU per module
-    lora: str | None = None  # a LoRA file (e.g. a student you trained) instead of the preset's
-    second_order: bool = False
-    quality: QualityName | None = None  # None: the preset's own sampling settings (krea-512: the paper's)
-    fp8: bool = False  # torchao float8 linears on CUDA
+    preset: str | None = setting(None, scope=(APPLE,), options=("preset",))  # None: krea-512 when its weights exist
+    steps: int | None = setting(None, scope=(APPLE,), options=("steps",))
+    id_weight: float | None = setting(None, scope=(APPLE,), options=("id_weight",))
+    recipe: RecipeName | None = setting(None, scope=(APPLE,), options=("recipe", "no_inversion"))  # None: the preset's (student: seeded noise; inversion: invert, then sample)
+    device: str = setting("auto", options=("device",))
+    offload: bool = setting(False, scope=(APPLE, RUNTIME), options=("offload",))  # keep the transformer's weights in host memory, stream them to the GPU per module
+    lora: str | None = setting(None, scope=(APPLE,), options=("lora",))  # a LoRA file (e.g. a student you trained) instead of the preset's
+    second_order: bool = setting(False, scope=(APPLE,), options=("second_order",))
+    quality: QualityName | None = setting(None, scope=(APPLE,), options=("quality",))  # None: the preset's own sampling settings (krea-512: the paper's)
+    fp8: bool = setting(False, scope=(APPLE,), options=("fp8",))  # torchao float8 linears on CUDA
 
 
 @dataclass(frozen=True)
 class SwapSettings:
-    swapper: SwapperName = "auto"
-    classic_blend: Literal["feather", "poisson"] = "feather"
-    model: ModelOptions = field(default_factory=ModelOptions)
+    swapper: SwapperName = setting("auto", options=("swapper",))
+    classic_blend: Literal["feather", "poisson"] = setting("feather", scope=(CLASSIC,), options=("classic_blend",))
+    model: ModelOptions = setting(default_factory=ModelOptions)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     selector: SelectorSettings = field(default_factory=SelectorSettings)
     tracking: TrackSettings = field(default_factory=TrackSettings)
     mask: MaskSettings = field(default_factory=MaskSettings)
-    encode: EncodeSettings = field(default_factory=EncodeSettings)
-    chunk_frames: int = 96
-    batch_size: BatchSize = "auto"  # crops per model call; auto: what the device's free memory holds
-    seed: int = 0
-    executor: ExecutorName = "local"
-    ray_address: str | None = None
-    num_gpus: float = 0.0
-    workers: int = 2
-    trim_start: int | None = None
-    trim_end: int | None = None
-    force: bool = False
-    allow_no_faces: bool = False  # write the input through when no face is found, instead of failing
+    encode: EncodeSettings = setting(default_factory=EncodeSettings, scope=(VIDEO,))
+    chunk_frames: int = setting(96, scope=(VIDEO,), options=("chunk_frames",))
+    batch_size: BatchSize = setting("auto", options=("batch_size",))  # crops per model call; auto: what the device's free memory holds
+    seed: int = setting(0, options=("seed",))
+    executor: ExecutorName = setting("local", scope=(VIDEO, RUNTIME), options=("executor",))
+    ray_address: str | None = setting(None, scope=(VIDEO, RUNTIME), options=("ray_address",))
+    num_gpus: float = setting(0.0, scope=(VIDEO,), options=("num_gpus",))  # GPUs per render actor
+    workers: int = setting(2, scope=(VIDEO, RUNTIME), options=("workers",))
+    trim_start: int | None = setting(None, scope=(VIDEO,), options=("trim_start",))
+    trim_end: int | None = setting(None, scope=(VIDEO,), options=("trim_end",))
+    force: bool = setting(False, scope=(RUNTIME,), options=("force",))
+    # a preview sheet always shows faceless frames as they are
+    allow_no_faces: bool = setting(False, scope=(VIDEO, RUNTIME), options=("allow_no_faces",))  # write the input through when no face is found, instead of failing
 
     @property
     def trimmed(self) -> bool:

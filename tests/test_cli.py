@@ -129,7 +129,7 @@ def test_apple_swapper_without_weights_is_one_line(tmp_path: Path, source_photo:
 
 
 def test_recipe_and_batch_size_options(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
-    from apple_video.engine.request import batch_size_from, recipe_from
+    from apple_video.engine.job import batch_size_from, recipe_from
 
     out = str(tmp_path / "o.mp4")
     _one_line_error(run("swap", str(source_photo), str(face_clip), "-o", out, "--batch-size", "many"), "--batch-size")

@@ -166,7 +166,7 @@ def test_facefusion_spellings(tmp_path: Path, source_photo: Path, face_clip: Pat
 
 
 def test_facefusion_detector_names_map_or_refuse() -> None:
-    from apple_video.engine.request import detector_name
+    from apple_video.engine.job import detector_name
     from apple_video.errors import ConfigError
 
     assert detector_name("scrfd") == "insightface" and detector_name("retinaface") == "insightface"

@@ -7,14 +7,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from apple_video.engine.run import load_sources
-from apple_video.engine.stages import Renderer
-from apple_video.faces.detect import create_detector, detect_faces
-from apple_video.faces.select import select_targets
+from apple_video.engine.still import StillRenderer
 from apple_video.media.images import ImageData, is_image_path, read_image, write_image
 from apple_video.media.video import decode_frames, probe, to_display
 from apple_video.settings import SwapSettings
-from apple_video.swappers.factory import announce_swapper, create_swapper
 
 CELL_WIDTH = 480
 
@@ -33,17 +29,15 @@ def _cell(rgb: np.ndarray) -> np.ndarray:
 
 
 def make_preview(sources: list[Path], target: Path, output: Path, settings: SwapSettings, count: int) -> str:
+    """Each sampled frame swapped by the still renderer (as `swap` swaps an image); faceless frames shown as they are."""
     frames = _sample_frames(target, count)
-    announce_swapper(settings)
-    swapper = create_swapper(settings)
-    detector = create_detector(settings.detector)
-    renderer = Renderer(settings, swapper, load_sources(sources, detector, swapper.crop_size))
+    renderer = StillRenderer(settings)
+    renderer.use_sources(sources)
     rows, swapped_faces = [], 0
     for rgb in frames:
-        selection = select_targets([detect_faces(detector, rgb)], 1.0, settings.selector, settings.tracking)
-        [(_, _, out, _)], stats = renderer.render([(0, 0, rgb)], selection.targets)
-        swapped_faces += stats.faces_swapped
-        rows.append(np.concatenate([_cell(rgb), _cell(out)], axis=1))
+        result = renderer.render(rgb, target, allow_no_faces=True)
+        swapped_faces += result.faces_swapped
+        rows.append(np.concatenate([_cell(rgb), _cell(result.rgb)], axis=1))
     sheet = np.concatenate(rows, axis=0)
     write_image(output, ImageData(sheet, None, False, "RGB"))
     return f"{output}: {len(frames)} frames (before | after), {swapped_faces} faces swapped"

@@ -40,16 +40,16 @@ from apple_video.engine.stages import (
     target_to_dict,
     write_json,
 )
+from apple_video.engine.still import StillRenderer, load_sources, no_faces_message, source_detector
 from apple_video.errors import NoFaceError, OutputError, UserError
-from apple_video.faces.detect import FaceDetector, create_detector, detect_faces
 from apple_video.faces.select import select_targets
-from apple_video.faces.sources import source_faces
 from apple_video.faces.track import find_cuts, frame_signature
 from apple_video.faces.types import SourceFace
-from apple_video.media.images import is_image_path, read_image, write_image
-from apple_video.media.video import VideoInfo, concat_chunks, is_video_path, trim
+from apple_video.media.images import list_frames, read_image, write_image
+from apple_video.media.kinds import input_kind
+from apple_video.media.video import VideoInfo, concat_chunks, trim
 from apple_video.progress import progress
-from apple_video.settings import SwapSettings
+from apple_video.settings import SwapSettings, output_record
 from apple_video.swappers.factory import announce_swapper, create_swapper, crop_size_for, tracking_for
 
 logger = logging.getLogger(__name__)
@@ -196,13 +196,14 @@ class RenderWorker:
 
 
 def _fingerprint(path: Path, sources: list[Path], settings: SwapSettings) -> str:
-    parts = []
-    for p in [path, *sources]:
+    """What the job's output depends on: its input files (each frame of a frame folder: one edited in place is
+    noticed) and the settings that change the output (`output_record`, from each field's declared scope)."""
+    files = list_frames(path) if path.is_dir() else [path]
+    parts = [str(path.resolve())]
+    for p in [*files, *sources]:
         stat = p.stat()
         parts.append(f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
-    ignored = ("force", "executor", "ray_address", "workers", "allow_no_faces")
-    relevant = {k: v for k, v in asdict(settings).items() if k not in ignored}
-    parts.append(json.dumps(relevant, sort_keys=True, default=str))
+    parts.append(json.dumps(output_record(settings), sort_keys=True, default=str))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
 
 
@@ -292,11 +293,6 @@ def _open_manifest(job_dir: Path, key: str, chunks: list[tuple[int, int]], force
     return manifest
 
 
-def load_sources(paths: list[Path], detector: FaceDetector, crop_size: int) -> list[SourceFace]:
-    """Read the source photos and align their largest face at the swapper's crop size."""
-    return source_faces([read_image(p).rgb for p in paths], [str(p) for p in paths], detector, crop_size)
-
-
 def _items(chunks: list[tuple[int, int]], todo: list[int]) -> list[dict]:
     return [{"chunk": c, "start": chunks[c][0], "stop": chunks[c][1]} for c in todo]
 
@@ -336,7 +332,7 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
     selection = select_targets(detections, fps, settings.selector, tracking_for(settings), cuts)
     summary.small_faces_skipped = selection.skipped_small
     if not any(selection.targets.values()) and not settings.allow_no_faces:
-        raise NoFaceError(_no_faces_message(spec.input, frame_count, detections, selection.skipped_small, settings))
+        raise NoFaceError(no_faces_message(spec.input, frame_count, detections, selection.skipped_small, settings))
     for c, (start, stop) in enumerate(chunks):
         write_json(spec.targets_file(c), [target_to_dict(t) for i in range(start, stop) for t in selection.targets.get(i, [])])
     summary.seconds["track"] = time.perf_counter() - started
@@ -375,27 +371,6 @@ def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fp
     return summary
 
 
-def _no_faces_message(path: Path, frames: int, detections: list[list], small: int, settings: SwapSettings,
-                      where: str = "to swap in") -> str:
-    found = sum(len(faces) for faces in detections)
-    if found and small:
-        cause = (f"the {small} faces found are smaller than {settings.selector.min_face_size} px; use a larger clip "
-                 f"or a closer shot")
-    elif found:
-        cause = "faces were found but none matched the selector; try --face-selector-mode many"
-    else:
-        cause = ("no face was detected: faces may be small, sideways or turned away; try --face-detector insightface "
-                 "(weights: `apple-video weights where`), --face-detector-angles 0 90 180 270 or --face-detector-size 1280")
-    return (f"no face {where} {path} ({frames} frames analysed): {cause}; "
-            f"--allow-no-faces writes the input through unchanged")
-
-
-def source_detector(settings: SwapSettings) -> FaceDetector:
-    """Source photos are searched upright first, whatever angles the target needs."""
-    angles = (0, *(a for a in settings.detector.angles if a != 0))
-    return create_detector(replace(settings.detector, angles=angles), announce=False)
-
-
 def for_rotation(settings: SwapSettings, rotation: int) -> SwapSettings:
     """A clip with display rotation may have been filmed upright in its stored picture: unless angles were chosen,
     also look at the picture turned back by the rotation (only on frames where upright finds nothing)."""
@@ -423,38 +398,28 @@ def swap_folder(source_paths: list[Path], input_path: Path, output: Path, settin
 
 
 def swap_image(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> Summary:
-    """One still image: detect, select (largest/ordered), swap, paste, write with the synthetic tag."""
+    """One still image: detect, select, swap, paste (the shared still renderer), write with the synthetic tag."""
     started = time.perf_counter()
     data = read_image(input_path)
-    announce_swapper(settings)
-    swapper = create_swapper(settings)
-    detector = create_detector(settings.detector)
-    sources = load_sources(source_paths, source_detector(settings), swapper.crop_size)
-    detections = [detect_faces(detector, data.rgb)]
-    if not detections[0] and not settings.allow_no_faces:
-        raise NoFaceError(_no_faces_message(input_path, 1, detections, 0, settings, "found in the target image"))
-    selection = select_targets(detections, 1.0, settings.selector, settings.tracking)
-    renderer = Renderer(settings, swapper, sources)
-    [(_, _, rgb, swapped)], stats = renderer.render([(0, 0, data.rgb)], selection.targets)
-    write_image(output, data, rgb)
-    return Summary(str(input_path), str(output), frames=1, frames_swapped=int(swapped), frames_passed_through=int(not swapped),
-                   faces_swapped=stats.faces_swapped, faces_skipped=stats.faces_skipped,
-                   small_faces_skipped=selection.skipped_small, seconds={"total": time.perf_counter() - started})
+    renderer = StillRenderer(settings)
+    renderer.use_sources(source_paths)
+    result = renderer.render(data.rgb, input_path, settings.allow_no_faces)
+    write_image(output, data, result.rgb)
+    return Summary(str(input_path), str(output), frames=1, frames_swapped=int(result.swapped),
+                   frames_passed_through=int(not result.swapped), faces_swapped=result.faces_swapped,
+                   faces_skipped=result.faces_skipped, small_faces_skipped=result.small_faces_skipped,
+                   seconds={"total": time.perf_counter() - started})
 
 
 def swap_any(source_paths: list[Path], target: Path, output: Path, settings: SwapSettings) -> Summary:
+    """One input of any single kind (video, frame folder, image), locked and with disk errors as one line."""
+    kind = input_kind(target)
+    if kind == "batch":
+        raise UserError(f"{target} is a batch (a folder or list of clips): swap it with `apple-video swap`")
     with output_errors(output):
-        if is_image_path(target) and not target.is_dir():
+        if kind == "image":
             return swap_image(source_paths, target, output, settings)
         with job_lock(output):
-            return _swap_frames(source_paths, target, output, settings)
-
-
-def _swap_frames(source_paths: list[Path], target: Path, output: Path, settings: SwapSettings) -> Summary:
-    if target.is_dir():
-        return swap_folder(source_paths, target, output, settings)
-    if is_image_path(target):
-        return swap_image(source_paths, target, output, settings)
-    if is_video_path(target) or target.suffix == "":
-        return swap_video(source_paths, target, output, settings)
-    raise UserError(f"unsupported input type '{target.suffix}': {target}")
+            if kind == "folder":
+                return swap_folder(source_paths, target, output, settings)
+            return swap_video(source_paths, target, output, settings)

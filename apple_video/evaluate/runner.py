@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from apple_video.engine.run import load_sources
-from apple_video.engine.stages import Renderer
+from apple_video.engine.still import StillRenderer
 from apple_video.errors import InputError, NoFaceError, OutputError
 from apple_video.evaluate.clip import source_embedding
 from apple_video.evaluate.fid import FID_MODEL, fid, image_files, load_fid_inception
@@ -33,12 +32,11 @@ from apple_video.evaluate.identity import (
 )
 from apple_video.evaluate.landmarks import EXPRESSION_MODEL, POSE_MODEL, expression_distance, pose_error
 from apple_video.evaluate.report import EvalReport, write_all
-from apple_video.faces.detect import DlibDetector, create_detector
-from apple_video.faces.select import select_targets
+from apple_video.faces.detect import DlibDetector
 from apple_video.media.images import is_image_path, read_image, write_image
 from apple_video.progress import progress
-from apple_video.settings import EvalSettings, SwapSettings
-from apple_video.swappers.factory import announce_swapper, create_swapper, resolve_swapper_name
+from apple_video.settings import EvalSettings, SwapSettings, output_record
+from apple_video.swappers.factory import resolve_swapper_name
 
 logger = logging.getLogger(__name__)
 
@@ -80,35 +78,11 @@ def read_pairs(path: Path) -> list[Pair]:
     return pairs
 
 
-class PairSwapper:
-    """One swapper (models loaded once) for every pair; each pair's source prepared as the swap command does."""
-
-    def __init__(self, settings: SwapSettings) -> None:
-        announce_swapper(settings)
-        self.settings = settings
-        self.swapper = create_swapper(settings)
-        self.detector = create_detector(settings.detector)
-        self.renderer: Renderer | None = None
-
-    def swap(self, pair: Pair, output: Path) -> None:
-        sources = load_sources([pair.source], self.detector, self.swapper.crop_size)
-        if self.renderer is None:
-            self.renderer = Renderer(self.settings, self.swapper, sources)  # loads the face parser once
-        else:
-            self.swapper.prepare(sources)
-        data = read_image(pair.target)
-        detections = [self.detector.detect(data.rgb)]
-        if not detections[0]:
-            raise NoFaceError(f"no face found in the target image {pair.target}")
-        selection = select_targets(detections, 1.0, self.settings.selector, self.settings.tracking)
-        [(_, _, rgb, _)], _ = self.renderer.render([(0, 0, data.rgb)], selection.targets)
-        write_image(output, data, rgb)
-
-
 def _run_record(pairs_file: Path, swap: SwapSettings, evaluation: EvalSettings) -> dict:
-    relevant = {k: v for k, v in asdict(swap).items() if k not in ("force", "executor", "ray_address", "workers")}
-    return {"pairs": str(pairs_file.resolve()), "swapper": resolve_swapper_name(swap), "swap": relevant,
-            "eval": asdict(evaluation)}
+    """What the run's swaps depend on (a rerun with another record refuses to mix): the settings that change a
+    still image's output, from each field's declared scope."""
+    return {"pairs": str(pairs_file.resolve()), "swapper": resolve_swapper_name(swap),
+            "swap": output_record(swap, media="image"), "eval": asdict(evaluation)}
 
 
 def _open_run(folder: Path, record: dict, force: bool) -> None:
@@ -135,11 +109,13 @@ def _swap_all(pairs: list[Pair], folder: Path, settings: SwapSettings) -> dict[i
     failed: dict[int, str] = {}
     if not todo:
         return failed
-    swapper = PairSwapper(settings)
+    renderer = StillRenderer(settings)  # the swap command's still renderer: same checks, same source faces
     with progress(len(todo), "swap", unit="pair") as bar:
         for pair in todo:
             try:
-                swapper.swap(pair, folder / "swaps" / pair.name)
+                renderer.use_sources([pair.source])
+                data = read_image(pair.target)
+                write_image(folder / "swaps" / pair.name, data, renderer.render(data.rgb, pair.target, False).rgb)
             except NoFaceError as error:
                 failed[pair.index] = str(error)
                 logger.warning("pair %d skipped: %s", pair.index, error)

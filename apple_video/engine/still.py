@@ -1,0 +1,93 @@
+"""The still-image renderer: one swapper setup that swaps single pictures. `swap` on an image, `preview` sheets
+and `eval pairs` all render through it, so a still is detected, selected and swapped one way, with its source
+photos prepared exactly as a video job prepares them."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from apple_video.engine.stages import Renderer
+from apple_video.errors import NoFaceError
+from apple_video.faces.detect import FaceDetector, create_detector, detect_faces
+from apple_video.faces.select import select_targets
+from apple_video.faces.sources import source_faces
+from apple_video.faces.types import SourceFace
+from apple_video.media.images import read_image
+from apple_video.settings import SwapSettings
+from apple_video.swappers.factory import announce_swapper, create_swapper, tracking_for
+
+
+def source_detector(settings: SwapSettings) -> FaceDetector:
+    """Source photos are searched upright first, whatever angles the target needs."""
+    angles = (0, *(a for a in settings.detector.angles if a != 0))
+    return create_detector(replace(settings.detector, angles=angles), announce=False)
+
+
+def load_sources(paths: Sequence[Path], detector: FaceDetector, crop_size: int) -> list[SourceFace]:
+    """Read the source photos and align their largest face at the swapper's crop size."""
+    return source_faces([read_image(p).rgb for p in paths], [str(p) for p in paths], detector, crop_size)
+
+
+def no_faces_message(path: Path, frames: int, detections: list[list], small: int, settings: SwapSettings,
+                     where: str = "to swap in") -> str:
+    found = sum(len(faces) for faces in detections)
+    if found and small:
+        cause = (f"the {small} faces found are smaller than {settings.selector.min_face_size} px; use a larger clip "
+                 f"or a closer shot")
+    elif found:
+        cause = "faces were found but none matched the selector; try --face-selector-mode many"
+    else:
+        cause = ("no face was detected: faces may be small, sideways or turned away; try --face-detector insightface "
+                 "(weights: `apple-video weights where`), --face-detector-angles 0 90 180 270 or --face-detector-size 1280")
+    return (f"no face {where} {path} ({frames} frames analysed): {cause}; "
+            f"--allow-no-faces writes the input through unchanged")
+
+
+@dataclass(frozen=True)
+class StillResult:
+    rgb: np.ndarray
+    swapped: bool
+    faces_swapped: int
+    faces_skipped: int
+    small_faces_skipped: int
+
+
+class StillRenderer:
+    """Models, detector and face parser are loaded once; `use_sources` switches the identity (eval pairs)."""
+
+    def __init__(self, settings: SwapSettings) -> None:
+        announce_swapper(settings)  # missing weights fail here, before anything is read
+        self.settings = settings
+        self.swapper = create_swapper(settings)
+        self.detector = create_detector(settings.detector)
+        self._source_detector = source_detector(settings)
+        self._renderer: Renderer | None = None
+        self._sources: tuple[Path, ...] | None = None
+
+    def use_sources(self, paths: Sequence[Path]) -> None:
+        if tuple(paths) == self._sources:
+            return
+        sources = load_sources(paths, self._source_detector, self.swapper.crop_size)
+        if self._renderer is None:
+            self._renderer = Renderer(self.settings, self.swapper, sources)
+        else:
+            self.swapper.prepare(sources)
+        self._sources = tuple(paths)
+
+    def render(self, rgb: np.ndarray, name: Path, allow_no_faces: bool) -> StillResult:
+        """Swap the selected faces of one picture (a faceless one fails unless `allow_no_faces`)."""
+        if self._renderer is None:
+            raise RuntimeError("StillRenderer.use_sources must be called before render")
+        detections = [detect_faces(self.detector, rgb)]
+        if not detections[0] and not allow_no_faces:
+            raise NoFaceError(no_faces_message(name, 1, detections, 0, self.settings, "found in the target image"))
+        selection = select_targets(detections, 1.0, self.settings.selector, tracking_for(self.settings))
+        if not any(selection.targets.values()) and detections[0] and not allow_no_faces:
+            raise NoFaceError(no_faces_message(name, 1, detections, selection.skipped_small, self.settings,
+                                               "found in the target image"))
+        [(_, _, out, swapped)], stats = self._renderer.render([(0, 0, rgb)], selection.targets)
+        return StillResult(out, bool(swapped), stats.faces_swapped, stats.faces_skipped, selection.skipped_small)
