@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import skimage.data
 
-from apple_video.media import synth
+from tests import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,7 +16,7 @@ from apple_video.faces.align import kps_from_68  # noqa: E402
 from apple_video.faces.detect import DetectorSettings, create_detector  # noqa: E402
 from apple_video.faces.track import TrackSettings, smooth_track  # noqa: E402
 from apple_video.faces.types import Track  # noqa: E402
-from apple_video.media import synth  # noqa: E402
+from tests import synth  # noqa: E402
 
 
 def main(frames: int = 90, fps: float = 15.0, noise: float = 8.0) -> None:

@@ -28,10 +28,10 @@ from apple_video.config import load_preset, with_overrides  # noqa: E402
 from apple_video.engine.stages import track_seed  # noqa: E402
 from apple_video.faces.align import alignment_matrix, warp_crop  # noqa: E402
 from apple_video.faces.detect import create_detector  # noqa: E402
-from apple_video.media import synth  # noqa: E402
 from apple_video.models import latents as L  # noqa: E402
 from apple_video.models.pipeline import ApplePipeline  # noqa: E402
 from apple_video.settings import DetectorSettings  # noqa: E402
+from tests import synth  # noqa: E402
 
 
 def track_crops(frames: int, size: int) -> np.ndarray:

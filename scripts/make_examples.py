@@ -3,6 +3,7 @@ matplotlib's grace_hopper.jpg (US Navy photo, public domain) and scikit-image's 
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import matplotlib.cbook
@@ -10,7 +11,8 @@ import numpy as np
 import skimage.data
 from PIL import Image
 
-from apple_video.media import synth
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests import synth  # noqa: E402 - the test media helpers, from the checkout
 
 
 def main() -> None:

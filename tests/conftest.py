@@ -8,9 +8,8 @@ import matplotlib.cbook
 import numpy as np
 import pytest
 import skimage.data
+import synth
 from PIL import Image
-
-from apple_video.media import synth
 
 HOPPER_FACE_BOX = (161, 137, 376, 352)
 CLIP_SIZE = (480, 360)

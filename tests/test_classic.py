@@ -7,12 +7,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import synth
 from PIL import Image
 
 from apple_video.engine.run import swap_video
 from apple_video.faces.detect import DetectorSettings, create_detector
 from apple_video.faces.mask import face_height, mouth_interior_mask
-from apple_video.media import synth
 from apple_video.media.video import decode_frames, probe
 from apple_video.settings import SwapSettings
 from apple_video.swappers.base import CropJob

@@ -180,7 +180,8 @@ def test_batch_reports_bad_clip(tmp_path: Path, source_photo: Path, face_clip: P
 
 @pytest.mark.parametrize("rotation", [90])
 def test_rotated_clip_is_swapped_in_display_orientation(tmp_path: Path, source_photo: Path, clip_frames, rotation) -> None:
-    from apple_video.media import synth
+    import synth
+
     from apple_video.media.video import from_display
 
     stored = [from_display(f, rotation) for f in clip_frames[:20]]

@@ -8,10 +8,10 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import synth
 from PIL import Image
 
 from apple_video.errors import InputError, OutputError
-from apple_video.media import synth
 from apple_video.media.images import list_frames, read_image, write_image
 from apple_video.media.metadata import comment_of, is_synthetic_tag
 from apple_video.media.paths import check_output

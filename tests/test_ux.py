@@ -19,12 +19,12 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import synth
 from PIL import Image
 
 from apple_video.engine.run import lock_path_for, swap_video
 from apple_video.errors import InputError
 from apple_video.faces.detect import create_detector, detect_faces
-from apple_video.media import synth
 from apple_video.media.images import read_image
 from apple_video.media.video import probe
 from apple_video.settings import DetectorSettings, SwapSettings

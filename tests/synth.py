@@ -1,6 +1,6 @@
 """Synthetic test and example media: clips in which a real photographed face moves and scales, with audio.
 
-Used by the test suite, the benchmarks and the bundled example; the photos come from packages
+Used by the test suite, the benchmarks and the bundled example (not shipped in the package); the photos come from packages
 (matplotlib's grace_hopper.jpg, scikit-image's astronaut) or from `examples/`.
 """
 
