@@ -39,11 +39,7 @@ class WeightsError(UserError):
 
 
 class DecodeError(InputError):
-    """A video could not be decoded past some frame."""
-
-    def __init__(self, message: str, frame_index: int | None = None) -> None:
-        super().__init__(message)
-        self.frame_index = frame_index
+    """A video could not be decoded past some frame (the message names it)."""
 
 
 class DeviceError(UserError):

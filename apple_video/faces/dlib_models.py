@@ -10,7 +10,6 @@ from apple_video.errors import WeightsError
 
 DLIB_FILES = {
     "landmarks68": "shape_predictor_68_face_landmarks.dat",
-    "landmarks5": "shape_predictor_5_face_landmarks.dat",
     "cnn_detector": "mmod_human_face_detector.dat",
     "recognition": "dlib_face_recognition_resnet_model_v1.dat",
 }

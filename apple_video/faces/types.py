@@ -25,10 +25,6 @@ class Face:
     def size(self) -> float:
         return float(min(self.bbox[2] - self.bbox[0], self.bbox[3] - self.bbox[1]))
 
-    @property
-    def center(self) -> tuple[float, float]:
-        return float(self.bbox[0] + self.bbox[2]) / 2, float(self.bbox[1] + self.bbox[3]) / 2
-
 
 @dataclass
 class FaceTarget:

@@ -76,11 +76,6 @@ class VideoInfo:
         deltas = np.diff(np.asarray(self.pts, dtype=np.int64))
         return int(deltas.max()) - int(deltas.min()) > max(1, int(deltas.min()) // 100)
 
-    @property
-    def display_size(self) -> tuple[int, int]:
-        """(width, height) as shown, after the rotation metadata."""
-        return (self.height, self.width) if self.rotation % 180 else (self.width, self.height)
-
 
 def is_video_path(path: Path) -> bool:
     return path.suffix.lower() in VIDEO_EXTENSIONS
@@ -261,9 +256,9 @@ def _decode_frames(info: VideoInfo, start: int, stop: int | None) -> Iterator[De
                     if index >= stop:
                         return
         except av.FFmpegError as error:
-            raise DecodeError(f"{info.path}: decoding failed at frame {index}: {error}", index) from None
+            raise DecodeError(f"{info.path}: decoding failed at frame {index}: {error}") from None
     if index < stop:
-        raise DecodeError(f"{info.path}: video is truncated or corrupt: decoding stopped at frame {index} of {stop}", index)
+        raise DecodeError(f"{info.path}: video is truncated or corrupt: decoding stopped at frame {index} of {stop}")
 
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
