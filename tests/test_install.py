@@ -1,0 +1,59 @@
+"""A user's install: a wheel built from the project (not an editable install), installed into its own folder and
+run from another folder, finds its presets in the installed package and swaps with `--preset tiny`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ("pyproject.toml", "README.md", "cli.py", "apple_video", "training")
+
+
+@pytest.mark.slow
+def test_wheel_installed_elsewhere_swaps_with_the_tiny_preset(tmp_path: Path, source_photo: Path, clip_frames) -> None:
+    from PIL import Image
+
+    # build from a copy: the checkout gets no build/ or egg-info, and only what a release holds goes in
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for name in SHIPPED:
+        if (ROOT / name).is_dir():
+            shutil.copytree(ROOT / name, tree / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(ROOT / name, tree / name)
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
+    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp_path / "dist"), str(tree)],
+                   check=True, capture_output=True, timeout=600)
+    [wheel] = (tmp_path / "dist").glob("apple_video-*.whl")
+    site = tmp_path / "site"
+    subprocess.run([*pip, "install", "--no-deps", "--target", str(site), str(wheel)], check=True, capture_output=True,
+                   timeout=600)
+    assert (site / "apple_video" / "configs" / "tiny.yaml").is_file()
+    assert (site / "apple_video" / "configs" / "train" / "tiny_teacher.yaml").is_file()
+    assert not (site / "tests").exists()  # test media stays out of the product
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    where = subprocess.run([sys.executable, "-c", "import apple_video.config as c, cli; print(c.CONFIG_DIR); "
+                            "print(cli.__file__); print(c.load_preset('tiny').name)"], cwd=elsewhere, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert where.returncode == 0, where.stderr
+    config_dir, cli_file, name = where.stdout.split()
+    assert Path(config_dir).is_relative_to(site) and Path(cli_file).is_relative_to(site) and name == "tiny"
+
+    target = elsewhere / "still.png"
+    Image.fromarray(clip_frames[10]).save(target)
+    script = site / "bin" / "apple-video"
+    assert script.is_file()
+    result = subprocess.run([sys.executable, str(script), "swap", str(source_photo), "still.png", "-o", "out.png",
+                             "--preset", "tiny"], cwd=elsewhere, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "swapper: apple (preset tiny)" in result.stderr and "1 faces swapped" in result.stdout
+    assert (elsewhere / "out.png").is_file()
