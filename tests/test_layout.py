@@ -52,11 +52,15 @@ def _imports(path: Path, module: str) -> list[tuple[str, bool]]:
                 anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
                 base = ".".join(anchor + ([base] if base else []))
             for alias in node.names:
-                # `from apple_video import weights` imports the submodule apple_video.weights
-                found.append((f"{base}.{alias.name}" if _layer_of(f"{base}.{alias.name}") is not None
-                              and (ROOT / Path(*f"{base}.{alias.name}".split("."))).with_suffix(".py").exists()
-                              else base, id(node) in top))
+                # `from apple_video import weights` (or `engine`) imports the submodule (or subpackage)
+                name = f"{base}.{alias.name}"
+                found.append((name if _layer_of(name) is not None and _is_module(name) else base, id(node) in top))
     return found
+
+
+def _is_module(name: str) -> bool:
+    path = ROOT / Path(*name.split("."))
+    return path.with_suffix(".py").exists() or (path / "__init__.py").exists()
 
 
 def _project_files() -> list[Path]:
@@ -72,19 +76,18 @@ def _graph() -> dict[str, list[tuple[str, bool]]]:
     return graph
 
 
-def test_no_upward_import():
-    upward = []
-    for module, imports in _graph().items():
+def _upward(graph: dict[str, list[tuple[str, bool]]]) -> list[str]:
+    found = []
+    for module, imports in graph.items():
         mine = _layer_of(module)
         assert mine is not None, f"{module} is in no layer: add its room to LAYERS"
         for name, _ in imports:
             if _layer_of(name) > mine:
-                upward.append(f"{module} -> {name}")
-    assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
+                found.append(f"{module} -> {name}")
+    return found
 
 
-def test_no_import_circle():
-    graph = {module: sorted({name for name, _ in imports if name in _all_modules()}) for module, imports in _graph().items()}
+def _cycles(graph: dict[str, list[str]]) -> list[list[str]]:
     state: dict[str, int] = {}
     cycles: list[list[str]] = []
 
@@ -102,6 +105,18 @@ def test_no_import_circle():
     for module in graph:
         if module not in state:
             visit(module, [module])
+    return cycles
+
+
+def test_no_upward_import():
+    upward = _upward(_graph())
+    assert not upward, "imports from a lower layer to a higher one:\n" + "\n".join(upward)
+
+
+def test_no_import_circle():
+    modules = _all_modules()
+    graph = {module: sorted({name for name, _ in imports if name in modules}) for module, imports in _graph().items()}
+    cycles = _cycles(graph)
     assert not cycles, "import circles:\n" + "\n".join(" -> ".join(c) for c in cycles)
 
 
@@ -110,9 +125,17 @@ def _all_modules() -> set[str]:
 
 
 def test_layer_test_sees_a_violation(tmp_path):
-    """The checker itself: an upward import in a lower room is found."""
-    assert _layer_of("apple_video.faces.detect") < _layer_of("apple_video.models.pipeline")
-    assert _layer_of("apple_video.sampling.flow") < _layer_of("apple_video.models.transformer")
-    fake = ROOT / "apple_video" / "faces" / "detect.py"
-    names = [name for name, _ in _imports(fake, "apple_video.faces.detect")]
-    assert "apple_video.faces.align" in names
+    """The checkers themselves, on modules that break the rules: an upward import (also a lazy one inside a
+    function, and a `from package import module` form) and an import circle are reported."""
+    bad = tmp_path / "bad.py"
+    bad.write_text("from apple_video.media.images import read_image\n"
+                   "from apple_video import engine\n\n"
+                   "def later():\n    from apple_video.models.pipeline import ApplePipeline\n")
+    imports = [(name, top) for name, top in _imports(bad, "apple_video.faces.bad") if _layer_of(name) is not None]
+    assert ("apple_video.models.pipeline", False) in imports  # lazy imports are seen, and marked lazy
+    upward = _upward({"apple_video.faces.bad": imports})
+    assert sorted(upward) == ["apple_video.faces.bad -> apple_video.engine", "apple_video.faces.bad -> apple_video.models.pipeline"]
+    assert _upward({"apple_video.engine.good": [("apple_video.faces.detect", True)]}) == []
+    circle = _cycles({"a": ["b"], "b": ["c"], "c": ["a"], "d": ["a"]})
+    assert circle == [["a", "b", "c", "a"]]
+    assert _cycles({"a": ["b"], "b": ["c"], "d": ["a"]}) == []
