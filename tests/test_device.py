@@ -64,18 +64,29 @@ def test_pipeline_swap_path_on_meta(recipe: str, hopper: np.ndarray, astronaut: 
 
 
 def test_offloaded_pipeline_streams_weights_to_the_device(astronaut: np.ndarray) -> None:
-    """--offload: the weights stay on the host and each block is copied to the device as it runs."""
+    """--offload: the blocks' weights stay on the host and are copied to the device while each block runs; the same
+    host tensors are back afterwards (nothing is copied for good, nothing is left on the device)."""
     pipe = ApplePipeline.from_preset(_tiny_preset(), META, offload=True)
+    blocks = [*pipe.transformer.transformer_blocks, *pipe.transformer.single_transformer_blocks]
+    host = [{id(p) for p in block.parameters()} for block in blocks]
+    assert all(p.device.type == "cpu" for block in blocks for p in block.parameters())
+    assert all(p.device == META for p in pipe.transformer.x_embedder.parameters())  # the rest lives on the device
+    # a meta input meeting a host weight raises (see the top): the call only passes if each block's weights were
+    # on the device while it ran
     crops = np.ascontiguousarray(astronaut[None, :128, :128])
     tokens = pipe.swap_latents(crops, torch.zeros(1, 32, 16), torch.zeros(1, 32, 16), [0])
     assert tokens.device == META
+    assert [{id(p) for p in block.parameters()} for block in blocks] == host
+    assert all(p.device.type == "cpu" for block in blocks for p in block.parameters())
 
 
-def test_offload_gives_the_same_crops_on_the_host(astronaut: np.ndarray) -> None:
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device: host -> GPU is what --offload copies")
+def test_offload_gives_the_same_crops_on_cuda(astronaut: np.ndarray) -> None:
     crops = np.ascontiguousarray(astronaut[None, :128, :128])
     id_embed, null = torch.randn(1, 32, 16, generator=torch.Generator().manual_seed(1)), torch.zeros(1, 32, 16)
-    plain = ApplePipeline.from_preset(_tiny_preset(), torch.device("cpu"))
-    offloaded = ApplePipeline.from_preset(_tiny_preset(), torch.device("cpu"), offload=True)
+    cuda = torch.device("cuda")
+    plain = ApplePipeline.from_preset(_tiny_preset(), cuda)
+    offloaded = ApplePipeline.from_preset(_tiny_preset(), cuda, offload=True)
     assert torch.equal(plain.swap_latents(crops, id_embed, null, [0]), offloaded.swap_latents(crops, id_embed, null, [0]))
 
 

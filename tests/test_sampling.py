@@ -218,12 +218,17 @@ def test_image_swap_bad_inputs(tmp_path: Path, source_photo: Path, astronaut: np
 
 
 def test_null_id_setting_is_honoured(astronaut) -> None:
-    """`null_id: none` inverts with no id branch (as id_weight 0 would), `encoder` with IDFormer(zeros)."""
+    """`null_id: none` inverts with no id branch: the null embedding given is not read at all; `encoder` inverts
+    with that embedding (IDFormer(zeros) in a job): another one gives another result."""
     crops = _crops(astronaut, 1)
     id_embed = torch.randn(1, 32, 16)
-    outs = []
-    for overrides in ({"null_id": "none"}, {"null_id": "encoder"}):
-        preset = with_overrides(load_preset("tiny"), inversion_steps=2, sampling_steps=2, **overrides)
+    null_a, null_b = torch.randn(1, 32, 16), torch.randn(1, 32, 16)
+    outs = {}
+    for mode in ("none", "encoder"):
+        preset = with_overrides(load_preset("tiny"), inversion_steps=2, sampling_steps=2, null_id=mode)
+        assert preset.sampling.recipe == "inversion"  # the null id is what the inversion is conditioned on
         pipe = ApplePipeline.from_preset(preset, torch.device("cpu"))
-        outs.append(pipe.swap(crops, id_embed, torch.randn(1, 32, 16), [0]))
-    assert not np.array_equal(outs[0], outs[1])
+        outs[mode] = [pipe.swap(crops, id_embed, null, [0]) for null in (null_a, null_b)]
+    assert np.array_equal(outs["none"][0], outs["none"][1])
+    assert not np.array_equal(outs["encoder"][0], outs["encoder"][1])
+    assert not np.array_equal(outs["none"][0], outs["encoder"][0])
