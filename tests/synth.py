@@ -154,3 +154,17 @@ def face_variants(photo: np.ndarray, box: tuple[int, int, int, int], count: int,
         lit = np.clip(warped.astype(np.float32) * rng.uniform(0.85, 1.15), 0, 255)
         out.append(np.clip(bg * (1 - alpha) + lit * alpha, 0, 255).astype(np.uint8))
     return out
+
+
+def changed_within_face(before: np.ndarray, after: np.ndarray, margin: float = 0.25) -> tuple[int, float]:
+    """(changed pixels, fraction of them inside the face): the face is the box of the dlib 68 landmarks found in
+    `before`, grown by `margin` of its width on every side (the swap's mask reaches up the forehead)."""
+    from apple_video.faces.detect import DetectorSettings, create_detector
+
+    [face] = create_detector(DetectorSettings(name="dlib")).detect(np.ascontiguousarray(before[..., :3]))
+    (x0, y0), (x1, y1) = face.landmarks.min(0), face.landmarks.max(0)
+    grow = margin * (x1 - x0)
+    changed = (after[..., :3] != before[..., :3]).any(axis=2)
+    ys, xs = np.nonzero(changed)
+    inside = (xs >= x0 - grow) & (xs <= x1 + grow) & (ys >= y0 - grow) & (ys <= y1 + grow)
+    return int(changed.sum()), float(inside.mean()) if len(xs) else 0.0

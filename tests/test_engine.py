@@ -13,6 +13,7 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
+import synth
 from PIL import Image
 
 from apple_video.engine.batch import swap_batch
@@ -106,11 +107,9 @@ def test_image_swap_background_untouched(tmp_path: Path, source_photo: Path, cli
     assert summary.faces_swapped == 1
     out = np.asarray(Image.open(output))
     assert out.shape == rgba.shape and np.array_equal(out[..., 3], rgba[..., 3])
-    diff = (out[..., :3] != rgba[..., :3]).any(axis=2)
-    ys, xs = np.nonzero(diff)
-    assert diff.sum() > 2000
-    # every changed pixel lies inside the face region; the rest of the frame is bit-exact
-    assert xs.min() > 100 and xs.max() < 400 and ys.min() > 20 and ys.max() < 340
+    # every changed pixel lies around the face (a box a sixth of the frame); the rest of the frame is bit-exact
+    changed, inside = synth.changed_within_face(rgba, out)
+    assert changed > 2000 and inside == 1.0
     assert is_synthetic_tag(Image.open(output).text.get("Comment"))
 
 
@@ -180,8 +179,6 @@ def test_batch_reports_bad_clip(tmp_path: Path, source_photo: Path, face_clip: P
 
 @pytest.mark.parametrize("rotation", [90])
 def test_rotated_clip_is_swapped_in_display_orientation(tmp_path: Path, source_photo: Path, clip_frames, rotation) -> None:
-    import synth
-
     from apple_video.media.video import from_display
 
     stored = [from_display(f, rotation) for f in clip_frames[:20]]
@@ -216,29 +213,34 @@ def test_trim_keeps_range_and_cuts_audio(tmp_path: Path, source_photo: Path, fac
     assert abs(_audio_duration(output) - 30 / 15) <= 2 / 15
 
 
-def test_truncated_video_is_one_line_exit_2(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
-    broken = tmp_path / "broken.mkv"
-    data = face_clip.read_bytes()
-    # remux to mkv (index at the front), then cut: the first frames decode, the rest is missing
+def test_truncated_video_gives_the_frames_that_are_there(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
+    """A clip cut short (a download that stopped) is swapped up to where it ends: the frames that are there, in
+    order, nothing made up, exit 0."""
     import av as _av
 
-    whole = tmp_path / "whole.mkv"
+    whole = tmp_path / "whole.mkv"  # remuxed to mkv: no frame count in its header, the file just ends
     with _av.open(str(face_clip)) as src, _av.open(str(whole), "w") as dst:
         stream = dst.add_stream_from_template(src.streams.video[0])
         for packet in src.demux(src.streams.video[0]):
             if packet.dts is not None:
                 packet.stream = stream
                 dst.mux(packet)
+    broken = tmp_path / "broken.mkv"
     broken.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
-    assert data
+    kept = probe(broken).frame_count
+    assert 0 < kept < probe(whole).frame_count
+    output = tmp_path / "out.mkv"
     result = subprocess.run([sys.executable, "-c", "from cli import main; main()", "swap", str(source_photo), str(broken),
-                             "-o", str(tmp_path / "out.mp4"), "--swapper", "classic"], cwd=ROOT, capture_output=True, text=True)
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert result.returncode in (0, 2), result.stderr
-    if result.returncode == 2:
-        assert len(lines) == 1 and "Traceback" not in result.stderr
-    else:  # a clean cut at a packet boundary just yields a shorter, valid clip
-        assert probe(tmp_path / "out.mp4").frame_count == probe(broken).frame_count
+                             "-o", str(output), "--swapper", "classic", "--output-video-encoder", "ffv1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr and f"{kept} frames" in result.stdout
+    swapped, original = _frames(output), _frames(whole)[:kept]
+    assert len(swapped) == kept
+    # each output frame is the swap of the input frame at its place: closest to it among the clip's first frames
+    for i, frame in enumerate(swapped):
+        errors = [np.abs(frame.astype(int) - o.astype(int)).mean() for o in original]
+        assert int(np.argmin(errors)) == i
 
 
 def test_prefetch_keeps_order_stops_early_and_reports_errors() -> None:

@@ -25,7 +25,7 @@ from apple_video.evaluate.identity import (
     photo_variants,
     retrieval,
 )
-from apple_video.evaluate.landmarks import expression_distance, head_pose
+from apple_video.evaluate.landmarks import expression_distance, head_pose, pose_error
 from apple_video.evaluate.report import compare_table, markdown, read_json, write_all
 from apple_video.evaluate.runner import read_pairs, run_pairs
 from apple_video.progress import LogProgress
@@ -48,6 +48,7 @@ def _folder(path: Path, frames: list[np.ndarray]) -> Path:
 
 
 def test_identical_image_scores_identity_one_and_zero_errors(tmp_path: Path, source_photo: Path) -> None:
+    """Identical inputs take the metrics' exact shortcut; test_pose_and_expression_helpers checks the metrics."""
     report = evaluate_clip(source_photo, source_photo, source_photo)
     m = report.metrics
     assert report.kind == "image" and report.counts == {"frames": 1, "frames_with_face": 1}
@@ -101,6 +102,19 @@ def test_pose_and_expression_helpers(astronaut) -> None:
     opened = face.landmarks.copy()
     opened[57] += (0, 8)  # lower lip down
     assert expression_distance(face.landmarks, opened) > 0
+    # the metrics themselves, not their shortcut for identical inputs: a face moved, scaled and turned in the
+    # picture keeps its expression; a tiny nudge keeps its pose; a 10 degree in-plane turn is a 10 degree roll
+    angle = np.radians(10)
+    turn = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    centre = face.landmarks.mean(0)
+    turned = (face.landmarks - centre) @ turn.T + centre
+    moved = 1.3 * turned + (15.0, -9.0)
+    assert expression_distance(face.landmarks, moved) < 1e-6
+    size = astronaut.shape[:2]
+    assert pose_error(face.landmarks, face.landmarks + 1e-6, size, size) < 0.01
+    roll = head_pose(turned, size)[2] - pose[2]
+    assert abs(abs(roll) - 10) < 1.5, roll
+    assert 8 < pose_error(face.landmarks, turned, size, size) < 13
 
 
 def _lfw_faces(count: int) -> list[np.ndarray]:
