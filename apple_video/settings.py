@@ -131,8 +131,10 @@ PARSER_CHOICES: tuple[str, ...] = ("auto", "bisenet", "landmarks")
 class MaskSettings:
     parser: str = setting("auto", options=("face_parser",))  # auto | bisenet | landmarks
     regions: tuple[str, ...] = setting(MASK_REGIONS, options=("face_mask_regions",))
-    blur: float = setting(0.3, options=("face_mask_blur",))  # fraction of the feather width relative to the face size
-    padding: tuple[int, int, int, int] = setting((0, 0, 0, 0), options=("face_mask_padding",))  # top, right, bottom, left, percent of crop size
+    # fraction of the feather width relative to the face size
+    blur: float = setting(0.3, options=("face_mask_blur",))
+    # top, right, bottom, left, percent of crop size
+    padding: tuple[int, int, int, int] = setting((0, 0, 0, 0), options=("face_mask_padding",))
 
 
 SelectorMode = Literal["reference", "one", "many"]
@@ -145,7 +147,8 @@ SELECTOR_ORDERS: tuple[str, ...] = ("large-small", "small-large", "left-right", 
 class SelectorSettings:
     mode: SelectorMode = setting("reference", options=("face_selector_mode",))
     order: SelectorOrder = setting("large-small", options=("face_selector_order",))
-    reference_frame_number: int | None = setting(None, options=("reference_frame_number",))  # None: the first frame that has a face
+    # None: the first frame that has a face
+    reference_frame_number: int | None = setting(None, options=("reference_frame_number",))
     reference_face_position: int = setting(0, options=("reference_face_position",))
     reference_face_distance: float = setting(0.3, options=("reference_face_distance",))
     min_face_size: int = 24  # pixels; smaller faces are skipped and counted
@@ -182,20 +185,28 @@ QUALITY_CHOICES: tuple[str, ...] = ("fast", "balanced", "paper")
 
 @dataclass(frozen=True)
 class ModelOptions:
-    preset: str | None = setting(None, scope=(APPLE,), options=("preset",))  # None: krea-512 when its weights exist
+    # None: krea-512 when its weights exist
+    preset: str | None = setting(None, scope=(APPLE,), options=("preset",))
     steps: int | None = setting(None, scope=(APPLE,), options=("steps",))
     id_weight: float | None = setting(None, scope=(APPLE,), options=("id_weight",))
-    recipe: RecipeName | None = setting(None, scope=(APPLE,), options=("recipe", "no_inversion"))  # None: the preset's (student: seeded noise; inversion: invert, then sample)
+    # None: the preset's (student: seeded noise; inversion: invert, then sample)
+    recipe: RecipeName | None = setting(None, scope=(APPLE,), options=("recipe", "no_inversion"))
     device: str = setting("auto", options=("device",))
-    offload: bool = setting(False, scope=(APPLE, RUNTIME), options=("offload",))  # keep the transformer's weights in host memory, stream them to the GPU per module
-    lora: str | None = setting(None, scope=(APPLE,), options=("lora",))  # a LoRA file (e.g. a student you trained) instead of the preset's
+    # keep the transformer's weights in host memory, stream them to the GPU per module
+    offload: bool = setting(False, scope=(APPLE, RUNTIME), options=("offload",))
+    # a LoRA file (e.g. a student you trained) instead of the preset's
+    lora: str | None = setting(None, scope=(APPLE,), options=("lora",))
     second_order: bool = setting(False, scope=(APPLE,), options=("second_order",))
-    quality: QualityName | None = setting(None, scope=(APPLE,), options=("quality",))  # None: the preset's own sampling settings (krea-512: the paper's)
+    # None: the preset's own sampling settings (krea-512: the paper's)
+    quality: QualityName | None = setting(None, scope=(APPLE,), options=("quality",))
     fp8: bool = setting(False, scope=(APPLE,), options=("fp8",))  # torchao float8 linears on CUDA
 
 
 @dataclass(frozen=True)
 class SwapSettings:
+    """Everything a swap job reads. Nested records without a scope of their own (detector, selector, tracking,
+    mask) change the output whatever the swapper; `tracking` and a few other fields have no option (not offered)."""
+
     swapper: SwapperName = setting("auto", options=("swapper",))
     classic_blend: Literal["feather", "poisson"] = setting("feather", scope=(CLASSIC,), options=("classic_blend",))
     model: ModelOptions = setting(default_factory=ModelOptions)
@@ -205,7 +216,8 @@ class SwapSettings:
     mask: MaskSettings = field(default_factory=MaskSettings)
     encode: EncodeSettings = setting(default_factory=EncodeSettings, scope=(VIDEO,))
     chunk_frames: int = setting(96, scope=(VIDEO,), options=("chunk_frames",))
-    batch_size: BatchSize = setting("auto", options=("batch_size",))  # crops per model call; auto: what the device's free memory holds
+    # crops per model call; auto: what the device's free memory holds
+    batch_size: BatchSize = setting("auto", options=("batch_size",))
     seed: int = setting(0, options=("seed",))
     executor: ExecutorName = setting("local", scope=(VIDEO, RUNTIME), options=("executor",))
     ray_address: str | None = setting(None, scope=(VIDEO, RUNTIME), options=("ray_address",))
@@ -214,8 +226,8 @@ class SwapSettings:
     trim_start: int | None = setting(None, scope=(VIDEO,), options=("trim_start",))
     trim_end: int | None = setting(None, scope=(VIDEO,), options=("trim_end",))
     force: bool = setting(False, scope=(RUNTIME,), options=("force",))
-    # a preview sheet always shows faceless frames as they are
-    allow_no_faces: bool = setting(False, scope=(VIDEO, RUNTIME), options=("allow_no_faces",))  # write the input through when no face is found, instead of failing
+    # write the input through when no face is found, instead of failing (a preview sheet always shows them)
+    allow_no_faces: bool = setting(False, scope=(VIDEO, RUNTIME), options=("allow_no_faces",))
 
     @property
     def trimmed(self) -> bool:
