@@ -61,7 +61,8 @@ def test_unsupported_and_usage(tmp_path: Path, source_photo: Path) -> None:
     odd = tmp_path / "data.xyz"
     odd.write_text("x")
     _one_line_error(run("swap", str(source_photo), str(odd), "-o", str(tmp_path / "o.mp4")), "unsupported")
-    _one_line_error(run("swap", str(source_photo)), "missing TARGET")
+    _one_line_error(run("swap", str(source_photo)), "Missing option '-o'")
+    _one_line_error(run("swap", str(source_photo), "-o", str(tmp_path / "o.mp4")), "missing TARGET")
     _one_line_error(run("swap", "--face-selector-mode", "bogus", "a", "b", "-o", "c"), "bogus")
 
 
