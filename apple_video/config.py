@@ -40,7 +40,10 @@ class VaeSettings(_Strict):
     shift_factor: float = 0.1159
 
 
-class ModelSettings(_Strict):
+class PresetModel(_Strict):
+    """A preset's `model:` section: which model files and architecture (the command line's model options are
+    `settings.ModelOptions`)."""
+
     kind: Literal["tiny", "flux"]
     seed: int = 0
     flux: str | None = None
@@ -91,7 +94,7 @@ QUALITY_SETTINGS: dict[str, dict[str, Any]] = {
 
 class Preset(_Strict):
     name: str
-    model: ModelSettings
+    model: PresetModel
     sampling: SamplingSettings = Field(default_factory=SamplingSettings)
 
 
