@@ -84,7 +84,7 @@ class Job:
             return JobResult(tuple(lines), ok=not failed)
         from apple_video.engine.run import swap_any
 
-        return JobResult((swap_any(list(self.sources), self.target, self.output, self.settings).line(),))
+        return JobResult((swap_any(list(self.sources), self.target, self.output, self.settings, self.kind).line(),))
 
 
 def plan_job(command: Command, options: dict[str, Any], given: frozenset[str] | set[str] = frozenset()) -> Job:

@@ -46,7 +46,7 @@ from apple_video.faces.select import select_targets
 from apple_video.faces.track import find_cuts, frame_signature
 from apple_video.faces.types import SourceFace
 from apple_video.media.images import list_frames, read_image, write_image
-from apple_video.media.kinds import input_kind
+from apple_video.media.kinds import InputKind, input_kind
 from apple_video.media.video import VideoInfo, concat_chunks, trim
 from apple_video.progress import progress
 from apple_video.settings import SwapSettings, output_record
@@ -411,9 +411,11 @@ def swap_image(source_paths: list[Path], input_path: Path, output: Path, setting
                    seconds={"total": time.perf_counter() - started})
 
 
-def swap_any(source_paths: list[Path], target: Path, output: Path, settings: SwapSettings) -> Summary:
-    """One input of any single kind (video, frame folder, image), locked and with disk errors as one line."""
-    kind = input_kind(target)
+def swap_any(source_paths: list[Path], target: Path, output: Path, settings: SwapSettings,
+             kind: InputKind | None = None) -> Summary:
+    """One input of any single kind (video, frame folder, image; None: decided from the path), locked and with
+    disk errors as one line."""
+    kind = kind or input_kind(target)
     if kind == "batch":
         raise UserError(f"{target} is a batch (a folder or list of clips): swap it with `apple-video swap`")
     with output_errors(output):
