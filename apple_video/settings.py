@@ -114,8 +114,8 @@ class SwapSettings:
     seed: int = 0
     executor: ExecutorName = "local"
     ray_address: str | None = None
-    num_gpus: float = 0.0
-    workers: int = 2
+    num_gpus: float | None = None  # GPUs per render actor on Ray; None: 1 where the cluster has GPUs, else 0
+    workers: int | None = None  # render actors on Ray; None: one per GPU (per 2 CPUs without GPUs)
     trim_start: int | None = None
     trim_end: int | None = None
     force: bool = False

@@ -217,11 +217,11 @@ def resolve_runtime(opts: dict) -> None:
         from apple_video.engine.executors import connect_ray
 
         connect_ray(opts["ray_address"])
-    if opts["num_gpus"] is None:
+    if opts["num_gpus"] is None and opts["executor"] == "local":
         import torch
 
         opts["num_gpus"] = 1.0 if torch.cuda.is_available() else 0.0
-    elif opts["num_gpus"] > 0:
+    elif opts["num_gpus"] is not None and opts["num_gpus"] > 0:  # on Ray, None: from the cluster's resources
         import torch
 
         if not torch.cuda.is_available() and opts["ray_address"] in (None, "local"):
