@@ -53,6 +53,7 @@ from apple_video.faces.track import find_cuts
 from apple_video.faces.types import FaceTarget, SourceFace
 from apple_video.media.images import is_image_path, read_image, write_image
 from apple_video.media.video import VideoInfo, concat_chunks, is_video_path, read_packets, trim
+from apple_video.progress import progress
 from apple_video.settings import SwapSettings
 from apple_video.swappers.factory import announce_swapper, create_swapper, crop_size_for, tracking_for
 
@@ -266,7 +267,6 @@ class ClipJob:
         self.targets: dict[int, list[FaceTarget]] = {}
         self.started = time.perf_counter()
         self.stage_started = self.started
-        self.bar = None
 
     # -- analysis --
     def start(self) -> list[Ticket]:
@@ -393,14 +393,16 @@ class _Run:
         announce_swapper(self.settings)  # missing weights fail here, before any job file exists
         self.pool = make_pool(self.settings)
         try:
-            while True:
-                self._fill()
-                if not self.active:
-                    break
-                done = self.pool.next_done()
-                if done is None:
-                    raise RuntimeError("clips are open but no chunk is queued")  # a scheduler bug, not the input's
-                self._handle(done)
+            with progress(None, "analyze") as analyzed, progress(None, "swap") as swapped:
+                self.bars = {ANALYZE: analyzed, RENDER: swapped}
+                while True:
+                    self._fill()
+                    if not self.active:
+                        break
+                    done = self.pool.next_done()
+                    if done is None:
+                        raise RuntimeError("clips are open but no chunk is queued")  # a scheduler bug, not the input's
+                    self._handle(done)
             workers = self.pool.reports()
         finally:
             self.pool.close()
@@ -450,6 +452,8 @@ class _Run:
             if done.error is not None:
                 raise done.error
             with output_errors(job.spec.output):
+                start, stop = job.chunks[done.ticket.chunk]
+                self.bars[done.ticket.stage].update(stop - start)
                 if done.ticket.stage == ANALYZE:
                     self._advance(job, job.analyzed(done.result))
                 else:
