@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import socket
 import tempfile
 import traceback
@@ -70,8 +71,11 @@ def connect_ray(address: str | None) -> None:
         return
     os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # Ray's C++ lines (core_worker.cc ...) stay off the terminal
     if address in (None, "", "local"):
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, logging_level=logging.ERROR)
+        with _native_stderr_captured() as native:  # e.g. "logging.cc: Set ray log level ...": not for the terminal
+            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, logging_level=logging.ERROR)
+        for line in native:
+            logger.debug("ray: %s", line)
         return
     check_reachable(address)
     failure: Exception | None = None
@@ -167,12 +171,13 @@ def worker_error(error: BaseException) -> AppleVideoError:
     if ours is not None:
         return ours
     cause = getattr(error, "cause", None) or error
-    node = getattr(error, "ip", None) or "this machine"
+    remote = cause is not error  # Ray's text names the node and holds the worker's trace
+    found = re.search(r"\bip=([^,)\s]+)", str(error)) if remote else None
+    node = found.group(1) if found else "this machine"
     text = str(cause).strip().splitlines()
     failure = WorkerError(f"internal error on node {node}: {cause.__class__.__name__}"
                           f"{': ' + text[0] if text else ''} (run with --debug for the trace)")
-    trace = getattr(error, "traceback_str", None) or "".join(traceback.format_exception(cause))
-    failure.add_note(trace)
+    failure.add_note(str(error) if remote else "".join(traceback.format_exception(cause)))
     return failure
 
 
