@@ -430,10 +430,21 @@ class _Run:
                 plan = request.plan()
                 job = ClipJob(key, plan, self._sources_for(plan), self.pool)
                 self.active[key] = (job, stack)
-                self._advance(job, job.start())
+                tickets = job.start()
+                self._count(job)
+                self._advance(job, tickets)
             except Exception as error:  # noqa: BLE001 - _fail re-raises what is not the clip's own failure
                 self.active.pop(key, None)
                 self._fail(key, request.input, request.output, stack, error)
+
+    def _count(self, job: ClipJob) -> None:
+        """Grow the progress bars' totals by the frames this clip still has to go through."""
+        for stage, done in ((ANALYZE, job.manifest["analyzed"]), (RENDER, job.manifest["rendered"])):
+            frames = sum(stop - start for c, (start, stop) in enumerate(job.chunks) if c not in done)
+            bar = self.bars[stage]
+            bar.total = (bar.total or 0) + frames
+            if hasattr(bar, "refresh"):
+                bar.refresh()
 
     def _advance(self, job: ClipJob, tickets: list[Ticket]) -> None:
         if tickets:
