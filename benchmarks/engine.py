@@ -73,16 +73,19 @@ def peak_rss(args: list[str]) -> int:
     return peak
 
 
-def batch_on_ray(folder: Path, settings: SwapSettings, clips: int = 4, seconds: float = 4.0) -> tuple[int, int, float]:
-    """(model builds, render actors, share of the render actors' lifetime inside swap) for one batch on Ray."""
+def batch_on_ray(folder: Path, settings: SwapSettings, clips: int = 4,
+                 seconds: float = 4.0) -> tuple[int, int, float, float]:
+    """(model builds, render actors, share of their lifetime inside swap, share of their render calls inside swap)
+    for one batch on Ray."""
     inputs = folder / "batch"
     inputs.mkdir()
     for i in range(clips):
         face_clip(inputs / f"clip{i}.mp4", seconds=seconds, size=(480, 360), fps=15)
     result = run_batch([SOURCE], inputs, folder / "batch_out", SwapSettings(**{**settings.__dict__, "executor": "ray"}))
     workers = result.workers
-    share = sum(w.swap for w in workers) / max(1e-9, sum(w.lifetime for w in workers))
-    return sum(w.builds for w in workers), len(workers), share
+    swap = sum(w.swap for w in workers)
+    lifetime = swap / max(1e-9, sum(w.lifetime for w in workers))
+    return sum(w.builds for w in workers), len(workers), lifetime, swap / max(1e-9, sum(w.busy for w in workers))
 
 
 def main(seconds: float = 30.0) -> None:
@@ -109,9 +112,10 @@ def main(seconds: float = 30.0) -> None:
         print(f"overhead ratio local: {t_local / total:.2f}")
         print(f"overhead ratio ray: {t_ray / total:.2f}")
         print(f"rss ratio 60s/5s: {rss['60s'] / rss['5s']:.2f}")
-        builds, actors, share = batch_on_ray(folder, settings)
+        builds, actors, lifetime, calls = batch_on_ray(folder, settings)
         print(f"model builds per run: {builds} ({actors} render actors, 4 clips)")
-        print(f"render actors' lifetime inside swap: {share:.2f}")
+        print(f"render actors' lifetime inside swap: {lifetime:.2f}")
+        print(f"render calls' time inside swap: {calls:.2f}")
 
 
 if __name__ == "__main__":
