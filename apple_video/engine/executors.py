@@ -267,15 +267,17 @@ class RayPool:
                     f"{self.plan.render_gpus:g} GPU" if self.plan.render_gpus else f"{self.plan.cpus_each:g} CPU",
                     self.plan.analysis)
 
-    def _spawn(self, stage: str) -> _Actor:
+    def _spawn(self, stage: str, replacement: bool = False) -> _Actor:
+        """A replacement asks for no CPU: the lost node took its share, and the other stage's actors hold the rest."""
         import ray
 
+        cpus = 0 if replacement else self.plan.cpus_each
         if stage == RENDER:
             resources = ({"num_gpus": self.plan.render_gpus, "num_cpus": 0} if self.plan.render_gpus
-                         else {"num_cpus": self.plan.cpus_each})
+                         else {"num_cpus": cpus})
             handle = ray.remote(RenderWorker).options(max_restarts=0, **resources).remote(self.settings)
         else:
-            handle = ray.remote(AnalyzeWorker).options(max_restarts=0, num_cpus=self.plan.cpus_each).remote()
+            handle = ray.remote(AnalyzeWorker).options(max_restarts=0, num_cpus=cpus).remote()
         actor = _Actor(handle, stage)
         self.actors.append(actor)
         return actor
@@ -346,7 +348,7 @@ class RayPool:
                            str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__)
         self.queues[ticket.stage].appendleft(ticket)
         if not any(a.alive for a in self.actors if a.stage == actor.stage):
-            self._spawn(actor.stage)
+            self._spawn(actor.stage, replacement=True)
         self._dispatch()
 
     def reports(self) -> list[WorkerReport]:
