@@ -31,7 +31,6 @@ from apple_video.engine.executors import (
 from apple_video.engine.media_io import (
     FolderMedia,
     FolderSink,
-    VideoMedia,
     open_folder,
     open_video,
     write_atomic,
@@ -89,7 +88,7 @@ class Summary:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """Everything a worker needs to open the job's media (picklable for Ray)."""
+    """Where a job reads and writes, on the driver (workers never see it: they get data, not paths)."""
 
     kind: str  # "video" | "folder"
     input: Path
@@ -99,17 +98,11 @@ class JobSpec:
     info: VideoInfo | None = None
     frame_paths: tuple[Path, ...] = ()
 
-    def media(self) -> VideoMedia | FolderMedia:
-        return VideoMedia(self.info) if self.kind == "video" else FolderMedia(self.frame_paths)
-
     def chunk_file(self, chunk: int) -> Path:
         return self.job_dir / "chunks" / f"chunk_{chunk:05d}{self.output.suffix}"
 
     def analysis_file(self, chunk: int) -> Path:
         return self.job_dir / "analysis" / f"chunk_{chunk:05d}.json"
-
-    def targets_file(self, chunk: int) -> Path:
-        return self.job_dir / "targets" / f"chunk_{chunk:05d}.json"
 
 
 def plan_chunks(frame_count: int, keyframes: tuple[int, ...], chunk_frames: int) -> list[tuple[int, int]]:
@@ -215,7 +208,7 @@ def _open_manifest(job_dir: Path, key: str, chunks: list[tuple[int, int]], force
             return manifest
         logger.info("inputs or settings changed since the interrupted run: starting over")
         shutil.rmtree(job_dir)
-    for sub in ("analysis", "targets", "chunks"):
+    for sub in ("analysis", "chunks"):
         (job_dir / sub).mkdir(parents=True, exist_ok=True)
     manifest = {"key": key, "chunks": [list(c) for c in chunks], "analyzed": [], "rendered": [], "stats": {}}
     write_json(manifest_path, manifest)
