@@ -585,7 +585,7 @@ def decode_packets(chunk: ChunkPackets) -> Iterator[DecodedFrame]:
     ctx.width, ctx.height = params.width, params.height
     with contextlib.suppress(AttributeError, TypeError, ValueError):
         ctx.pix_fmt = params.pix_fmt
-    ctx.thread_type = "AUTO"
+    # no frame threads: a worker decodes one chunk, and a frame-threaded context left mid-stream can hang on close
     start_pts, stop = chunk.pts[0], chunk.stop
     index = chunk.start
 
