@@ -44,3 +44,7 @@ class DecodeError(InputError):
 
 class DeviceError(UserError):
     """An accelerator was asked for but is not usable."""
+
+
+class WorkerError(AppleVideoError):
+    """A stage worker failed with an error that is not one of ours: one line naming the node (trace with --debug)."""

@@ -221,8 +221,8 @@ class SwapSettings:
     seed: int = setting(0, options=("seed",))
     executor: ExecutorName = setting("local", scope=(VIDEO, RUNTIME), options=("executor",))
     ray_address: str | None = setting(None, scope=(VIDEO, RUNTIME), options=("ray_address",))
-    num_gpus: float = setting(0.0, scope=(VIDEO,), options=("num_gpus",))  # GPUs per render actor
-    workers: int = setting(2, scope=(VIDEO, RUNTIME), options=("workers",))
+    num_gpus: float | None = setting(None, scope=(VIDEO,), options=("num_gpus",))  # per render actor on Ray; None: 1 where the cluster has GPUs
+    workers: int | None = setting(None, scope=(VIDEO, RUNTIME), options=("workers",))  # render actors; None: one per GPU (per 2 CPUs without)
     trim_start: int | None = setting(None, scope=(VIDEO,), options=("trim_start",))
     trim_end: int | None = setting(None, scope=(VIDEO,), options=("trim_end",))
     force: bool = setting(False, scope=(RUNTIME,), options=("force",))

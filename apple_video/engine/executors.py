@@ -1,30 +1,31 @@
-"""Run a stage worker over chunk items: in-process (local) or on a Ray Data actor pool (ray)."""
+"""Where the stage workers run: in-process (local) or on long-lived Ray actors (ray), fed chunk by chunk.
+
+Plain Ray actors, not Ray Data: a Ray Data actor pool lives for one dataset (one clip's stage), so every clip
+would build the model again; actors held for the whole run build it once and let the next clips' analysis overlap
+the current clip's rendering. The driver sends each task's data (packets, targets, sources) with the call and gets
+results back through the object store; workers never open a path."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import re
 import socket
 import tempfile
-from collections.abc import Iterator
+import traceback
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
 
-import numpy as np
-
-from apple_video.errors import AppleVideoError, UserError
+from apple_video.engine.workers import AnalyzeWorker, RenderWorker, WorkerReport
+from apple_video.errors import AppleVideoError, DeviceError, UserError, WorkerError
 from apple_video.settings import SwapSettings
+from apple_video.swappers.factory import resolve_swapper_name
+from apple_video.swappers.presets import apple_preset
 
 logger = logging.getLogger(__name__)
-
-
-def _as_batch(item: dict) -> dict[str, np.ndarray]:
-    return {key: np.asarray([value]) for key, value in item.items()}
-
-
-def _rows(batch: dict[str, np.ndarray]) -> Iterator[dict]:
-    keys = list(batch)
-    for i in range(len(batch[keys[0]])):
-        yield {key: batch[key][i].item() if hasattr(batch[key][i], "item") else batch[key][i] for key in keys}
 
 
 def ray_failure(address: str, error: BaseException) -> str:
@@ -68,9 +69,13 @@ def connect_ray(address: str | None) -> None:
 
     if ray.is_initialized():
         return
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")  # Ray's C++ lines (core_worker.cc ...) stay off the terminal
     if address in (None, "", "local"):
-        ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, logging_level=logging.ERROR)
+        with _native_stderr_captured() as native:  # e.g. "logging.cc: Set ray log level ...": not for the terminal
+            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, logging_level=logging.ERROR)
+        for line in native:
+            logger.debug("ray: %s", line)
         return
     check_reachable(address)
     failure: Exception | None = None
@@ -84,17 +89,6 @@ def connect_ray(address: str | None) -> None:
     if failure is not None:
         hints = [line for line in native if "auth" in line.lower() or "version" in line.lower()]
         raise UserError(ray_failure(address, RuntimeError("\n".join([str(failure), *hints[-1:]])))) from None
-
-
-def ensure_ray(settings: SwapSettings) -> None:
-    import ray
-
-    connect_ray(settings.ray_address)
-    context = ray.data.DataContext.get_current()
-    context.enable_progress_bars = False
-    context.print_on_execution_start = False
-    for name in ("ray", "ray.data", "ray.data._internal.execution.streaming_executor"):
-        logging.getLogger(name).setLevel(max(logging.getLogger().level, logging.WARNING))
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -111,50 +105,284 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise UserError(f"cannot reach the Ray cluster at '{address}' (nothing answers there within {timeout:.0f}s)") from None
 
 
-def actor_pool(size: int):
-    """Ray's actor-pool setting moved between releases; keep it in one place."""
-    from ray.data import ActorPoolStrategy
-
-    return ActorPoolStrategy(size=size)
+ANALYZE, RENDER = "analyze", "render"
+DEPTH = 2  # tasks queued per actor: the next chunk waits at the actor while this one runs (no gap between clips)
 
 
-def run_stage(worker_cls: type, args: tuple, items: list[dict], settings: SwapSettings, gpu: bool) -> Iterator[dict]:
-    """Yield one result row per item, as items finish (order not guaranteed on Ray)."""
-    if not items:
-        return
-    if settings.executor == "local":
-        worker = worker_cls(*args)
-        for item in items:
-            yield from _rows(worker(_as_batch(item)))
-        return
-    import ray.data
+@dataclass(frozen=True)
+class Ticket:
+    """One chunk's stage work; `make` builds the call's arguments (reads the packets) when it is dispatched."""
 
-    ensure_ray(settings)
-    dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    resources = {"num_gpus": settings.num_gpus} if gpu and settings.num_gpus > 0 else {"num_cpus": 1}
-    mapped = dataset.map_batches(
-        worker_cls,
-        fn_constructor_args=args,
-        batch_size=1,
-        batch_format="numpy",
-        compute=actor_pool(max(1, min(settings.workers, len(items)))),
-        **resources,
-    )
-    try:
-        for row in mapped.iter_rows():
-            yield {key: value.item() if hasattr(value, "item") else value for key, value in row.items()}
-    except Exception as error:  # Ray wraps worker errors: show ours as themselves (one line, right exit code)
-        cause = _our_error(error)
-        if cause is not None:
-            raise cause from None
-        raise
+    stage: str
+    job: int
+    chunk: int
+    make: Callable[[], tuple]
 
 
-def _our_error(error: BaseException) -> AppleVideoError | None:
+@dataclass
+class Done:
+    ticket: Ticket
+    result: Any = None
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class ActorPlan:
+    """How many actors of each stage, and what each asks Ray for."""
+
+    render: int
+    analysis: int
+    render_gpus: float
+    cpus_each: float
+
+
+def needs_gpu(settings: SwapSettings) -> bool:
+    """Real APPLE weights (12B FLUX) on a CPU take hours per clip: on a cluster they only run on GPUs."""
+    return resolve_swapper_name(settings) == "apple" and apple_preset(settings.model).model.kind != "tiny"
+
+
+def plan_actors(settings: SwapSettings, resources: dict[str, float], cluster: bool) -> ActorPlan:
+    """Actors from the cluster's resources: a render actor per GPU (per `--num-gpus` share), analysis actors on
+    the CPUs left; `--workers` sets the render actors. All of them fit at once, so none waits for another."""
+    gpus, cpus = float(resources.get("GPU", 0)), max(1.0, float(resources.get("CPU", 1)))
+    per_gpu = settings.num_gpus if settings.num_gpus is not None else (1.0 if gpus >= 1 else 0.0)
+    if per_gpu > 0 and gpus < per_gpu:
+        raise DeviceError(f"--num-gpus {per_gpu:g} asks for GPUs but the Ray cluster has {gpus:g}; "
+                          f"drop --num-gpus or add GPU nodes")
+    if cluster and needs_gpu(settings) and per_gpu == 0:
+        raise DeviceError(f"the {apple_preset(settings.model).name} model needs a GPU but the Ray cluster has none "
+                          f"({cpus:g} CPUs); add GPU nodes, or use --preset tiny or --swapper classic")
+    if settings.workers:
+        render = settings.workers
+    elif per_gpu > 0:
+        render = max(1, int(gpus // per_gpu))
+    else:
+        render = max(1, int(cpus) // 2)
+    analysis = max(1, int(cpus) - (0 if per_gpu > 0 else render))
+    if settings.workers:
+        analysis = min(analysis, max(1, settings.workers))
+    cpus_each = min(1.0, cpus / (analysis + (0 if per_gpu > 0 else render)))
+    return ActorPlan(render, analysis, per_gpu, cpus_each)
+
+
+def worker_error(error: BaseException) -> AppleVideoError:
+    """A worker's failure as one line: ours as themselves, others naming the node (the trace for --debug)."""
+    ours = _our_error(error)
+    if ours is not None:
+        return ours
+    cause = getattr(error, "cause", None) or error
+    remote = cause is not error  # Ray's text names the node and holds the worker's trace
+    found = re.search(r"\bip=([^,)\s]+)", str(error)) if remote else None
+    node = found.group(1) if found else "this machine"
+    text = str(cause).strip().splitlines()
+    failure = WorkerError(f"internal error on node {node}: {cause.__class__.__name__}"
+                          f"{': ' + text[0] if text else ''} (run with --debug for the trace)")
+    failure.add_note(str(error) if remote else "".join(traceback.format_exception(cause)))
+    return failure
+
+
+def _our_error(error: BaseException | None) -> AppleVideoError | None:
+    """Ray raises a worker's error as a RayTaskError that also derives from its class: the one to show is `cause`."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, AppleVideoError):
+        cause = getattr(error, "cause", None)
+        if isinstance(cause, AppleVideoError):
+            return cause
+        if isinstance(error, AppleVideoError) and cause is None:
             return error
-        error = getattr(error, "cause", None) or error.__cause__
+        error = cause or error.__cause__
     return None
+
+
+class LocalPool:
+    """One worker of each stage in this process; tasks run one at a time when a result is asked for."""
+
+    def __init__(self, settings: SwapSettings) -> None:
+        self.settings = settings
+        self.analyzer = AnalyzeWorker()
+        self.renderer: RenderWorker | None = None  # built at the first chunk to render
+        self.queues: dict[str, deque[Ticket]] = {RENDER: deque(), ANALYZE: deque()}
+
+    def share(self, value: object) -> object:
+        return value
+
+    def submit(self, tickets: list[Ticket]) -> None:
+        for ticket in tickets:
+            self.queues[ticket.stage].append(ticket)
+
+    def drop(self, job: int) -> None:
+        for stage, queue in self.queues.items():
+            self.queues[stage] = deque(t for t in queue if t.job != job)
+
+    def next_done(self) -> Done | None:
+        queue = self.queues[RENDER] or self.queues[ANALYZE]
+        if not queue:
+            return None
+        ticket = queue.popleft()
+        try:
+            args = ticket.make()
+            if ticket.stage == ANALYZE:
+                return Done(ticket, self.analyzer.analyze(*args))
+            if self.renderer is None:
+                self.renderer = RenderWorker(self.settings)
+            return Done(ticket, self.renderer.render(*args))
+        except AppleVideoError as error:
+            return Done(ticket, error=error)
+        except Exception as error:  # noqa: BLE001 - one clip's bug fails that clip; the caller decides
+            return Done(ticket, error=error)
+
+    def reports(self) -> list[WorkerReport]:
+        return [self.renderer.report()] if self.renderer is not None else []
+
+    def close(self) -> None:
+        pass
+
+
+@dataclass
+class _Actor:
+    handle: Any
+    stage: str
+    load: int = 0
+    alive: bool = True
+
+
+@dataclass
+class RayPool:
+    """Long-lived actors for the whole run. A lost actor (its node died) costs only its chunks: they go to the
+    other actors of the stage, or to a new actor when none is left."""
+
+    settings: SwapSettings
+    plan: ActorPlan
+    actors: list[_Actor] = field(default_factory=list)
+    queues: dict[str, deque[Ticket]] = field(default_factory=lambda: {RENDER: deque(), ANALYZE: deque()})
+    inflight: dict[Any, tuple[Ticket, _Actor]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for _ in range(self.plan.render):
+            self._spawn(RENDER)
+        for _ in range(self.plan.analysis):
+            self._spawn(ANALYZE)
+        logger.info("ray: %d render actors (%s each), %d analysis actors", self.plan.render,
+                    f"{self.plan.render_gpus:g} GPU" if self.plan.render_gpus else f"{self.plan.cpus_each:g} CPU",
+                    self.plan.analysis)
+
+    def _spawn(self, stage: str, replacement: bool = False) -> _Actor:
+        """A replacement asks for no CPU: the lost node took its share, and the other stage's actors hold the rest."""
+        import ray
+
+        cpus = 0 if replacement else self.plan.cpus_each
+        if stage == RENDER:
+            resources = ({"num_gpus": self.plan.render_gpus, "num_cpus": 0} if self.plan.render_gpus
+                         else {"num_cpus": cpus})
+            handle = ray.remote(RenderWorker).options(max_restarts=0, **resources).remote(self.settings)
+        else:
+            handle = ray.remote(AnalyzeWorker).options(max_restarts=0, num_cpus=cpus).remote()
+        actor = _Actor(handle, stage)
+        self.actors.append(actor)
+        return actor
+
+    def share(self, value: object) -> object:
+        import ray
+
+        return ray.put(value)
+
+    def submit(self, tickets: list[Ticket]) -> None:
+        for ticket in tickets:
+            self.queues[ticket.stage].append(ticket)
+        self._dispatch()
+
+    def drop(self, job: int) -> None:
+        for stage, queue in self.queues.items():
+            self.queues[stage] = deque(t for t in queue if t.job != job)
+
+    def _dispatch(self) -> None:
+        for stage, queue in self.queues.items():
+            while queue:
+                live = [a for a in self.actors if a.stage == stage and a.alive and a.load < DEPTH]
+                if not live:
+                    break
+                actor = min(live, key=lambda a: a.load)
+                ticket = queue.popleft()
+                try:
+                    args = ticket.make()
+                except Exception as error:  # noqa: BLE001 - reading the chunk failed on the driver: that clip's error
+                    self.inflight[_Failed(error)] = (ticket, actor)
+                    actor.load += 1
+                    continue
+                method = actor.handle.render if stage == RENDER else actor.handle.analyze
+                self.inflight[method.remote(*args)] = (ticket, actor)
+                actor.load += 1
+
+    def next_done(self) -> Done | None:
+        import ray
+        from ray.exceptions import ObjectLostError, RayActorError
+
+        while True:
+            failed = next((ref for ref in self.inflight if isinstance(ref, _Failed)), None)
+            if failed is not None:
+                ticket, actor = self.inflight.pop(failed)
+                actor.load -= 1
+                self._dispatch()
+                return Done(ticket, error=failed.error)
+            if not self.inflight:
+                return None
+            [ref], _ = ray.wait(list(self.inflight), num_returns=1)
+            ticket, actor = self.inflight.pop(ref)
+            actor.load -= 1
+            try:
+                result = ray.get(ref)
+            except (RayActorError, ObjectLostError) as lost:
+                self._lost(actor, ticket, lost)
+                continue
+            except Exception as error:  # noqa: BLE001 - a RayTaskError: the worker raised
+                self._dispatch()
+                return Done(ticket, error=worker_error(error))
+            self._dispatch()
+            return Done(ticket, result)
+
+    def _lost(self, actor: _Actor, ticket: Ticket, error: BaseException) -> None:
+        if actor.alive:
+            actor.alive = False
+            logger.warning("a %s worker was lost (%s): its chunks run again elsewhere", actor.stage,
+                           str(error).strip().splitlines()[0] if str(error).strip() else error.__class__.__name__)
+        self.queues[ticket.stage].appendleft(ticket)
+        if not any(a.alive for a in self.actors if a.stage == actor.stage):
+            self._spawn(actor.stage, replacement=True)
+        self._dispatch()
+
+    def reports(self) -> list[WorkerReport]:
+        import ray
+
+        reports = []
+        for actor in self.actors:
+            if actor.stage == RENDER and actor.alive:
+                try:
+                    reports.append(ray.get(actor.handle.report.remote(), timeout=60))
+                except Exception as error:  # noqa: BLE001 - a report is nice to have; the outputs are written
+                    logger.debug("no report from a render actor: %s", error)
+        return reports
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            with contextlib.suppress(Exception):
+                ray.kill(actor.handle)
+
+
+@dataclass(eq=False)
+class _Failed:
+    """An in-flight slot for a task whose arguments could not be made on the driver."""
+
+    error: BaseException
+
+
+def make_pool(settings: SwapSettings) -> LocalPool | RayPool:
+    if settings.executor == "local":
+        return LocalPool(settings)
+    import ray
+
+    connect_ray(settings.ray_address)
+    cluster = settings.ray_address not in (None, "", "local")
+    return RayPool(settings, plan_actors(settings, ray.cluster_resources(), cluster))

@@ -328,8 +328,8 @@ def resolve_runtime(opts: dict) -> dict:
     if "num_gpus" in opts:
         import torch
 
-        if opts["num_gpus"] is None:
+        if opts["num_gpus"] is None and opts.get("executor") == "local":
             opts["num_gpus"] = 1.0 if torch.cuda.is_available() else 0.0
-        elif opts["num_gpus"] > 0 and not torch.cuda.is_available() and opts.get("ray_address") in (None, "local"):
+        elif opts["num_gpus"] is not None and opts["num_gpus"] > 0 and not torch.cuda.is_available() and opts.get("ray_address") in (None, "local"):
             raise DeviceError("--num-gpus was given but CUDA is not usable on this machine (refusing to run on the CPU)")
     return opts

@@ -5,61 +5,58 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import closing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from itertools import islice
 from pathlib import Path
 
 import numpy as np
 
-from apple_video.engine.executors import run_stage
-from apple_video.engine.sources import (
-    ChunkVideoSink,
+from apple_video.engine.executors import (
+    ANALYZE,
+    RENDER,
+    Done,
+    LocalPool,
+    RayPool,
+    Ticket,
+    make_pool,
+    worker_error,
+)
+from apple_video.engine.media_io import (
     FolderMedia,
     FolderSink,
-    VideoMedia,
     open_folder,
     open_video,
+    write_atomic,
 )
-from apple_video.engine.stages import (
-    Analyzer,
-    Renderer,
-    RenderGroup,
-    RenderStats,
-    face_from_dict,
-    face_to_dict,
-    prefetch,
-    target_from_dict,
-    target_to_dict,
-    write_json,
-)
+from apple_video.engine.stages import face_from_dict, write_json
 from apple_video.engine.still import StillRenderer, load_sources, no_faces_message, source_detector
-from apple_video.errors import NoFaceError, OutputError, UserError
+from apple_video.engine.workers import (
+    AnalyzeResult,
+    AnalyzeTask,
+    ChunkInput,
+    RenderResult,
+    RenderTask,
+    WorkerReport,
+)
+from apple_video.errors import AppleVideoError, NoFaceError, OutputError, UserError
 from apple_video.faces.select import select_targets
-from apple_video.faces.track import find_cuts, frame_signature
-from apple_video.faces.types import SourceFace
+from apple_video.faces.track import find_cuts
+from apple_video.faces.types import FaceTarget
 from apple_video.media.images import list_frames, read_image, write_image
 from apple_video.media.kinds import InputKind, input_kind
-from apple_video.media.video import VideoInfo, concat_chunks, trim
+from apple_video.media.video import VideoInfo, concat_chunks, read_packets, trim
 from apple_video.progress import progress
 from apple_video.settings import SwapSettings, output_record
-from apple_video.swappers.factory import announce_swapper, create_swapper, crop_size_for, tracking_for
+from apple_video.swappers.factory import announce_swapper, crop_size_for, tracking_for
 
 logger = logging.getLogger(__name__)
-
-
-def batched(items, size: int):
-    """Groups of `size` consecutive items (itertools.batched arrives in Python 3.12)."""
-    iterator = iter(items)
-    while group := list(islice(iterator, size)):
-        yield group
 
 
 @dataclass
@@ -76,10 +73,13 @@ class Summary:
     chunks_resumed: int = 0
     seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    done_earlier: bool = False  # a batch re-run found this clip's output: nothing to do
 
     def line(self) -> str:
         if self.status != "ok":
             return f"{self.input}: FAILED: {self.error}"
+        if self.done_earlier:
+            return f"{self.output}: done earlier (--force redoes it)"
         stages = ", ".join(f"{k} {v:.1f}s" for k, v in self.seconds.items())
         return (f"{self.output}: {self.frames} frames, {self.faces_swapped} faces swapped in {self.frames_swapped} frames, "
                 f"{self.frames_passed_through} passed through, {self.faces_skipped + self.small_faces_skipped} faces skipped"
@@ -88,7 +88,7 @@ class Summary:
 
 @dataclass(frozen=True)
 class JobSpec:
-    """Everything a worker needs to open the job's media (picklable for Ray)."""
+    """Where a job reads and writes, on the driver (workers never see it: they get data, not paths)."""
 
     kind: str  # "video" | "folder"
     input: Path
@@ -98,17 +98,11 @@ class JobSpec:
     info: VideoInfo | None = None
     frame_paths: tuple[Path, ...] = ()
 
-    def media(self) -> VideoMedia | FolderMedia:
-        return VideoMedia(self.info) if self.kind == "video" else FolderMedia(self.frame_paths)
-
     def chunk_file(self, chunk: int) -> Path:
         return self.job_dir / "chunks" / f"chunk_{chunk:05d}{self.output.suffix}"
 
     def analysis_file(self, chunk: int) -> Path:
         return self.job_dir / "analysis" / f"chunk_{chunk:05d}.json"
-
-    def targets_file(self, chunk: int) -> Path:
-        return self.job_dir / "targets" / f"chunk_{chunk:05d}.json"
 
 
 def plan_chunks(frame_count: int, keyframes: tuple[int, ...], chunk_frames: int) -> list[tuple[int, int]]:
@@ -122,77 +116,6 @@ def plan_chunks(frame_count: int, keyframes: tuple[int, ...], chunk_frames: int)
         cuts.append(position)
     cuts.append(frame_count)
     return [(a, b) for a, b in zip(cuts, cuts[1:], strict=False) if b > a]
-
-
-class AnalyzeWorker:
-    """Stage 2 (parallel): decode a chunk and detect faces; writes the chunk's analysis JSON."""
-
-    def __init__(self, spec: JobSpec) -> None:
-        self.spec = spec
-        self.media = spec.media()
-        self.analyzer = Analyzer(spec.settings)
-
-    def _frames(self, start: int, stop: int, signatures: dict[str, list]):
-        """The chunk's frames, noting each one's thumbnail signature (for cut detection) on the way."""
-        for index, pts, rgb in self.media.frames(start, stop):
-            signatures[str(index)] = frame_signature(rgb).tolist()
-            yield index, pts, rgb
-
-    def __call__(self, batch: dict) -> dict:
-        for chunk, start, stop in zip(batch["chunk"], batch["start"], batch["stop"], strict=True):
-            signatures: dict[str, list] = {}
-            faces = self.analyzer.analyze(self._frames(int(start), int(stop), signatures))
-            write_json(self.spec.analysis_file(int(chunk)),
-                       {"faces": {str(i): [face_to_dict(f) for f in fs] for i, fs in faces.items()}, "signatures": signatures})
-        return {"chunk": batch["chunk"]}
-
-
-class RenderWorker:
-    """Stage 4 (parallel, GPU actors): swap + paste + encode one chunk."""
-
-    def __init__(self, spec: JobSpec, sources: list[SourceFace]) -> None:
-        self.spec = spec
-        self.media = spec.media()
-        self.renderer = Renderer(spec.settings, create_swapper(spec.settings), sources)
-
-    def _sink(self, chunk: int):
-        if self.spec.kind == "video":
-            return ChunkVideoSink(self.spec.chunk_file(chunk), self.spec.info, self.spec.settings.encode)
-        return FolderSink(self.media, self.spec.output)
-
-    def _finish(self, group: RenderGroup, results: list, sink) -> RenderStats:
-        rendered, stats = self.renderer.finish(group, results)
-        for index, pts, rgb, swapped in rendered:
-            sink.write(index, pts, rgb, swapped)
-        return stats
-
-    def _render_chunk(self, frames, targets: dict[int, list], sink) -> RenderStats:
-        """Decode and crop the next group (prefetch thread) and paste and encode the previous one (finish thread)
-        while the model swaps this one; groups are finished in order, so the output is the same as in sequence."""
-        stats = RenderStats()
-        groups = (self.renderer.prepare(list(group), targets) for group in batched(frames, self.renderer.batch_size))
-        with closing(prefetch(groups, depth=1)) as ahead, ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher:
-            pending = None
-            for group in ahead:
-                results = self.renderer.swap(group)
-                if pending is not None:
-                    stats.add(pending.result())
-                pending = finisher.submit(self._finish, group, results, sink)
-            if pending is not None:
-                stats.add(pending.result())
-        return stats
-
-    def __call__(self, batch: dict) -> dict:
-        stats = RenderStats()
-        for chunk, start, stop in zip(batch["chunk"], batch["start"], batch["stop"], strict=True):
-            data = json.loads(self.spec.targets_file(int(chunk)).read_text())
-            targets: dict[int, list] = {}
-            for item in data:
-                targets.setdefault(item["frame"], []).append(target_from_dict(item))
-            sink = self._sink(int(chunk))
-            stats.add(self._render_chunk(self.media.frames(int(start), int(stop)), targets, sink))
-            sink.close()
-        return {"chunk": batch["chunk"], **{k: [v] for k, v in asdict(stats).items()}}
 
 
 def _fingerprint(path: Path, sources: list[Path], settings: SwapSettings) -> str:
@@ -286,89 +209,295 @@ def _open_manifest(job_dir: Path, key: str, chunks: list[tuple[int, int]], force
             return manifest
         logger.info("inputs or settings changed since the interrupted run: starting over")
         shutil.rmtree(job_dir)
-    for sub in ("analysis", "targets", "chunks"):
+    for sub in ("analysis", "chunks"):
         (job_dir / sub).mkdir(parents=True, exist_ok=True)
     manifest = {"key": key, "chunks": [list(c) for c in chunks], "analyzed": [], "rendered": [], "stats": {}}
     write_json(manifest_path, manifest)
     return manifest
 
 
-def _items(chunks: list[tuple[int, int]], todo: list[int]) -> list[dict]:
-    return [{"chunk": c, "start": chunks[c][0], "stop": chunks[c][1]} for c in todo]
+@dataclass(frozen=True)
+class ClipPlan:
+    """One clip's job as the driver plans it: what to read, where to write, how the frames are cut."""
+
+    spec: JobSpec
+    source_paths: list[Path]
+    frame_count: int
+    fps: float
+    keyframes: tuple[int, ...]
 
 
-def run_frames_job(spec: JobSpec, source_paths: list[Path], frame_count: int, fps: float,
-                   keyframes: tuple[int, ...]) -> Summary:
-    """The shared driver for videos and frame folders."""
-    settings = spec.settings
-    summary = Summary(str(spec.input), str(spec.output), frames=frame_count)
-    chunks = plan_chunks(frame_count, keyframes, settings.chunk_frames)
-    announce_swapper(settings)  # missing weights or a faceless source fail here, before any job file exists
-    sources = load_sources(source_paths, source_detector(settings), crop_size_for(settings))
-    manifest = _open_manifest(spec.job_dir, _fingerprint(spec.input, source_paths, settings), chunks, settings.force)
-    manifest_path = spec.job_dir / "manifest.json"
-    summary.chunks_resumed = len(manifest["rendered"])
+@dataclass(frozen=True)
+class ClipRequest:
+    """A clip of a run; `plan` probes it (on the driver) when its turn comes, so a bad clip fails alone."""
 
-    started = time.perf_counter()
-    todo = [c for c in range(len(chunks)) if c not in manifest["analyzed"]]
-    with progress(sum(chunks[c][1] - chunks[c][0] for c in todo), "analyze") as bar:
-        for row in run_stage(AnalyzeWorker, (spec,), _items(chunks, todo), settings, gpu=False):
-            chunk = int(row["chunk"])
-            manifest["analyzed"].append(chunk)
-            write_json(manifest_path, manifest)
-            bar.update(chunks[chunk][1] - chunks[chunk][0])
-    summary.seconds["analyze"] = time.perf_counter() - started
+    input: Path
+    output: Path
+    plan: Callable[[], ClipPlan]
+    lock: bool = False  # batches lock each output; a single job's caller holds the lock
 
-    started = time.perf_counter()
-    detections: list[list] = [[] for _ in range(frame_count)]
-    signatures: list = [None] * frame_count
-    for c in range(len(chunks)):
-        analysis = json.loads(spec.analysis_file(c).read_text())
-        for index, faces in analysis["faces"].items():
-            detections[int(index)] = [face_from_dict(f) for f in faces]
-        for index, signature in analysis["signatures"].items():
-            signatures[int(index)] = np.asarray(signature, np.float32)
-    cuts = find_cuts(signatures, settings.tracking.cut_threshold)
-    selection = select_targets(detections, fps, settings.selector, tracking_for(settings), cuts)
-    summary.small_faces_skipped = selection.skipped_small
-    if not any(selection.targets.values()) and not settings.allow_no_faces:
-        raise NoFaceError(no_faces_message(spec.input, frame_count, detections, selection.skipped_small, settings))
-    for c, (start, stop) in enumerate(chunks):
-        write_json(spec.targets_file(c), [target_to_dict(t) for i in range(start, stop) for t in selection.targets.get(i, [])])
-    summary.seconds["track"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    todo = [c for c in range(len(chunks)) if c not in manifest["rendered"]]
-    with progress(sum(chunks[c][1] - chunks[c][0] for c in todo), "swap") as bar:
-        for row in run_stage(RenderWorker, (spec, sources), _items(chunks, todo), settings, gpu=True):
-            chunk = int(row["chunk"])
-            manifest["rendered"].append(chunk)
-            manifest["stats"][str(chunk)] = {k: int(row[k]) for k in ("frames", "swapped_frames", "faces_swapped", "faces_skipped")}
-            write_json(manifest_path, manifest)
-            bar.update(chunks[chunk][1] - chunks[chunk][0])
-    summary.seconds["render"] = time.perf_counter() - started
+@dataclass
+class BatchResult:
+    summaries: list[Summary]
+    workers: list[WorkerReport] = field(default_factory=list)  # the render workers' own accounts
 
-    started = time.perf_counter()
-    if spec.kind == "video":
-        info = spec.info
-        pts = [p - info.pts[0] for p in info.pts] if settings.trimmed else list(info.pts)
-        window = None
-        if settings.trimmed:
-            start_s = float(info.pts[0] * info.time_base)
-            window = (start_s, start_s + info.duration)
-        concat_chunks([spec.chunk_file(c) for c in range(len(chunks))], spec.output, info.path if info.audio else None,
-                      pts, info.time_base, info.rotation, window, rate=info.fps)
-    stats = manifest["stats"].values()
-    summary.frames_swapped = sum(s["swapped_frames"] for s in stats)
-    summary.faces_swapped = sum(s["faces_swapped"] for s in stats)
-    summary.faces_skipped = sum(s["faces_skipped"] for s in stats)
-    summary.frames_passed_through = frame_count - summary.frames_swapped
-    if summary.faces_swapped == 0:
-        logger.warning("no face was swapped in %s: the output is the input re-encoded%s", spec.input,
-                       "" if settings.allow_no_faces else " (the swapper skipped every face it was given)")
-    shutil.rmtree(spec.job_dir, ignore_errors=True)
-    summary.seconds["finish"] = time.perf_counter() - started
-    return summary
+
+class ClipJob:
+    """The driver's side of one clip: manifest, analysis files, tracking, chunk files and the final join. Its
+    chunks go out as tickets whose arguments are data (packets, targets, sources): no worker opens a path."""
+
+    def __init__(self, key: int, plan: ClipPlan, sources: object, pool: LocalPool | RayPool) -> None:
+        self.key, self.plan, self.spec, self.sources, self.pool = key, plan, plan.spec, sources, pool
+        self.settings = plan.spec.settings
+        self.chunks = plan_chunks(plan.frame_count, plan.keyframes, self.settings.chunk_frames)
+        self.summary = Summary(str(self.spec.input), str(self.spec.output), frames=plan.frame_count)
+        self.manifest_path = self.spec.job_dir / "manifest.json"
+        self.targets: dict[int, list[FaceTarget]] = {}
+        self.started = time.perf_counter()
+        self.stage_started = self.started
+
+    # -- analysis --
+    def start(self) -> list[Ticket]:
+        key = _fingerprint(self.spec.input, self.plan.source_paths, self.settings)
+        self.manifest = _open_manifest(self.spec.job_dir, key, self.chunks, self.settings.force)
+        self.summary.chunks_resumed = len(self.manifest["rendered"])
+        todo = [c for c in range(len(self.chunks)) if c not in self.manifest["analyzed"]]
+        if not todo:
+            return self._tracked()
+        return [Ticket(ANALYZE, self.key, c, functools.partial(self._analyze_args, c)) for c in todo]
+
+    def _chunk_input(self, chunk: int) -> ChunkInput:
+        start, stop = self.chunks[chunk]
+        if self.spec.kind == "video":
+            return ChunkInput(packets=read_packets(self.spec.info, start, stop), rotation=self.spec.info.rotation)
+        return ChunkInput(images=tuple((i, read_image(self.spec.frame_paths[i]).rgb) for i in range(start, stop)))
+
+    def _analyze_args(self, chunk: int) -> tuple:
+        return (AnalyzeTask(self.key, chunk, self.settings, self._chunk_input(chunk)),)
+
+    def analyzed(self, result: AnalyzeResult) -> list[Ticket]:
+        write_json(self.spec.analysis_file(result.chunk), {"faces": result.faces, "signatures": result.signatures})
+        self.manifest["analyzed"].append(result.chunk)
+        write_json(self.manifest_path, self.manifest)
+        if len(self.manifest["analyzed"]) < len(self.chunks):
+            return []
+        return self._tracked()
+
+    # -- tracking (driver, cheap) --
+    def _tracked(self) -> list[Ticket]:
+        now = time.perf_counter()
+        self.summary.seconds["analyze"] = now - self.stage_started
+        frame_count, settings = self.plan.frame_count, self.settings
+        detections: list[list] = [[] for _ in range(frame_count)]
+        signatures: list = [None] * frame_count
+        for c in range(len(self.chunks)):
+            analysis = json.loads(self.spec.analysis_file(c).read_text())
+            for index, faces in analysis["faces"].items():
+                detections[int(index)] = [face_from_dict(f) for f in faces]
+            for index, signature in analysis["signatures"].items():
+                signatures[int(index)] = np.asarray(signature, np.float32)
+        cuts = find_cuts(signatures, settings.tracking.cut_threshold)
+        selection = select_targets(detections, self.plan.fps, settings.selector, tracking_for(settings), cuts)
+        self.summary.small_faces_skipped = selection.skipped_small
+        if not any(selection.targets.values()) and not settings.allow_no_faces:
+            raise NoFaceError(no_faces_message(self.spec.input, frame_count, detections, selection.skipped_small,
+                                                settings))
+        self.targets = selection.targets
+        self.stage_started = time.perf_counter()
+        self.summary.seconds["track"] = self.stage_started - now
+        todo = [c for c in range(len(self.chunks)) if c not in self.manifest["rendered"]]
+        return [Ticket(RENDER, self.key, c, functools.partial(self._render_args, c)) for c in todo]
+
+    # -- rendering --
+    def _render_args(self, chunk: int) -> tuple:
+        start, stop = self.chunks[chunk]
+        targets = {i: self.targets[i] for i in range(start, stop) if self.targets.get(i)}
+        video = self.spec.kind == "video"
+        task = RenderTask(self.key, chunk, self.settings, self._chunk_input(chunk), targets,
+                          self.spec.info if video else None, self.spec.output.suffix)
+        return task, self.sources
+
+    def rendered(self, result: RenderResult) -> None:
+        if self.spec.kind == "video":
+            write_atomic(self.spec.chunk_file(result.chunk), result.encoded)
+        else:
+            start, stop = self.chunks[result.chunk]
+            swapped = dict(result.swapped)
+            sink = FolderSink(FolderMedia(self.spec.frame_paths), self.spec.output)
+            for index in range(start, stop):
+                sink.write(index, index, swapped.get(index), index in swapped)
+        self.manifest["rendered"].append(result.chunk)
+        self.manifest["stats"][str(result.chunk)] = {k: int(v) for k, v in asdict(result.stats).items()}
+        write_json(self.manifest_path, self.manifest)
+
+    @property
+    def complete(self) -> bool:
+        return hasattr(self, "manifest") and len(self.manifest["rendered"]) == len(self.chunks)
+
+    # -- finish --
+    def finish(self) -> Summary:
+        spec, settings, summary = self.spec, self.settings, self.summary
+        started = time.perf_counter()
+        summary.seconds["render"] = started - self.stage_started
+        if spec.kind == "video":
+            info = spec.info
+            pts = [p - info.pts[0] for p in info.pts] if settings.trimmed else list(info.pts)
+            window = None
+            if settings.trimmed:
+                start_s = float(info.pts[0] * info.time_base)
+                window = (start_s, start_s + info.duration)
+            concat_chunks([spec.chunk_file(c) for c in range(len(self.chunks))], spec.output,
+                          info.path if info.audio else None, pts, info.time_base, info.rotation, window, rate=info.fps)
+        stats = self.manifest["stats"].values()
+        summary.frames_swapped = sum(s["swapped_frames"] for s in stats)
+        summary.faces_swapped = sum(s["faces_swapped"] for s in stats)
+        summary.faces_skipped = sum(s["faces_skipped"] for s in stats)
+        summary.frames_passed_through = self.plan.frame_count - summary.frames_swapped
+        if summary.faces_swapped == 0:
+            logger.warning("no face was swapped in %s: the output is the input re-encoded%s", spec.input,
+                           "" if settings.allow_no_faces else " (the swapper skipped every face it was given)")
+        shutil.rmtree(spec.job_dir, ignore_errors=True)
+        summary.seconds["finish"] = time.perf_counter() - started
+        return summary
+
+
+WINDOW = 3  # clips in flight at once: the next ones are analysed while the current one renders
+
+
+class _Run:
+    """The scheduler of one run: clips enter a window, their chunks go to the pool, results come back in any order;
+    the driver writes each one, advances its clip and starts the next clip as one ends."""
+
+    def __init__(self, requests: list[ClipRequest], settings: SwapSettings, raise_errors: bool) -> None:
+        self.requests = list(requests)
+        self.settings = settings
+        self.raise_errors = raise_errors
+        self.summaries: dict[int, Summary] = {}
+        self.active: dict[int, tuple[ClipJob, contextlib.ExitStack]] = {}
+        self.sources: dict[object, object] = {}
+        self.next = 0
+
+    def run(self) -> BatchResult:
+        announce_swapper(self.settings)  # missing weights fail here, before any job file exists
+        self.pool = make_pool(self.settings)
+        try:
+            with progress(None, "analyze") as analyzed, progress(None, "swap") as swapped:
+                self.bars = {ANALYZE: analyzed, RENDER: swapped}
+                while True:
+                    self._fill()
+                    if not self.active:
+                        break
+                    done = self.pool.next_done()
+                    if done is None:
+                        raise RuntimeError("clips are open but no chunk is queued")  # a scheduler bug, not the input's
+                    self._handle(done)
+            workers = self.pool.reports()
+        finally:
+            self.pool.close()
+            for _, stack in self.active.values():
+                stack.close()
+        return BatchResult([self.summaries[i] for i in range(len(self.requests))], workers)
+
+    def _sources_for(self, plan: ClipPlan) -> object:
+        settings = plan.spec.settings
+        key = (tuple(plan.source_paths), settings.detector)
+        if key not in self.sources:
+            sources = load_sources(plan.source_paths, source_detector(settings), crop_size_for(settings))
+            self.sources[key] = self.pool.share(sources)
+        return self.sources[key]
+
+    def _fill(self) -> None:
+        while len(self.active) < WINDOW and self.next < len(self.requests):
+            key, request = self.next, self.requests[self.next]
+            self.next += 1
+            stack = contextlib.ExitStack()
+            try:
+                stack.enter_context(output_errors(request.output))
+                if request.lock:
+                    stack.enter_context(job_lock(request.output))
+                plan = request.plan()
+                job = ClipJob(key, plan, self._sources_for(plan), self.pool)
+                self.active[key] = (job, stack)
+                tickets = job.start()
+                self._count(job)
+                self._advance(job, tickets)
+            except Exception as error:  # noqa: BLE001 - _fail re-raises what is not the clip's own failure
+                self.active.pop(key, None)
+                self._fail(key, request.input, request.output, stack, error)
+
+    def _count(self, job: ClipJob) -> None:
+        """Grow the progress bars' totals by the frames this clip still has to go through."""
+        for stage, done in ((ANALYZE, job.manifest["analyzed"]), (RENDER, job.manifest["rendered"])):
+            frames = sum(stop - start for c, (start, stop) in enumerate(job.chunks) if c not in done)
+            bar = self.bars[stage]
+            bar.total = (bar.total or 0) + frames
+            if hasattr(bar, "refresh"):
+                bar.refresh()
+
+    def _advance(self, job: ClipJob, tickets: list[Ticket]) -> None:
+        if tickets:
+            self.pool.submit(tickets)
+        elif job.complete:
+            _, stack = self.active.pop(job.key)
+            with stack:
+                self.summaries[job.key] = job.finish()
+
+    def _handle(self, done: Done) -> None:
+        entry = self.active.get(done.ticket.job)
+        if entry is None:
+            return  # a result of a clip that failed meanwhile
+        job, stack = entry
+        try:
+            if done.error is not None:
+                raise done.error
+            with output_errors(job.spec.output):
+                start, stop = job.chunks[done.ticket.chunk]
+                self.bars[done.ticket.stage].update(stop - start)
+                if done.ticket.stage == ANALYZE:
+                    self._advance(job, job.analyzed(done.result))
+                else:
+                    job.rendered(done.result)
+                    self._advance(job, [])
+        except Exception as error:  # noqa: BLE001 - see _fail
+            self.active.pop(job.key, None)
+            self.pool.drop(job.key)
+            self._fail(job.key, job.spec.input, job.spec.output, stack, error)
+
+    def _fail(self, key: int, clip: Path, output: Path, stack: contextlib.ExitStack, error: BaseException) -> None:
+        """A clip's failure: one line in its summary; the other clips go on. A single job raises it instead."""
+        try:
+            stack.__exit__(type(error), error, error.__traceback__)  # output_errors turns disk errors into ours
+        except BaseException as mapped:  # noqa: BLE001 - the mapped error replaces the original
+            error = mapped
+        if self.raise_errors or not isinstance(error, Exception):
+            raise error
+        if not isinstance(error, AppleVideoError):
+            error = worker_error(error)
+        logger.error("%s: %s", clip, error)
+        self.summaries[key] = Summary(str(clip), str(output), status="failed", error=str(error))
+
+
+def run_clips(requests: list[ClipRequest], settings: SwapSettings, raise_errors: bool = False) -> BatchResult:
+    """Run the clips' jobs on one pool of workers (built once for all of them): the batch and single-job driver."""
+    return _Run(requests, settings, raise_errors).run()
+
+
+def video_plan(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> ClipPlan:
+    info = open_video(input_path).info
+    if settings.trimmed:
+        info = trim(info, settings.trim_start, settings.trim_end)
+    settings = for_rotation(settings, info.rotation)
+    spec = JobSpec("video", input_path, output, job_dir_for(output), settings, info=info)
+    return ClipPlan(spec, source_paths, info.frame_count, float(info.fps), info.keyframes)
+
+
+def folder_plan(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings,
+                fps: float = 25.0) -> ClipPlan:
+    media = open_folder(input_path)
+    output.mkdir(parents=True, exist_ok=True)
+    spec = JobSpec("folder", input_path, output, job_dir_for(output), settings, frame_paths=media.paths)
+    return ClipPlan(spec, source_paths, media.frame_count, fps, (0,))
 
 
 def for_rotation(settings: SwapSettings, rotation: int) -> SwapSettings:
@@ -382,19 +511,13 @@ def for_rotation(settings: SwapSettings, rotation: int) -> SwapSettings:
 
 
 def swap_video(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> Summary:
-    info = open_video(input_path).info
-    if settings.trimmed:
-        info = trim(info, settings.trim_start, settings.trim_end)
-    settings = for_rotation(settings, info.rotation)
-    spec = JobSpec("video", input_path, output, job_dir_for(output), settings, info=info)
-    return run_frames_job(spec, source_paths, info.frame_count, float(info.fps), info.keyframes)
+    request = ClipRequest(input_path, output, functools.partial(video_plan, source_paths, input_path, output, settings))
+    return run_clips([request], settings, raise_errors=True).summaries[0]
 
 
 def swap_folder(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings, fps: float = 25.0) -> Summary:
-    media = open_folder(input_path)
-    output.mkdir(parents=True, exist_ok=True)
-    spec = JobSpec("folder", input_path, output, job_dir_for(output), settings, frame_paths=media.paths)
-    return run_frames_job(spec, source_paths, media.frame_count, fps, (0,))
+    plan = functools.partial(folder_plan, source_paths, input_path, output, settings, fps)
+    return run_clips([ClipRequest(input_path, output, plan)], settings, raise_errors=True).summaries[0]
 
 
 def swap_image(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> Summary:

@@ -173,11 +173,15 @@ class Renderer:
         swapper.prepare(sources)
         auto = settings.batch_size == "auto"
         self.batch_size = max(1, swapper.auto_batch_size() if auto else int(settings.batch_size))
-        if auto and settings.executor == "ray" and 0 < settings.num_gpus < 1:
+        if auto and settings.executor == "ray" and 0 < (settings.num_gpus or 0) < 1:
             # actors sharing a GPU all see the same free memory when they start: each takes its share only
             self.batch_size = max(1, int(self.batch_size * settings.num_gpus))
         if auto:
             logger.info("batch size: %d crops per model call", self.batch_size)
+
+    def new_chunk(self) -> None:
+        """Forget the previous frames' masks: a chunk renders the same on whichever worker it lands."""
+        self._previous_masks.clear()
 
     def _mask(self, landmarks, crop, track: int, frame: int) -> np.ndarray:
         """Feathered mask; parsing masks are averaged with the track's previous frame (aligned crops share a frame

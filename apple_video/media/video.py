@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import heapq
+import io
 import logging
 import os
 import queue
@@ -340,11 +342,13 @@ def _codec_options(settings: EncodeSettings) -> dict[str, str]:
 class VideoWriter:
     """Encode RGB frames at given pts (the input's), keeping time base, rotation and colour metadata."""
 
-    def __init__(self, path: Path, info: VideoInfo, settings: EncodeSettings, tag: bool = True) -> None:
+    def __init__(self, path: Path | io.BytesIO, info: VideoInfo, settings: EncodeSettings, tag: bool = True,
+                 container_format: str | None = None) -> None:
         self.path = path
         if settings.codec not in av.codecs_available:
             raise OutputError(f"video encoder '{settings.codec}' is not available in this PyAV build")
-        self.container = av.open(str(path), "w")
+        target = path if isinstance(path, io.BytesIO) else str(path)
+        self.container = av.open(target, "w", format=container_format)
         stream = self.container.add_stream(settings.codec, rate=info.fps)
         stream.width, stream.height = info.width, info.height
         stream.pix_fmt = _pix_fmt(settings, info.width, info.height)
@@ -495,3 +499,127 @@ def concat_chunks(
     finally:
         tmp.unlink(missing_ok=True)
     return output
+
+
+# --- chunks as data: what a worker of another machine receives and returns (no path of the driver is opened) ---
+
+
+@dataclass(frozen=True)
+class StreamParams:
+    """What a decoder needs to read a stream's packets without its file."""
+
+    codec: str
+    extradata: bytes | None
+    width: int
+    height: int
+    pix_fmt: str
+    time_base: Fraction
+
+
+@dataclass(frozen=True)
+class ChunkPackets:
+    """The compressed packets of frames [start, stop), in decode order from the keyframe before `start` on."""
+
+    name: str  # the clip's name, for messages only
+    params: StreamParams
+    packets: tuple[tuple[bytes, int | None, int | None], ...]  # (data, pts, dts)
+    start: int
+    pts: tuple[int, ...]  # the chunk's display timestamps (pts[0] starts it)
+    stop_pts: int | None  # the first timestamp after the chunk, None at the end of the clip
+
+    @property
+    def stop(self) -> int:
+        return self.start + len(self.pts)
+
+
+REORDER_LIMIT = 32  # packets past the chunk's end after which no frame of the chunk can follow (H.264 reorders <= 16)
+
+
+def read_packets(info: VideoInfo, start: int, stop: int) -> ChunkPackets:
+    """Demux (no decoding) the packets a decoder needs for frames [start, stop): from the keyframe at or before
+    `start` to the next keyframe after the chunk (with the open-GOP frames that lean on it) or a reorder window."""
+    stop = min(stop, info.frame_count)
+    start_pts = info.pts[start]
+    stop_pts = info.pts[stop] if stop < info.frame_count else None
+    packets: list[tuple[bytes, int | None, int | None]] = []
+    with _open(info.path) as container:
+        stream = container.streams.video[0]
+        ctx = stream.codec_context
+        params = StreamParams(ctx.name, bytes(ctx.extradata) if ctx.extradata else None, ctx.width, ctx.height,
+                              ctx.pix_fmt or "yuv420p", Fraction(stream.time_base or info.time_base))
+        try:
+            if start > 0:
+                container.seek(start_pts, stream=stream, backward=True, any_frame=False)
+            boundary, past = None, 0
+            for packet in container.demux(stream):
+                if packet.size == 0:
+                    continue
+                ts = packet.pts if packet.pts is not None else packet.dts
+                if stop_pts is not None and ts is not None:
+                    if boundary is not None and ts > boundary:
+                        break
+                    if boundary is None and ts >= stop_pts:
+                        if packet.is_keyframe:
+                            boundary = ts
+                        else:
+                            past += 1
+                            if past > REORDER_LIMIT:
+                                break
+                packets.append((bytes(packet), packet.pts, packet.dts))
+        except av.FFmpegError as error:
+            raise DecodeError(f"{info.path}: reading packets failed near frame {start}: {error}", start) from None
+    return ChunkPackets(info.path.name, params, tuple(packets), start, tuple(info.pts[start:stop]), stop_pts)
+
+
+def decode_packets(chunk: ChunkPackets) -> Iterator[DecodedFrame]:
+    """Frames [chunk.start, chunk.stop) decoded from the chunk's packets in memory, as `decode_frames` gives them."""
+    params = chunk.params
+    ctx = av.CodecContext.create(params.codec, "r")
+    if params.extradata:
+        ctx.extradata = params.extradata
+    ctx.width, ctx.height = params.width, params.height
+    with contextlib.suppress(AttributeError, TypeError, ValueError):
+        ctx.pix_fmt = params.pix_fmt
+    # no frame threads: a worker decodes one chunk, and a frame-threaded context left mid-stream can hang on close
+    start_pts, stop = chunk.pts[0], chunk.stop
+    index = chunk.start
+
+    def packets() -> Iterator[av.Packet | None]:
+        for data, pts, dts in chunk.packets:
+            packet = av.Packet(data)
+            packet.pts, packet.dts, packet.time_base = pts, dts, params.time_base
+            yield packet
+        yield None  # flush: the frames the decoder still holds
+
+    try:
+        for packet in packets():
+            for frame in ctx.decode(packet):
+                pts = frame.pts if frame.pts is not None else chunk.pts[min(index - chunk.start, len(chunk.pts) - 1)]
+                if pts < start_pts:
+                    continue
+                if chunk.stop_pts is not None and pts >= chunk.stop_pts:
+                    return
+                yield DecodedFrame(index, pts, np.ascontiguousarray(frame.to_ndarray(format="rgb24")))
+                index += 1
+                if index >= stop:
+                    return
+    except av.FFmpegError as error:
+        raise DecodeError(f"{chunk.name}: decoding failed at frame {index}: {error}", index) from None
+    if index < stop:
+        raise DecodeError(f"{chunk.name}: video is truncated or corrupt: decoding stopped at frame {index} of {stop}", index)
+
+
+_MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi",
+           ".ts": "mpegts", ".mpg": "mpeg", ".mpeg": "mpeg", ".mxf": "mxf", ".wmv": "asf", ".gif": "gif"}
+
+
+def encode_chunk(frames: Iterator[tuple[np.ndarray, int]], info: VideoInfo, settings: EncodeSettings,
+                 suffix: str) -> bytes:
+    """Encode (stored-orientation rgb, pts) frames into one chunk container in memory, in `suffix`'s format (the
+    output's: `concat_chunks` copies its stream parameters). The driver writes these bytes as the chunk file."""
+    buffer = io.BytesIO()
+    writer = VideoWriter(buffer, info, settings, tag=False, container_format=_MUXERS.get(suffix.lower(), "matroska"))
+    with writer:
+        for rgb, pts in frames:
+            writer.write(rgb, pts)
+    return buffer.getvalue()

@@ -1,4 +1,4 @@
-"""Frame sources and sinks: a video, a frame folder or one image, all seen as frames in display orientation."""
+"""Media on the driver: frame sources and sinks, a video, a frame folder or one image, all seen as frames in display orientation."""
 
 from __future__ import annotations
 
@@ -12,15 +12,7 @@ import numpy as np
 
 from apple_video.media.images import ImageData, list_frames, read_image, write_image
 from apple_video.media.paths import temp_path_for
-from apple_video.media.video import (
-    EncodeSettings,
-    VideoInfo,
-    VideoWriter,
-    decode_frames,
-    from_display,
-    probe,
-    to_display,
-)
+from apple_video.media.video import VideoInfo, decode_frames, probe, to_display
 
 
 @dataclass(frozen=True)
@@ -62,21 +54,11 @@ def open_folder(path: Path) -> FolderMedia:
     return FolderMedia(tuple(list_frames(path)))
 
 
-class ChunkVideoSink:
-    """Encode one chunk to its own file (temp + rename, so a killed job never leaves half a chunk)."""
-
-    def __init__(self, path: Path, info: VideoInfo, encode: EncodeSettings) -> None:
-        self.path = path
-        self.tmp = temp_path_for(path)
-        self.rotation = info.rotation
-        self.writer = VideoWriter(self.tmp, info, encode, tag=False)
-
-    def write(self, index: int, pts: int, rgb: np.ndarray, swapped: bool) -> None:
-        self.writer.write(from_display(rgb, self.rotation), pts)
-
-    def close(self) -> None:
-        self.writer.close()
-        os.replace(self.tmp, self.path)
+def write_atomic(path: Path, data: bytes) -> None:
+    """A chunk file the driver got from a worker (temp + rename, so a killed job never leaves half a chunk)."""
+    tmp = temp_path_for(path)
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 class FolderSink:

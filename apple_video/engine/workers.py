@@ -1,0 +1,209 @@
+"""The stage workers: functions of what they are sent (packets, frames, targets, the source identity), never of a
+path. The local executor runs them in-process; on Ray each is a long-lived actor serving every clip of a run."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from dataclasses import dataclass, field
+from itertools import islice
+
+import numpy as np
+
+from apple_video.engine.stages import Analyzer, Renderer, RenderGroup, RenderStats, face_to_dict, prefetch
+from apple_video.faces.track import frame_signature
+from apple_video.faces.types import FaceTarget, SourceFace
+from apple_video.media.video import (
+    ChunkPackets,
+    VideoInfo,
+    decode_packets,
+    encode_chunk,
+    from_display,
+    to_display,
+)
+from apple_video.settings import SwapSettings
+from apple_video.swappers.factory import create_swapper
+
+Frames = Iterator[tuple[int, int, np.ndarray]]  # (frame index, pts, display-oriented rgb)
+
+
+def batched(items, size: int):
+    """Groups of `size` consecutive items (itertools.batched arrives in Python 3.12)."""
+    iterator = iter(items)
+    while group := list(islice(iterator, size)):
+        yield group
+
+
+@dataclass(frozen=True)
+class ChunkInput:
+    """One chunk's frames as data: a video's compressed packets, or a frame folder's decoded frames."""
+
+    packets: ChunkPackets | None = None
+    rotation: int = 0
+    images: tuple[tuple[int, np.ndarray], ...] = ()  # (frame index, rgb) of a frame folder
+
+    def frames(self) -> Frames:
+        if self.packets is None:
+            for index, rgb in self.images:
+                yield index, index, rgb
+            return
+        for frame in decode_packets(self.packets):
+            yield frame.index, frame.pts, to_display(frame.rgb, self.rotation)
+
+
+@dataclass(frozen=True)
+class AnalyzeTask:
+    job: int
+    chunk: int
+    settings: SwapSettings
+    media: ChunkInput
+
+
+@dataclass(frozen=True)
+class AnalyzeResult:
+    job: int
+    chunk: int
+    faces: dict[str, list[dict]]
+    signatures: dict[str, list]
+
+
+@dataclass(frozen=True)
+class RenderTask:
+    job: int
+    chunk: int
+    settings: SwapSettings  # the clip's (its encoder follows its container)
+    media: ChunkInput
+    targets: dict[int, list[FaceTarget]]
+    info: VideoInfo | None = None  # a video's: encode the chunk like it
+    suffix: str = ".mp4"
+
+
+@dataclass(frozen=True)
+class RenderResult:
+    job: int
+    chunk: int
+    stats: RenderStats
+    encoded: bytes | None = None  # a video chunk, in the output's container format
+    swapped: tuple[tuple[int, np.ndarray], ...] = ()  # a frame folder's changed frames (display rgb)
+
+
+@dataclass
+class WorkerReport:
+    """What one render worker did over its life: for the benchmark and the build-count test."""
+
+    node: str
+    builds: int = 0
+    lifetime: float = 0.0  # seconds since the worker was made
+    busy: float = 0.0  # seconds inside render calls
+    swap: float = 0.0  # seconds inside the model's swap calls
+    chunks: int = 0
+
+
+class AnalyzeWorker:
+    """Stage 2: decode a chunk and detect faces. One detector per detector setting, kept for every clip."""
+
+    def __init__(self) -> None:
+        self._analyzers: dict[object, Analyzer] = {}
+
+    def analyze(self, task: AnalyzeTask) -> AnalyzeResult:
+        key = task.settings.detector
+        if key not in self._analyzers:
+            self._analyzers[key] = Analyzer(task.settings)
+        signatures: dict[str, list] = {}
+
+        def noted() -> Frames:  # each frame's thumbnail signature (for cut detection) on the way
+            for index, pts, rgb in task.media.frames():
+                signatures[str(index)] = frame_signature(rgb).tolist()
+                yield index, pts, rgb
+
+        faces = self._analyzers[key].analyze(noted())
+        return AnalyzeResult(task.job, task.chunk, {str(i): [face_to_dict(f) for f in fs] for i, fs in faces.items()},
+                             signatures)
+
+
+@dataclass
+class _Job:
+    key: int
+    renderer: Renderer
+    swap_seconds: list[float] = field(default_factory=list)
+
+
+class RenderWorker:
+    """Stage 4 (one per GPU): builds the swapper once, then swaps + pastes + encodes chunks of every clip."""
+
+    def __init__(self, settings: SwapSettings) -> None:
+        self.created = time.perf_counter()
+        self.report_ = WorkerReport(node=_node_name())
+        self.swapper = create_swapper(settings)
+        self.report_.builds += 1
+        self._job: _Job | None = None
+
+    def _renderer(self, task: RenderTask, sources: list[SourceFace]) -> Renderer:
+        if self._job is None or self._job.key != task.job:
+            self._job = _Job(task.job, Renderer(task.settings, self.swapper, sources))
+        renderer = self._job.renderer
+        renderer.new_chunk()
+        return renderer
+
+    def render(self, task: RenderTask, sources: list[SourceFace]) -> RenderResult:
+        started = time.perf_counter()
+        renderer = self._renderer(task, sources)
+        rendered = self._render_chunk(renderer, task.media.frames(), task.targets)
+        stats = RenderStats()
+        encoded, swapped = None, []
+        if task.info is not None:
+            rotation = task.media.rotation
+
+            def stored() -> Iterator[tuple[np.ndarray, int]]:
+                for _, pts, rgb, _, part in rendered:
+                    stats.add(part)
+                    yield from_display(rgb, rotation), pts
+
+            encoded = encode_chunk(stored(), task.info, task.settings.encode, task.suffix)
+        else:
+            for index, _, rgb, changed, part in rendered:
+                stats.add(part)
+                if changed:
+                    swapped.append((index, rgb))
+        self.report_.busy += time.perf_counter() - started
+        self.report_.chunks += 1
+        return RenderResult(task.job, task.chunk, stats, encoded, tuple(swapped))
+
+    def _swap(self, renderer: Renderer, group: RenderGroup) -> list:
+        started = time.perf_counter()
+        try:
+            return renderer.swap(group)
+        finally:
+            self.report_.swap += time.perf_counter() - started
+
+    def _render_chunk(self, renderer: Renderer, frames: Frames, targets: dict[int, list[FaceTarget]]):
+        """Yield (index, pts, rgb, swapped, stats) per frame, in order. Decode and crop the next group (prefetch
+        thread) and paste the previous one (finish thread) while the model swaps this one."""
+        groups = (renderer.prepare(list(group), targets) for group in batched(frames, renderer.batch_size))
+        with closing(prefetch(groups, depth=1)) as ahead, ThreadPoolExecutor(1, thread_name_prefix="finish") as finisher:
+            pending = None
+            for group in ahead:
+                results = self._swap(renderer, group)
+                if pending is not None:
+                    yield from _with_stats(*pending.result())
+                pending = finisher.submit(renderer.finish, group, results)
+            if pending is not None:
+                yield from _with_stats(*pending.result())
+
+    def report(self) -> WorkerReport:
+        self.report_.lifetime = time.perf_counter() - self.created
+        return self.report_
+
+
+def _with_stats(rendered: list, stats: RenderStats):
+    """Hand the group's stats out with its first frame (the others carry none)."""
+    for position, (index, pts, rgb, swapped) in enumerate(rendered):
+        yield index, pts, rgb, swapped, stats if position == 0 else RenderStats()
+
+
+def _node_name() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
