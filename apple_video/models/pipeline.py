@@ -185,7 +185,7 @@ def load_prompt_embeddings(flux_dir: Path, device: torch.device, dtype: torch.dt
         from diffusers import FluxPipeline
 
         logger.warning("encoding the prompt %r once with the FLUX text encoders (cached at %s)", prompt, path)
-        pipe = FluxPipeline.from_pretrained(str(flux_dir), transformer=None, vae=None, torch_dtype=dtype).to(device)
+        pipe = FluxPipeline.from_pretrained(str(flux_dir), transformer=None, vae=None, dtype=dtype).to(device)
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, max_sequence_length=512)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"prompt_embeds": embeds.cpu().contiguous(), "pooled_embeds": pooled.cpu().contiguous()}, str(path))
