@@ -98,7 +98,7 @@ def test_fp8_below_compute_capability_8_9_is_one_line(monkeypatch) -> None:
         T.speed_up(transformer, False, True, torch.device("cuda"))
 
 
-def test_full_size_model_is_refused_on_the_cpu_in_one_line(tmp_path: Path, monkeypatch) -> None:
+def test_full_size_model_is_refused_on_the_cpu_in_one_line(tmp_path: Path, monkeypatch, source_photo: Path) -> None:
     with torch.device("meta"):
         full = T.AppleFluxTransformer(idformer={}, pulid_num_ca=20)
     params = sum(p.numel() for p in full.parameters())
@@ -124,6 +124,18 @@ def test_full_size_model_is_refused_on_the_cpu_in_one_line(tmp_path: Path, monke
     lora = save_lora(transformer, tmp_path / "lora.safetensors")
     with pytest.raises(DeviceError, match="B parameters"):
         ApplePipeline.from_preset(load_preset("krea-512"), torch.device("cpu"), lora=lora)
+    # and on the command line: one line, exit 2, before the clip is even read
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHONPATH": str(root), "APPLE_VIDEO_HOME": str(home), "HF_HOME": str(tmp_path / "hf")}
+    result = subprocess.run([sys.executable, str(root / "cli.py"), "swap", str(source_photo), str(source_photo), "-o", str(tmp_path / "o.png"), "--preset", "krea-512",
+                             "--lora", str(lora), "--device", "cpu"], cwd=root, capture_output=True, text=True, env=env,
+                            timeout=300)
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-800:]
+    assert "B parameters" in result.stderr
 
 
 def test_pinning_is_guarded_where_no_driver_exists() -> None:

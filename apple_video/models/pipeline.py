@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, FluxTransformer2DModel
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -140,6 +140,14 @@ def pulid_dims(shapes: dict[str, tuple[int, ...]]) -> dict:
         id_dim=shapes["pulid_encoder.id_embedding_mapping.0.weight"][1],
         vit_dim=shapes["pulid_encoder.mapping_0.0.weight"][1])
     return dims
+
+
+def check_fits_device(flux_dir: Path, device: torch.device) -> None:
+    """Refuse a full-size transformer on a CPU from its config alone (no weight read): the driver's early check."""
+    config = dict(AppleFluxTransformer.load_config(str(flux_dir), subfolder="transformer"))
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    refuse_on_cpu(sum(p.numel() for p in model.parameters()), device)
 
 
 def load_transformer(flux_dir: Path, pulid_file: Path, dtype: torch.dtype, independent_condition: bool,
