@@ -322,11 +322,15 @@ class ApplePipeline:
         `id_embed` is (1 or B, n_id, dim)."""
         b = crops.shape[0]
         fixed = self._fixed_batch(b)
+        per_crop = id_embed.shape[0] == b > 1  # one id per crop rather than one for all
         if fixed > b:  # compiled blocks: one batch shape for the whole run (rows are independent, so exact)
-            crops, conditions, seeds = _pad(crops, fixed), None if conditions is None else _pad(conditions, fixed), \
-                [*seeds, *[seeds[-1]] * (fixed - b)]
+            crops, seeds = _pad(crops, fixed), [*seeds, *[seeds[-1]] * (fixed - b)]
+            conditions = None if conditions is None else _pad(conditions, fixed)
+            if per_crop:
+                id_embed = torch.cat([id_embed, id_embed[-1:].expand(fixed - b, -1, -1)])
         elif fixed < b:
-            return torch.cat([self.swap_latents(crops[i:i + fixed], id_embed, null_id, seeds[i:i + fixed],
+            return torch.cat([self.swap_latents(crops[i:i + fixed], id_embed[i:i + fixed] if per_crop else id_embed,
+                                                null_id, seeds[i:i + fixed],
                                                 None if conditions is None else conditions[i:i + fixed])
                               for i in range(0, b, fixed)])
         return self._swap_latents(crops, id_embed, null_id, seeds, conditions)[:b]
