@@ -121,13 +121,17 @@ PULID_CA_DIM_HEAD = 128  # PuLID-FLUX's fixed head sizes (not recorded in its ch
 IDFORMER_DIM_HEAD = 64
 
 
-def pulid_dims(shapes: dict[str, tuple[int, ...]]) -> dict:
+def pulid_dims(shapes: dict[str, tuple[int, ...]], config: dict | None = None) -> dict:
     """AppleFluxTransformer's PuLID arguments read off a PuLID-FLUX checkpoint's tensor shapes (v0.9.1: IDFormer
-    dim 1024, depth 10, 32 queries, 5 id tokens, output 2048; 20 cross-attentions of 16 x 128 heads)."""
+    dim 1024, depth 10, 32 queries, 5 id tokens, output 2048; 20 cross-attentions of 16 x 128 heads). Head sizes
+    are not in the shapes: PuLID's own unless `config` names ones that fit."""
+    config = config or {}
     ca_inner = shapes["pulid_ca.0.to_q.weight"][0]
-    dims: dict = dict(pulid_dim_head=PULID_CA_DIM_HEAD, pulid_heads=max(1, ca_inner // PULID_CA_DIM_HEAD),
-                      pulid_kv_dim=shapes["pulid_ca.0.norm1.weight"][0],
-                      pulid_num_ca=len({k.split(".")[1] for k in shapes if k.startswith("pulid_ca.")}))
+    dim_head = config.get("pulid_dim_head", PULID_CA_DIM_HEAD)
+    if ca_inner % dim_head:
+        dim_head = PULID_CA_DIM_HEAD if ca_inner % PULID_CA_DIM_HEAD == 0 else ca_inner
+    dims: dict = dict(pulid_dim_head=dim_head, pulid_heads=ca_inner // dim_head,
+                      pulid_kv_dim=shapes["pulid_ca.0.norm1.weight"][0], pulid_num_ca=20)  # PuLID always builds 20
     if "pulid_encoder.latents" not in shapes:
         return {**dims, "idformer": None}
     _, queries, dim = shapes["pulid_encoder.latents"]
@@ -158,8 +162,10 @@ def load_transformer(flux_dir: Path, pulid_file: Path, dtype: torch.dtype, indep
     config = {k: v for k, v in config.items() if not k.startswith("_")}
     with safe_open(str(pulid_file), framework="pt") as handle:
         shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    dims = pulid_dims(shapes, config)
+    config = {k: v for k, v in config.items() if k not in dims}
     with torch.device("meta"):
-        model = AppleFluxTransformer(**config, independent_condition=independent_condition, **pulid_dims(shapes))
+        model = AppleFluxTransformer(**config, independent_condition=independent_condition, **dims)
     if device is not None:
         refuse_on_cpu(sum(p.numel() for p in model.parameters()), device)
     pulid = load_file(str(pulid_file))
