@@ -250,13 +250,14 @@ def weights() -> None:
 
 
 @weights.command("check")
-def weights_check() -> None:
-    """Report each model file as present, missing or corrupt (exit 1 if any APPLE file is missing)."""
+@click.option("--verify", is_flag=True, help="Also hash each file against its published sha256 (slow: GBs to read).")
+def weights_check(verify: bool) -> None:
+    """Report each model file as present, missing or corrupt (exit 1 if any is missing or corrupt)."""
     from apple_video import weights
 
     missing = 0
     for entry in weights.REGISTRY:
-        state, path = weights.status(entry)
+        state, path = weights.status(entry, verify_hash=verify)
         missing += state != "present"
         click.echo(f"{state:8s} {entry.name:20s} {path}")
     click.echo("all model files present" if not missing else
@@ -272,16 +273,17 @@ def weights_where() -> None:
 
     click.echo(f"weights home: {weights.weights_home()}  (set APPLE_VIDEO_HOME to move it)")
     for entry in weights.REGISTRY:
-        source = f"hf://{entry.repo}/{entry.repo_file or ''}" if entry.repo else "see description"
-        click.echo(f"{entry.name:20s} -> {weights.candidates(entry)[0]}\n{'':20s}    {entry.purpose}; from {source}"
+        pinned = f"{entry.size:,} bytes, sha256 {entry.sha256[:12]}..." if entry.size and entry.sha256 else entry.hash_note
+        click.echo(f"{entry.name:20s} -> {weights.candidates(entry)[0]}\n{'':20s}    {entry.purpose}; from "
+                   f"{entry.describe_source()}{f' ({pinned})' if pinned else ''}"
                    f"{' (gated: accept the licence on huggingface.co and set HF_TOKEN)' if entry.gated else ''}")
 
 
 @weights.command("download")
 @click.argument("names", nargs=-1)
-@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for the hub.")
+@click.option("--timeout", type=float, default=10.0, show_default=True, help="Seconds to wait for each server.")
 def weights_download(names: tuple[str, ...], timeout: float) -> None:
-    """Download model files from the Hugging Face hub (resumable)."""
+    """Download model files from their published sources (resumable; size and sha256 checked)."""
     from apple_video.weights import download
 
     for line in download(list(names), timeout):

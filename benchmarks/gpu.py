@@ -1,59 +1,120 @@
-"""The full-size APPLE model on one CUDA GPU, with random bf16 weights (speed does not depend on the values).
+"""The acceptance run for a lent GPU: the full-size APPLE model with random bf16 weights, phase by phase.
 
-Builds the krea-512 architecture (FLUX.1-dev size: 19 double + 38 single blocks, 24 x 128 heads; PuLID CA x20 +
-IDFormer; rank-64 condition LoRA) on the meta device, then `to_empty` on the GPU and a seeded init: seconds, no
-weights needed. Prints a table:
-- forward ms at batch 1, 8, 16 (per call and per face), FLOPs per forward (FlopCounterMode), achieved TFLOP/s and
-  its fraction of the card's bf16 peak (the datasheet's where known, else a measured large matmul);
-- VAE encode + decode per face; seconds per face-frame for each recipe at the best batch, from the project's own
-  loops (`ApplePipeline.swap_latents`, a few steps, scaled to the preset's 28 / 28 + 28); peak GPU memory.
-The last line is `seconds per face-frame (inversion, best batch): X.XX`. Without CUDA it refuses in one line (exit 2).
+Each phase runs under its own time limit and appends one JSON line (to stdout and `--out`); a PASS/FAIL table
+closes the run. Under 8 minutes on one H200. Phases:
+  build    the krea-512 architecture at full size (19 + 38 blocks, 24 x 128 heads, PuLID CA x20 + IDFormer, rank-64
+           LoRA; 12.70 B parameters) and EVA02-L, all on CUDA in bf16
+  guard    one forward under a dispatch guard: no CPU tensor meets a CUDA one, no float32 matmul
+  forward  batch 1/8/16, full pass and condition-cache read; TFLOP/s against 790 (a bf16 8192^3 matmul on an H200)
+  swap     auto batch size; one `swap` per recipe x quality: s/face-frame against its FLOP floor, peak GiB per crop
+  compile  a 2 + 4 block slice compiled (inductor): graph breaks, recompiles when the group size changes
+  fp8      the slice with torchao float8 block linears: speed and velocity cosine (>= 0.99) against bf16
+  offload  the slice with --offload: s/forward, host-to-device GB/s, output equal to resident
+  engine   the whole engine on a 48-frame 720p clip: faces swapped, seconds per stage, GPU-busy share
+  train    two LoRA micro-steps (rectified-flow loss, gradient checkpointing) under accelerate bf16
+VAE encode is counted once per face-frame (it is part of `swap_latents`), decode once.
+Without CUDA it refuses in one line (exit 2); `--smoke` runs every phase at toy size on the CPU (for the tests).
 
-    python benchmarks/gpu.py [--batches 1,8,16] [--loop-steps 4]
+    python benchmarks/gpu.py [--out gpu-acceptance.jsonl] [--only build,forward,...]
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from diffusers import AutoencoderKL  # noqa: E402
 
-from apple_video.config import Preset, load_preset, with_overrides  # noqa: E402
-from apple_video.models import latents as L  # noqa: E402
+from apple_video.config import Preset, load_preset, with_overrides, with_quality  # noqa: E402
 from apple_video.models.lora import add_condition_lora  # noqa: E402
 from apple_video.models.pipeline import ApplePipeline, PromptEmbeddings  # noqa: E402
-from apple_video.models.transformer import AppleFluxTransformer, TransformerInputs  # noqa: E402
+from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache, TransformerInputs  # noqa: E402
 
-# dense bf16 tensor-core peaks from the datasheets, TFLOP/s (no sparsity), by a substring of the device name
-BF16_PEAK_TFLOPS = {"H200": 989.0, "H100 SXM": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0,
-                    "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "RTX 4090": 165.0, "RTX 3090": 71.0}
+CEILING_TFLOPS = 790.0  # bf16 8192^3 matmul measured on the project's H200s (the datasheet's 989 is not reached)
 CROP = 512
 TEXT_TOKENS = 512
+RECIPES = ("student", "inversion")
+QUALITIES = ("fast", "balanced", "paper")
 
 
+@dataclass(frozen=True)
+class Scale:
+    """Model and input sizes of a run: `FULL` on a GPU, `SMOKE` to prove the phases on a CPU."""
+
+    num_layers: int = 19
+    num_single_layers: int = 38
+    heads: int = 24
+    head_dim: int = 128
+    joint_dim: int = 4096
+    pooled_dim: int = 768
+    rope: tuple[int, int, int] = (16, 56, 56)
+    idformer: dict = field(default_factory=dict)  # PuLID v0.9.1 defaults
+    kv_dim: int = 2048
+    pulid_heads: int = 16
+    lora_rank: int = 64
+    crop: int = CROP
+    text_tokens: int = TEXT_TOKENS
+    batches: tuple[int, ...] = (1, 8, 16)
+    loop_steps: int = 2
+    vae: dict | None = None  # None: FLUX's VAE
+    eva: dict = field(default_factory=dict)  # timm eva02_large_patch14_clip_336 overrides
+    clip_frames: int = 48
+    clip_size: tuple[int, int] = (1280, 720)
+    slice_layers: tuple[int, int] = (2, 4)
+
+
+FULL = Scale()
+SMOKE = Scale(num_layers=3, num_single_layers=5, heads=2, head_dim=16, joint_dim=32, pooled_dim=32, rope=(4, 6, 6),
+              idformer=dict(dim=32, depth=5, dim_head=8, heads=2, num_queries=32, output_dim=16, id_dim=512 + 32,
+                            vit_dim=32), kv_dim=16, pulid_heads=2, lora_rank=4, crop=128, text_tokens=8, batches=(1, 2),
+              loop_steps=1, vae=dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, latent_channels=16,
+                                     norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159),
+              eva=dict(img_size=56, embed_dim=32, depth=6, num_heads=2, num_classes=32), clip_frames=6,
+              clip_size=(320, 240), slice_layers=(1, 1))
+
+
+# -- builders (also used by tests on the meta device) -----------------------------------------------------------
 def build_full_transformer(device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0,
-                           lora_rank: int = 64) -> AppleFluxTransformer:
+                           lora_rank: int = 64, scale: Scale = FULL, independent: bool = True,
+                           layers: tuple[int, int] | None = None) -> AppleFluxTransformer:
     """The krea-512 transformer (FLUX.1 size + PuLID + condition LoRA) with seeded random weights on `device`.
 
     Built on the meta device (no memory, no time), then materialised on `device` and filled in place. On the
-    meta device itself it stays empty (a shape-only model for tests and FLOP counts)."""
+    meta device itself it stays empty (a shape-only model for tests and FLOP counts). `independent`: condition
+    tokens attend to themselves (an OminiControl2 student), which the condition-cache phases need."""
+    double, single = layers or (scale.num_layers, scale.num_single_layers)
     with torch.device("meta"):
-        model = AppleFluxTransformer(idformer={}, pulid_num_ca=20)
-        add_condition_lora(model, lora_rank, init=False)
+        model = AppleFluxTransformer(
+            num_layers=double, num_single_layers=single, attention_head_dim=scale.head_dim,
+            num_attention_heads=scale.heads, joint_attention_dim=scale.joint_dim, pooled_projection_dim=scale.pooled_dim,
+            axes_dims_rope=scale.rope, pulid_kv_dim=scale.kv_dim, pulid_heads=scale.pulid_heads,
+            pulid_dim_head=scale.head_dim, idformer=scale.idformer,
+            pulid_num_ca=20, independent_condition=independent)
+        add_condition_lora(model, lora_rank if scale is FULL else scale.lora_rank, init=False)
     # cast while still on meta (materialising float32 first would need 51 GB); nn.Module.to: diffusers' own `to`
     # warns about fp32-kept modules, of which this model has none
     model = torch.nn.Module.to(model, dtype=dtype).requires_grad_(False)
     if device.type == "meta":
         return model.eval()
     model = model.to_empty(device=device)
+    _fill(model, device, seed)
+    return model.eval()
+
+
+def _fill(model: torch.nn.Module, device: torch.device, seed: int) -> None:
     generator = torch.Generator(device).manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -62,30 +123,49 @@ def build_full_transformer(device: torch.device, dtype: torch.dtype = torch.bflo
             else:
                 param.normal_(0.0, 0.02, generator=generator)
         for buffer in model.buffers():
-            buffer.zero_()
-    return model.eval()
+            if buffer.is_floating_point():
+                buffer.zero_()
 
 
-def build_full_vae(device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> AutoencoderKL:
-    """FLUX's VAE architecture (16 latent channels, 4 levels) with seeded random weights."""
-    v = load_preset("krea-512").model.vae
-    torch.manual_seed(seed)
-    with torch.device(device):
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-            block_out_channels=tuple(v.block_out_channels), layers_per_block=v.layers_per_block,
-            latent_channels=v.latent_channels, norm_num_groups=v.norm_num_groups, scaling_factor=v.scaling_factor,
-            shift_factor=v.shift_factor, use_quant_conv=False, use_post_quant_conv=False)
-    return torch.nn.Module.to(vae, dtype=dtype).requires_grad_(False).eval()
+def build_full_vae(device: torch.device, dtype: torch.dtype = torch.bfloat16, seed: int = 0, vae=None) -> AutoencoderKL:
+    """FLUX's VAE architecture (16 latent channels, 4 levels) with seeded random weights (`vae`: other settings)."""
+    v = vae or load_preset("krea-512").model.vae
+    get = (lambda key: v[key]) if isinstance(v, dict) else (lambda key: getattr(v, key))
+    channels = tuple(get("block_out_channels"))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * len(channels),
+                up_block_types=("UpDecoderBlock2D",) * len(channels), block_out_channels=channels,
+                layers_per_block=get("layers_per_block"), latent_channels=get("latent_channels"),
+                norm_num_groups=get("norm_num_groups"), scaling_factor=get("scaling_factor"),
+                shift_factor=get("shift_factor"), use_quant_conv=False, use_post_quant_conv=False)
+    return torch.nn.Module.to(model, dtype=dtype).requires_grad_(False).eval()
 
 
-def forward_inputs(batch: int, device: torch.device, dtype: torch.dtype, kv_dim: int = 2048) -> TransformerInputs:
-    """One velocity call at 512: 1024 image + 1024 condition + 512 text tokens."""
+def build_eva(device: torch.device, dtype: torch.dtype, scale: Scale = FULL) -> torch.nn.Module:
+    """EVA02-CLIP-L-14-336 (timm), random weights, as PuLID runs it."""
+    import timm
+
+    from apple_video.models.real_identity import EVA_ARCH
+
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(5)
+        model = timm.create_model(EVA_ARCH, pretrained=False, **scale.eva)  # rotary tables built where they run
+    return model.to(dtype).requires_grad_(False).eval()
+
+
+def forward_inputs(batch: int, device: torch.device, dtype: torch.dtype, kv_dim: int = 2048,
+                   scale: Scale = FULL) -> TransformerInputs:
+    """One velocity call at the crop size (512: 1024 image + 1024 condition + 512 text tokens)."""
     g = torch.Generator().manual_seed(1)
-    n = (CROP // 16) ** 2
-    ids = torch.zeros(CROP // 16, CROP // 16, 3, device=device)
-    ids[..., 1] = torch.arange(CROP // 16, device=device)[:, None]
-    ids[..., 2] = torch.arange(CROP // 16, device=device)[None, :]
+    side = scale.crop // 16
+    n = side * side
+    ids = torch.zeros(side, side, 3, device=device)
+    ids[..., 1] = torch.arange(side, device=device)[:, None]
+    ids[..., 2] = torch.arange(side, device=device)[None, :]
+    kv = kv_dim if scale is FULL else scale.kv_dim
 
     def rand(*shape: int) -> torch.Tensor:
         if device.type == "meta":
@@ -94,46 +174,22 @@ def forward_inputs(batch: int, device: torch.device, dtype: torch.dtype, kv_dim:
 
     return TransformerInputs(
         latents=rand(batch, n, 64), timestep=torch.full((batch,), 0.5, device=device, dtype=dtype),
-        prompt_embeds=rand(batch, TEXT_TOKENS, 4096), pooled_embeds=rand(batch, 768), img_ids=ids.reshape(-1, 3).to(dtype),
-        txt_ids=torch.zeros(TEXT_TOKENS, 3, device=device, dtype=dtype), guidance=torch.ones(batch, device=device, dtype=dtype),
-        condition=rand(batch, n, 64), id_embed=rand(batch, 32, kv_dim))
-
-
-def cuda_ms(fn: Callable[[], object], repeats: int = 3, warmup: int = 1) -> float:
-    """Mean milliseconds per call, CUDA events after warm-up."""
-    for _ in range(warmup):
-        fn()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(repeats):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / repeats
+        prompt_embeds=rand(batch, scale.text_tokens, scale.joint_dim), pooled_embeds=rand(batch, scale.pooled_dim),
+        img_ids=ids.reshape(-1, 3).to(dtype), txt_ids=torch.zeros(scale.text_tokens, 3, device=device, dtype=dtype),
+        guidance=torch.ones(batch, device=device, dtype=dtype), condition=rand(batch, n, 64), id_embed=rand(batch, 32, kv))
 
 
 def flops_per_forward(model: AppleFluxTransformer, inputs: TransformerInputs) -> int:
+    return count_flops(lambda: model(inputs))
+
+
+def count_flops(fn: Callable[[], object]) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
-        model(inputs)
+        fn()
     return counter.get_total_flops()
-
-
-def bf16_peak(device: torch.device) -> tuple[float, str]:
-    """(TFLOP/s, where the figure comes from): the datasheet when the card is known, else a measured matmul."""
-    name = torch.cuda.get_device_name(device)
-    for key, peak in BF16_PEAK_TFLOPS.items():
-        if key in name:
-            return peak, "datasheet"
-    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    ms = cuda_ms(lambda: a @ a, repeats=10, warmup=3)
-    return 2 * 8192**3 / ms / 1e9, "measured 8192^3 matmul"
-
-
-def preset_with_steps(steps: int, recipe: str) -> Preset:
-    return with_overrides(load_preset("krea-512"), inversion_steps=steps, sampling_steps=steps, recipe=recipe)
 
 
 def refuse_without_cuda() -> None:
@@ -143,63 +199,461 @@ def refuse_without_cuda() -> None:
         raise SystemExit(2)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--batches", default="1,8,16", help="batch sizes of the forward timings")
-    parser.add_argument("--loop-steps", type=int, default=4, help="steps of the timed loops (scaled to 28)")
-    args = parser.parse_args(argv)
-    refuse_without_cuda()
-    device, dtype = torch.device("cuda"), torch.bfloat16
-    started = time.perf_counter()
-    model = build_full_transformer(device, dtype)
-    params = sum(p.numel() for p in model.parameters())
-    print(f"device: {torch.cuda.get_device_name(device)}; model {params / 1e9:.2f} B params, "
-          f"{torch.cuda.memory_allocated(device) / 2**30:.1f} GiB, built in {time.perf_counter() - started:.1f} s")
-    peak, peak_source = bf16_peak(device)
-    flops = flops_per_forward(model, forward_inputs(1, device, dtype))
-    print(f"FLOPs per forward (batch 1): {flops / 1e12:.2f} TFLOP; bf16 peak {peak:.0f} TFLOP/s ({peak_source})")
+# -- measuring ---------------------------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    rows, per_face = [], {}
-    for batch in (int(b) for b in args.batches.split(",")):
-        inputs = forward_inputs(batch, device, dtype)
+
+def seconds(fn: Callable[[], object], device: torch.device, repeats: int = 3, warmup: int = 1) -> float:
+    """Mean seconds per call after warm-up (synchronised on CUDA)."""
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def peak_gib(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else 0.0
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-        with torch.no_grad():
-            ms = cuda_ms(lambda inputs=inputs: model(inputs))
-        achieved = flops * batch / (ms / 1e3) / 1e12
-        per_face[batch] = ms / batch
-        rows.append(f"| forward, batch {batch:2d} | {ms:8.1f} ms | {ms / batch:7.1f} ms/face | {achieved:6.1f} TFLOP/s "
-                    f"| {achieved / peak:5.1%} of peak | {torch.cuda.max_memory_allocated(device) / 2**30:5.1f} GiB peak |")
-        del inputs
-    best = min(per_face, key=per_face.get)
 
-    vae = build_full_vae(device, dtype)
-    crops = torch.randint(0, 256, (best, CROP, CROP, 3), dtype=torch.uint8).numpy()
+
+MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+           "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_attention_math", "convolution"}
+
+
+class DeviceGuard(TorchDispatchMode):
+    """Records ops where a CPU tensor meets a tensor of the run's device, and float32 matmuls."""
+
+    def __init__(self, device: torch.device) -> None:
+        super().__init__()
+        self.device = device
+        self.mixed: set[str] = set()
+        self.fp32: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        tensors = [a for a in torch.utils._pytree.tree_leaves((args, kwargs or {})) if isinstance(a, torch.Tensor)]
+        kinds = {t.device.type for t in tensors if t.dim() > 0}
+        name = func.__name__.split(".")[0]
+        if "cpu" in kinds and self.device.type in kinds and self.device.type != "cpu":
+            self.mixed.add(name)
+        if name in MATMULS and any(t.dtype == torch.float32 for t in tensors if t.dim() > 1):
+            self.fp32.add(name)
+        return func(*args, **(kwargs or {}))
+
+
+@dataclass
+class Context:
+    device: torch.device
+    dtype: torch.dtype
+    scale: Scale
+    results: list[dict] = field(default_factory=list)
+    model: AppleFluxTransformer | None = None
+    vae: AutoencoderKL | None = None
+    eva: torch.nn.Module | None = None
+    slice_model: AppleFluxTransformer | None = None
+
+    def get_slice(self) -> AppleFluxTransformer:
+        if self.slice_model is None:
+            self.slice_model = build_full_transformer(self.device, self.dtype, seed=3, scale=self.scale,
+                                                      layers=self.scale.slice_layers)
+        return self.slice_model
+
+
+class PhaseTimeout(Exception):
+    pass
+
+
+@contextmanager
+def time_limit(limit: float) -> Iterator[None]:
+    """Interrupts the phase (between Python statements) after `limit` seconds."""
+    def alarm(signum, frame):  # noqa: ANN001
+        raise PhaseTimeout(f"over its {limit:.0f} s limit")
+
+    previous = signal.signal(signal.SIGALRM, alarm)
+    signal.setitimer(signal.ITIMER_REAL, limit)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+# -- phases: each returns (passed, figures) -----------------------------------------------------------------------
+def phase_build(ctx: Context) -> tuple[bool, dict]:
+    start = time.perf_counter()
+    ctx.model = build_full_transformer(ctx.device, ctx.dtype, scale=ctx.scale)
+    ctx.vae = build_full_vae(ctx.device, ctx.dtype, vae=ctx.scale.vae)
+    ctx.eva = build_eva(ctx.device, ctx.dtype, ctx.scale)
+    params = list(ctx.model.parameters())
+    count = sum(p.numel() for p in params)
+    placed = all(p.device.type == ctx.device.type and p.dtype == ctx.dtype
+                 for m in (ctx.model, ctx.vae, ctx.eva) for p in m.parameters())
+    sync(ctx.device)
+    figures = dict(params_b=round(count / 1e9, 3), eva_params_m=round(sum(p.numel() for p in ctx.eva.parameters()) / 1e6, 1),
+                   all_on_device_bf16=placed, seconds=round(time.perf_counter() - start, 1), gib=round(peak_gib(ctx.device), 1))
+    full_ok = 12.6e9 < count < 12.8e9 if ctx.scale is FULL else True
+    return placed and full_ok and ctx.model.pulid_encoder is not None, figures
+
+
+def phase_guard(ctx: Context) -> tuple[bool, dict]:
+    inputs = forward_inputs(1, ctx.device, ctx.dtype, scale=ctx.scale)
+    guard = DeviceGuard(ctx.device)
+    with torch.no_grad(), guard:
+        out = ctx.model(inputs)
+    sync(ctx.device)
+    fp32 = sorted(guard.fp32) if ctx.dtype != torch.float32 else []  # the CPU smoke run is float32 on purpose
+    ok = not guard.mixed and not fp32 and out.device.type == ctx.device.type and out.dtype == ctx.dtype
+    return ok, dict(mixed_device_ops=sorted(guard.mixed), fp32_matmuls=fp32, finite=bool(out.isfinite().all()))
+
+
+def phase_forward(ctx: Context) -> tuple[bool, dict]:
+    flops = flops_per_forward(ctx.model, forward_inputs(1, ctx.device, ctx.dtype, scale=ctx.scale))
+    rows, best = {}, 0.0
+    for batch in ctx.scale.batches:
+        inputs = forward_inputs(batch, ctx.device, ctx.dtype, scale=ctx.scale)
+        cache = ConditionKVCache()
+        with torch.no_grad():
+            ctx.model(inputs, cache)  # fills the condition K/V
+            reading_flops = count_flops(lambda inputs=inputs, cache=cache: ctx.model(inputs, cache)) if batch == 1 else None
+            reset_peak(ctx.device)
+            full = seconds(lambda inputs=inputs: ctx.model(inputs), ctx.device)
+            read = seconds(lambda inputs=inputs, cache=cache: ctx.model(inputs, cache), ctx.device)
+        tflops = flops * batch / full / 1e12
+        best = max(best, tflops)
+        rows[f"batch_{batch}"] = dict(ms=round(full * 1e3, 1), ms_per_face=round(full * 1e3 / batch, 1),
+                                      tflops=round(tflops, 1), of_ceiling=round(tflops / CEILING_TFLOPS, 3),
+                                      cache_read_ms=round(read * 1e3, 1), peak_gib=round(peak_gib(ctx.device), 1))
+        if reading_flops is not None:
+            rows["cache_read_tflop_per_forward"] = round(reading_flops / 1e12, 2)
+        del inputs, cache
+    rows["tflop_per_forward"] = round(flops / 1e12, 2)
+    # PASS: the best batch keeps the tensor cores at least a third busy (46% measured eagerly at batch 8)
+    return ctx.device.type != "cuda" or best / CEILING_TFLOPS > 1 / 3, rows
+
+
+def _preset(recipe: str, quality: str, steps: int | None) -> Preset:
+    preset = with_quality(load_preset("krea-512"), quality)
+    over = dict(recipe=recipe, compile=False, fp8=False, independent_condition=True)  # compile has its own phase
+    if steps is not None:
+        over.update(inversion_steps=steps, sampling_steps=steps)
+    return with_overrides(preset, **over)
+
+
+def _identity(ctx: Context) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """EVA02-L on a random face + IDFormer: the id tokens, the null tokens and the seconds it took."""
+    from apple_video.models.identity import eva_features
+
+    size = ctx.eva.patch_embed.img_size[0]
+    pixels = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(4)).to(ctx.device, ctx.dtype)
+    stride = max(1, len(ctx.eva.blocks) // 6)
+    start = time.perf_counter()
     with torch.no_grad():
-        vae_ms = cuda_ms(lambda: L.decode_latents(vae, L.encode(vae, crops), CROP, CROP)) / best
-    rows.append(f"| VAE encode + decode, batch {best} | {vae_ms * best:8.1f} ms | {vae_ms:7.1f} ms/face | | | |")
+        cls, hidden = eva_features(ctx.eva, pixels, stride)
+        arc = torch.randn(1, 512, generator=torch.Generator().manual_seed(5)).to(ctx.device, ctx.dtype)
+        id_cond = torch.cat([arc, torch.nn.functional.normalize(cls, dim=-1)], -1)
+        tokens = ctx.model.pulid_encoder(id_cond, hidden)
+        null = ctx.model.pulid_encoder.null_embedding(id_cond, hidden)
+    sync(ctx.device)
+    return tokens, null, time.perf_counter() - start
 
+
+def _prompt(ctx: Context) -> PromptEmbeddings:
     g = torch.Generator().manual_seed(2)
-    prompt = PromptEmbeddings(torch.randn(1, TEXT_TOKENS, 4096, generator=g), torch.randn(1, 768, generator=g))
-    id_embed = torch.randn(1, 32, 2048, generator=g)
-    seconds = {}
-    torch.cuda.reset_peak_memory_stats(device)
-    for recipe in ("student", "inversion"):
-        preset = preset_with_steps(args.loop_steps, recipe)
-        pipe = ApplePipeline(preset, model, vae, prompt, identity=None, device=device, real=False)  # ids given directly
+    return PromptEmbeddings(torch.randn(1, ctx.scale.text_tokens, ctx.scale.joint_dim, generator=g),
+                            torch.randn(1, ctx.scale.pooled_dim, generator=g))
+
+
+def phase_swap(ctx: Context) -> tuple[bool, dict]:
+    id_embed, null, id_seconds = _identity(ctx)
+    prompt = _prompt(ctx)
+    probe = ApplePipeline(_preset("student", "fast", None), ctx.model, ctx.vae, prompt, None, ctx.device, real=False)
+    batch = min(probe.auto_batch_size(), max(ctx.scale.batches))
+    crops = np.random.default_rng(0).integers(0, 256, (batch, ctx.scale.crop, ctx.scale.crop, 3), dtype=np.uint8)
+    rows: dict = dict(auto_batch=batch, identity_ms=round(id_seconds * 1e3, 1))
+    ok = True
+    for recipe in RECIPES:
+        for quality in QUALITIES:
+            full = _preset(recipe, quality, None).sampling
+            steps = min(ctx.scale.loop_steps, full.sampling_steps)
+            pipe = ApplePipeline(_preset(recipe, quality, steps), ctx.model, ctx.vae, prompt, None, ctx.device, real=False)
+            seeds = list(range(batch))
+            with torch.no_grad():
+                flops = count_flops(lambda pipe=pipe: pipe.swap(crops[:1], id_embed, null, [0]))
+                reset_peak(ctx.device)
+                base = torch.cuda.memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else 0.0
+                spent = seconds(lambda pipe=pipe, seeds=seeds: pipe.swap(crops, id_embed, null, seeds), ctx.device, repeats=1, warmup=0)
+                out = pipe.swap(crops[:1], id_embed, null, [0])
+            # scale the few timed steps to the quality's own count (encode and decode are paid once either way)
+            factor = full.sampling_steps / steps
+            per_face = spent * factor / batch
+            floor = flops * factor / (CEILING_TFLOPS * 1e12)
+            ok &= out.shape == (1, ctx.scale.crop, ctx.scale.crop, 3) and per_face >= floor * 0.999
+            rows[f"{recipe}/{quality}"] = dict(s_per_face_frame=round(per_face, 3), flop_floor_s=round(floor, 3),
+                                               of_floor=round(floor / per_face, 3) if per_face else None,
+                                               gib_per_crop=round((peak_gib(ctx.device) - base) / batch, 2))
+    return ok, rows
+
+
+def phase_compile(ctx: Context) -> tuple[bool, dict]:
+    from torch._dynamo.utils import counters
+
+    model = ctx.get_slice()
+    prompt = _prompt(ctx)
+    pipe = ApplePipeline(_preset("inversion", "fast", 1), model, ctx.vae, prompt, None, ctx.device, real=False)
+    id_embed = torch.randn(1, 32, model.config.pulid_kv_dim, generator=torch.Generator().manual_seed(6))
+    batch = max(2, min(ctx.scale.batches[-1], 4))
+    crops = np.random.default_rng(1).integers(0, 256, (batch, ctx.scale.crop, ctx.scale.crop, 3), dtype=np.uint8)
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_blocks(True, **({} if ctx.device.type == "cuda" else {"backend": "eager"}))
+    try:
+        start = time.perf_counter()
         with torch.no_grad():
-            loop_ms = cuda_ms(lambda pipe=pipe: pipe.swap_latents(crops, id_embed, id_embed, [0] * best), repeats=1)
-        full = load_preset("krea-512").sampling
-        scale = (full.sampling_steps + (full.inversion_steps if recipe == "inversion" else 0)) / (
-            args.loop_steps * (2 if recipe == "inversion" else 1))
-        seconds[recipe] = (loop_ms * scale / best + vae_ms) / 1e3
-        rows.append(f"| face-frame, {recipe}, batch {best} | {seconds[recipe]:8.2f} s/face | | | | |")
-    rows.append(f"| peak GPU memory (loops, batch {best}) | {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB | | | | |")
-    print("| what | time | per face | achieved | of bf16 peak | memory |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    print(f"seconds per face-frame (student, best batch): {seconds['student']:.2f}")
-    print(f"seconds per face-frame (inversion, best batch): {seconds['inversion']:.2f}")
+            pipe.swap_latents(crops, id_embed, id_embed, list(range(batch)))
+            sync(ctx.device)
+            first_s = time.perf_counter() - start
+            compiled = counters["frames"]["total"]
+            for n in (batch, batch - 1, 1):  # a trailing group, then a frame with one face
+                pipe.swap_latents(crops[:n], id_embed, id_embed, list(range(n)))
+        later = counters["frames"]["total"] - compiled
+        breaks = sum(counters["graph_break"].values())
+    finally:
+        model.compile_blocks(False)
+        torch._dynamo.reset()
+    return later == 0 and breaks == 0, dict(first_group_s=round(first_s, 1), compiles_first_group=compiled,
+                                            recompiles_after=later, graph_breaks=breaks)
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.float().flatten(), b.float().flatten(), dim=0))
+
+
+def phase_fp8(ctx: Context) -> tuple[bool, dict]:
+    from apple_video.models.transformer import check_fp8_capability, to_float8
+
+    if ctx.device.type != "cuda":
+        return True, dict(skipped="CPU smoke run: fp8 needs CUDA")
+    check_fp8_capability(torch.cuda.get_device_capability(ctx.device), torch.cuda.get_device_name(ctx.device))
+    model = build_full_transformer(ctx.device, ctx.dtype, seed=3, scale=ctx.scale, layers=ctx.scale.slice_layers)
+    inputs = forward_inputs(8, ctx.device, ctx.dtype, scale=ctx.scale)
+    with torch.no_grad():
+        reference = model(inputs)
+        bf16 = seconds(lambda: model(inputs), ctx.device)
+        to_float8(model)
+        quantised = model(inputs)
+        fp8 = seconds(lambda: model(inputs), ctx.device)
+    cosine = _cosine(quantised, reference)
+    return cosine >= 0.99, dict(bf16_ms=round(bf16 * 1e3, 1), fp8_ms=round(fp8 * 1e3, 1),
+                                speedup=round(bf16 / fp8, 2), velocity_cosine=round(cosine, 4))
+
+
+def phase_offload(ctx: Context) -> tuple[bool, dict]:
+    model = ctx.get_slice()
+    inputs = forward_inputs(1, ctx.device, ctx.dtype, scale=ctx.scale)
+    with torch.no_grad():
+        resident_s = seconds(lambda: model(inputs), ctx.device)
+        resident = model(inputs)
+        model.stream_blocks(ctx.device)
+        before = model.offloader.copied_bytes
+        streamed_s = seconds(lambda: model(inputs), ctx.device)
+        copied = (model.offloader.copied_bytes - before) / 4  # warm-up + 3 timed calls
+        streamed = model(inputs)
+    equal = bool(torch.equal(resident, streamed))
+    pinned = model.offloader.pinned
+    ctx.slice_model = None  # its blocks now live on the host
+    return equal and (pinned or ctx.device.type != "cuda"), dict(
+        resident_ms=round(resident_s * 1e3, 1), offload_ms=round(streamed_s * 1e3, 1),
+        gb_per_s=round(copied / streamed_s / 1e9, 1) if streamed_s else None, pinned=pinned, equal=equal)
+
+
+def phase_engine(ctx: Context) -> tuple[bool, dict]:
+    """The local engine end to end on a synthetic 720p clip with a real face, the swapper being the random
+    full-size pipeline (no weights to load on a lent machine)."""
+    import tempfile
+
+    import skimage
+
+    from apple_video.engine import run as engine
+    from apple_video.media import synth
+    from apple_video.settings import ModelOptions, SwapSettings
+    from apple_video.swappers.apple import AppleSwapper
+
+    id_embed, null, _ = _identity(ctx)
+    pipe = ApplePipeline(_preset("student", "fast", None), ctx.model, ctx.vae, _prompt(ctx), None, ctx.device, real=False)
+    swapper = AppleSwapper(pipe)
+    swapper.prepare = lambda sources: setattr(swapper, "_id", id_embed) or setattr(swapper, "_null", null)
+    width, height = ctx.scale.clip_size
+    patch = synth.face_patch(skimage.data.astronaut(), synth.ASTRONAUT_FACE_BOX)
+    frames = synth.face_frames(patch, (width, height), synth.smooth_path(ctx.scale.clip_frames, width, height, patch.shape[1]))
+    busy = _GpuBusy(ctx.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = synth.write_clip(Path(tmp) / "clip.mp4", frames, fps=24)
+        source = Path(tmp) / "source.png"
+        from PIL import Image
+
+        Image.fromarray(skimage.data.astronaut()).save(source)
+        saved = engine.create_swapper, engine.announce_swapper
+        engine.create_swapper, engine.announce_swapper = (lambda settings: swapper), (lambda settings: None)
+        try:
+            settings = SwapSettings(swapper="apple", model=ModelOptions(preset="krea-512"))
+            start = time.perf_counter()
+            with busy:
+                summary = engine.swap_video([source], clip, Path(tmp) / "out.mp4", settings)
+            total = time.perf_counter() - start
+        finally:
+            engine.create_swapper, engine.announce_swapper = saved
+    figures = dict(frames=summary.frames, faces_swapped=summary.faces_swapped, stage_seconds=summary.seconds,
+                   wall_s=round(total, 1), gpu_busy_share=busy.share, error=summary.error)
+    return summary.status == "ok" and summary.faces_swapped > 0, figures
+
+
+class _GpuBusy:
+    """Share of wall time the GPU was busy (NVML utilisation samples), None without NVML."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.samples: list[int] = []
+        self.share: float | None = None
+        self._stop = False
+
+    def __enter__(self) -> _GpuBusy:
+        import threading
+
+        if self.device.type != "cuda":
+            return self
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop:
+            try:
+                self.samples.append(torch.cuda.utilization(self.device))
+            except Exception:  # no NVML: no figure
+                return
+            time.sleep(0.1)
+
+    def __exit__(self, *exc) -> None:
+        self._stop = True
+        if self.samples:
+            self.share = round(sum(self.samples) / len(self.samples) / 100, 3)
+
+
+def phase_train(ctx: Context) -> tuple[bool, dict]:
+    """Two micro-steps of the teacher/student objective on the LoRA: x_t = (1 - t) x0 + t eps, loss
+    ||(eps - x0) - v||^2, gradient checkpointing, accelerate bf16 autocast and AdamW on the fp32 LoRA copies."""
+    from accelerate import Accelerator
+
+    model = ctx.get_slice()
+    lora = [p for n, p in model.named_parameters() if "lora_" in n]
+    for p in lora:
+        p.data = p.data.float()
+        p.requires_grad_(True)
+    model.gradient_checkpointing = True
+    accelerator = Accelerator(mixed_precision="bf16" if ctx.device.type == "cuda" else "no", cpu=ctx.device.type != "cuda",
+                              gradient_accumulation_steps=2)
+    optimizer = torch.optim.AdamW(lora, lr=1e-4)
+    wrapped, optimizer = accelerator.prepare(model, optimizer)
+    before = [p.detach().clone() for p in lora]
+    g = torch.Generator().manual_seed(7)
+    losses, start = [], time.perf_counter()
+    reset_peak(ctx.device)
+    model.train()
+    for _ in range(2):
+        x = forward_inputs(1, ctx.device, ctx.dtype, scale=ctx.scale)
+        t = torch.rand(1, generator=g).to(ctx.device)
+        noise = torch.randn(x.latents.shape, generator=g).to(ctx.device, ctx.dtype)
+        x_t = ((1 - t[:, None, None]) * x.latents.float() + t[:, None, None] * noise.float()).to(ctx.dtype)
+        with accelerator.accumulate(wrapped), accelerator.autocast():
+            from dataclasses import replace
+
+            velocity = wrapped(replace(x, latents=x_t, timestep=t.to(ctx.dtype)))
+            loss = torch.nn.functional.mse_loss(velocity.float(), (noise - x.latents).float())
+            accelerator.backward(loss)
+            optimizer.step()
+            optimizer.zero_grad()
+        losses.append(loss.item())
+    sync(ctx.device)
+    model.eval()
+    model.gradient_checkpointing = False
+    moved = any(not torch.equal(a, b) for a, b in zip(before, lora, strict=True))
+    ctx.slice_model = None  # its LoRA is now trained and fp32
+    return moved and all(np.isfinite(losses)), dict(losses=[round(v, 4) for v in losses], stepped=moved,
+                                                    s_per_micro_step=round((time.perf_counter() - start) / 2, 2),
+                                                    peak_gib=round(peak_gib(ctx.device), 1))
+
+
+PHASES: tuple[tuple[str, Callable[[Context], tuple[bool, dict]], float], ...] = (
+    ("build", phase_build, 90), ("guard", phase_guard, 45), ("forward", phase_forward, 75), ("swap", phase_swap, 90),
+    ("compile", phase_compile, 150), ("fp8", phase_fp8, 45), ("offload", phase_offload, 30),
+    ("engine", phase_engine, 60), ("train", phase_train, 30),
+)
+NEEDS_MODEL = {"guard", "forward", "swap", "engine"}
+
+
+def run_phase(ctx: Context, name: str, fn: Callable[[Context], tuple[bool, dict]], limit: float, out: Path | None) -> dict:
+    start = time.perf_counter()
+    try:
+        if name in NEEDS_MODEL and ctx.model is None:
+            raise RuntimeError("the build phase did not finish")
+        with time_limit(limit):
+            passed, figures = fn(ctx)
+        record = dict(phase=name, status="PASS" if passed else "FAIL", **figures)
+    except Exception as error:  # a phase that breaks is reported, and the run goes on
+        record = dict(phase=name, status="FAIL", error=f"{error.__class__.__name__}: {str(error).splitlines()[0][:300]}"
+                      if str(error) else error.__class__.__name__)
+    record["seconds"] = round(time.perf_counter() - start, 1)
+    record["limit_s"] = limit
+    line = json.dumps(record, default=str)
+    print(line, flush=True)
+    if out is not None:
+        with out.open("a") as handle:
+            handle.write(line + "\n")
+    ctx.results.append(record)
+    return record
+
+
+def table(results: list[dict]) -> str:
+    rows = ["| phase | result | seconds | figures |", "|---|---|---|---|"]
+    for r in results:
+        figures = {k: v for k, v in r.items() if k not in ("phase", "status", "seconds", "limit_s")}
+        text = json.dumps(figures, default=str)
+        rows.append(f"| {r['phase']} | {r['status']} | {r['seconds']} | {text[:400]} |")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=Path("gpu-acceptance.jsonl"), help="JSON lines, appended")
+    parser.add_argument("--only", default=None, help="comma-separated phases (build runs whenever a phase needs it)")
+    parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: proves the phases run, no figures")
+    args = parser.parse_args(argv)
+    if not args.smoke:
+        refuse_without_cuda()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    ctx = Context(device, torch.float32 if args.smoke else torch.bfloat16, SMOKE if args.smoke else FULL)
+    wanted = set(args.only.split(",")) if args.only else {name for name, _, _ in PHASES}
+    if wanted & NEEDS_MODEL:
+        wanted.add("build")
+    started = time.perf_counter()
+    for name, fn, limit in PHASES:
+        if name in wanted:
+            run_phase(ctx, name, fn, limit, args.out)
+    print(table(ctx.results))
+    failed = [r["phase"] for r in ctx.results if r["status"] != "PASS"]
+    print(f"acceptance: {'PASS' if not failed else 'FAIL (' + ', '.join(failed) + ')'} in "
+          f"{time.perf_counter() - started:.0f} s")
+    return 0 if not failed else 1
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -34,3 +34,20 @@ def test_full_size_model_builds_on_meta_and_counts_its_flops() -> None:
     assert any("lora_A" in name for name, _ in model.named_parameters())
     flops = flops_per_forward(model, forward_inputs(1, meta, torch.bfloat16))
     assert 35e12 < flops < 43e12
+
+
+@pytest.mark.slow
+def test_gpu_acceptance_phases_run_at_toy_size_on_the_cpu(tmp_path: Path) -> None:
+    """`--smoke`: the acceptance run's phases at toy size on the CPU, one JSON line each, then the table."""
+    import json
+
+    out = tmp_path / "acceptance.jsonl"
+    result = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--out", str(out), "--only",
+                             "guard,compile,offload,train"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["phase"] for r in records] == ["build", "guard", "compile", "offload", "train"]
+    assert all(r["status"] == "PASS" for r in records), records
+    compiled = records[2]
+    assert compiled["recompiles_after"] == 0 and compiled["compiles_first_group"] > 0
+    assert records[3]["equal"] and records[4]["stepped"]
+    assert "| phase | result |" in result.stdout and "acceptance: PASS" in result.stdout and result.returncode == 0

@@ -68,6 +68,15 @@ def lora_rank_of(state: dict[str, torch.Tensor]) -> int:
     raise WeightsError("not a LoRA file: no lora_A weights found")
 
 
+def trained_independent(path: Path) -> bool:
+    """Whether a LoRA file's metadata says it was trained with independent_condition."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get(INDEPENDENT_KEY) == "true"
+    except Exception:  # unreadable files are reported by load_lora
+        return False
+
+
 def load_lora(transformer, path: Path, adapter: str = ADAPTER) -> None:
     """Load an APPLE teacher/student LoRA (`default.safetensors`, diffusers keys) into `adapter`."""
     if not path.is_file():
@@ -77,12 +86,10 @@ def load_lora(transformer, path: Path, adapter: str = ADAPTER) -> None:
     except Exception as error:  # safetensors raises several types for truncated files
         raise WeightsError(f"LoRA file corrupt or unreadable: {path} ({error.__class__.__name__})") from None
     state = {key.removeprefix(PREFIX): value for key, value in raw.items()}
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    if metadata.get(INDEPENDENT_KEY) == "true" and not transformer.config.independent_condition:
-        # condition tokens were trained to attend to themselves only: run them so (and cache their K/V)
-        logger.info("%s was trained with independent_condition: condition K/V are cached across steps", path.name)
-        transformer.register_to_config(independent_condition=True)
+    if trained_independent(path) and not transformer.config.independent_condition:
+        # condition tokens were trained to attend to themselves only; the model must be built that way
+        raise WeightsError(f"{path.name} was trained with independent_condition: build the model with "
+                           "independent_condition=True (ApplePipeline.from_preset does)")
     rank = lora_rank_of(state)
     existing = getattr(transformer, "peft_config", {}).get(adapter)
     if existing is not None and existing.r != rank:

@@ -9,17 +9,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL
+from diffusers import AutoencoderKL, FluxTransformer2DModel
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from apple_video import weights
-from apple_video.config import Preset
+from apple_video.config import Preset, with_overrides
 from apple_video.errors import DeviceError, WeightsError
 from apple_video.faces.parsing import create_parser
 from apple_video.faces.types import SourceFace
 from apple_video.models import latents as L
 from apple_video.models.identity import IdentityFeatureExtractor, TinyIdentity
-from apple_video.models.lora import add_condition_lora, fresh_condition_lora, load_lora
+from apple_video.models.lora import add_condition_lora, fresh_condition_lora, load_lora, trained_independent
 from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache, speed_up
 from apple_video.sampling.flow import FlowCondition, invert, sample
 from apple_video.sampling.schedule import flux_schedule
@@ -72,17 +73,19 @@ def free_memory(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def _seeded(seed: int):
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
 def build_tiny(preset: Preset) -> tuple[AppleFluxTransformer, AutoencoderKL, PromptEmbeddings, TinyIdentity]:
-    """The real classes with small seeded random weights (tests and smoke runs)."""
+    """The real classes with small seeded random weights (tests and smoke runs). Module initialisers draw from
+    torch's global generator: it is seeded inside a fork, so the caller's random state is left as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(preset.model.seed)
+        return _build_tiny(preset, torch.Generator().manual_seed(preset.model.seed))
+
+
+def _build_tiny(preset: Preset, generator: torch.Generator
+                ) -> tuple[AppleFluxTransformer, AutoencoderKL, PromptEmbeddings, TinyIdentity]:
     m = preset.model
     identity = TinyIdentity(m.seed, parser=create_parser("auto", announce=False))
     p = m.pulid_settings
-    generator = _seeded(m.seed)
     transformer = AppleFluxTransformer(
         **(m.transformer or {}), pulid_dim_head=p.dim_head, pulid_heads=p.heads, pulid_kv_dim=p.kv_dim,
         pulid_double_interval=p.double_interval, pulid_single_interval=p.single_interval,
@@ -105,15 +108,67 @@ def build_tiny(preset: Preset) -> tuple[AppleFluxTransformer, AutoencoderKL, Pro
     return transformer.eval(), vae.eval(), prompt, identity
 
 
-def load_transformer(flux_dir: Path, pulid_file: Path, dtype: torch.dtype, independent_condition: bool) -> AppleFluxTransformer:
-    """FLUX transformer shards (diffusers layout) + PuLID-FLUX safetensors into one model, built on the meta device."""
+CPU_MAX_PARAMS = 2_000_000_000  # past this a CPU run is a float32 cast of tens of GB and hours per frame
+
+
+def refuse_on_cpu(params: int, device: torch.device) -> None:
+    if device.type == "cpu" and params > CPU_MAX_PARAMS:
+        raise DeviceError(f"this preset's model has {params / 1e9:.1f} B parameters ({params * 4 / GIB:.0f} GiB in "
+                          "float32 on a CPU): run it on a CUDA GPU (--device cuda), or use --swapper classic here")
+
+
+PULID_CA_DIM_HEAD = 128  # PuLID-FLUX's fixed head sizes (not recorded in its checkpoint)
+IDFORMER_DIM_HEAD = 64
+
+
+def pulid_dims(shapes: dict[str, tuple[int, ...]], config: dict | None = None) -> dict:
+    """AppleFluxTransformer's PuLID arguments read off a PuLID-FLUX checkpoint's tensor shapes (v0.9.1: IDFormer
+    dim 1024, depth 10, 32 queries, 5 id tokens, output 2048; 20 cross-attentions of 16 x 128 heads). Head sizes
+    are not in the shapes: PuLID's own unless `config` names ones that fit."""
+    config = config or {}
+    ca_inner = shapes["pulid_ca.0.to_q.weight"][0]
+    dim_head = config.get("pulid_dim_head", PULID_CA_DIM_HEAD)
+    if ca_inner % dim_head:
+        dim_head = PULID_CA_DIM_HEAD if ca_inner % PULID_CA_DIM_HEAD == 0 else ca_inner
+    dims: dict = dict(pulid_dim_head=dim_head, pulid_heads=ca_inner // dim_head,
+                      pulid_kv_dim=shapes["pulid_ca.0.norm1.weight"][0], pulid_num_ca=20)  # PuLID always builds 20
+    if "pulid_encoder.latents" not in shapes:
+        return {**dims, "idformer": None}
+    _, queries, dim = shapes["pulid_encoder.latents"]
+    inner = shapes["pulid_encoder.layers.0.0.to_q.weight"][0]
+    dims["idformer"] = dict(
+        dim=dim, depth=len({k.split(".")[2] for k in shapes if k.startswith("pulid_encoder.layers.")}),
+        dim_head=IDFORMER_DIM_HEAD, heads=max(1, inner // IDFORMER_DIM_HEAD), num_queries=queries,
+        num_id_token=shapes["pulid_encoder.id_embedding_mapping.6.weight"][0] // dim,
+        output_dim=shapes["pulid_encoder.proj_out"][1], ff_mult=shapes["pulid_encoder.layers.0.1.1.weight"][0] // dim,
+        id_dim=shapes["pulid_encoder.id_embedding_mapping.0.weight"][1],
+        vit_dim=shapes["pulid_encoder.mapping_0.0.weight"][1])
+    return dims
+
+
+def check_fits_device(flux_dir: Path, device: torch.device) -> None:
+    """Refuse a full-size transformer on a CPU from its config alone (no weight read): the driver's early check."""
+    config = dict(AppleFluxTransformer.load_config(str(flux_dir), subfolder="transformer"))
+    with torch.device("meta"):
+        model = FluxTransformer2DModel(**{k: v for k, v in config.items() if not k.startswith("_")})
+    refuse_on_cpu(sum(p.numel() for p in model.parameters()), device)
+
+
+def load_transformer(flux_dir: Path, pulid_file: Path, dtype: torch.dtype, independent_condition: bool,
+                     device: torch.device | None = None) -> AppleFluxTransformer:
+    """FLUX transformer shards (diffusers layout) + PuLID-FLUX safetensors into one model, built on the meta device
+    (refused before reading any weight when `device` is a CPU and the model is full size)."""
     config = dict(AppleFluxTransformer.load_config(str(flux_dir), subfolder="transformer"))
     config = {k: v for k, v in config.items() if not k.startswith("_")}
-    pulid = load_file(str(pulid_file))
-    has_encoder = any(key.startswith("pulid_encoder.") for key in pulid)
+    with safe_open(str(pulid_file), framework="pt") as handle:
+        shapes = {key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()}
+    dims = pulid_dims(shapes, config)
+    config = {k: v for k, v in config.items() if k not in dims}
     with torch.device("meta"):
-        model = AppleFluxTransformer(**config, independent_condition=independent_condition,
-                                     idformer={} if has_encoder else None, pulid_num_ca=20)
+        model = AppleFluxTransformer(**config, independent_condition=independent_condition, **dims)
+    if device is not None:
+        refuse_on_cpu(sum(p.numel() for p in model.parameters()), device)
+    pulid = load_file(str(pulid_file))
     state: dict[str, torch.Tensor] = {}
     shards = sorted((flux_dir / "transformer").glob("*.safetensors"))
     if not shards:
@@ -144,13 +199,27 @@ def load_prompt_embeddings(flux_dir: Path, device: torch.device, dtype: torch.dt
         from diffusers import FluxPipeline
 
         logger.warning("encoding the prompt %r once with the FLUX text encoders (cached at %s)", prompt, path)
-        pipe = FluxPipeline.from_pretrained(str(flux_dir), transformer=None, vae=None, torch_dtype=dtype).to(device)
+        pipe = FluxPipeline.from_pretrained(str(flux_dir), transformer=None, vae=None, dtype=dtype).to(device)
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, max_sequence_length=512)
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({"prompt_embeds": embeds.cpu().contiguous(), "pooled_embeds": pooled.cpu().contiguous()}, str(path))
         del pipe
     tensors = load_file(str(path))
     return PromptEmbeddings(tensors["prompt_embeds"], tensors["pooled_embeds"])
+
+
+def _pad(images: np.ndarray, size: int) -> np.ndarray:
+    """Repeat the last image up to `size` rows."""
+    return np.concatenate([images, np.repeat(images[-1:], size - len(images), axis=0)])
+
+
+def _independent_if_trained(preset: Preset, lora: Path | None) -> Preset:
+    """A LoRA trained with independent_condition runs that way (and caches the condition K/V): the model is built
+    so from the start rather than its config rewritten after loading."""
+    if lora is None or preset.sampling.independent_condition or not trained_independent(lora):
+        return preset
+    logger.info("%s was trained with independent_condition: condition K/V are cached across steps", lora.name)
+    return with_overrides(preset, independent_condition=True)
 
 
 class ApplePipeline:
@@ -181,6 +250,7 @@ class ApplePipeline:
         self.vae.to(self.device)
         speed_up(self.transformer, self.preset.sampling.compile, self.preset.sampling.fp8, self.device)
         self._constants: dict[tuple, tuple[torch.Tensor, ...]] = {}
+        self._compiled_batch: int | None = None
         return self
 
     def auto_batch_size(self) -> int:
@@ -194,6 +264,7 @@ class ApplePipeline:
         """Build the preset's model; `lora` replaces the preset's LoRA (e.g. a student you trained), and "fresh"
         gives a new zero-effect LoRA of the preset's rank to train from scratch (no LoRA file needed)."""
         if preset.model.kind == "tiny":
+            preset = _independent_if_trained(preset, Path(lora) if lora not in (None, "fresh") else None)
             transformer, vae, prompt, identity = build_tiny(preset)
             if lora == "fresh":
                 fresh_condition_lora(transformer, preset.model.lora_rank)
@@ -209,12 +280,14 @@ class ApplePipeline:
 
         dtype = DTYPES[preset.model.dtype] if device.type == "cuda" else torch.float32
         flux_dir = weights.require("flux-krea-dev")
+        lora_path = None if lora == "fresh" else Path(lora) if lora else weights.require(preset.model.lora or "apple-student")
+        preset = _independent_if_trained(preset, lora_path)
         transformer = load_transformer(flux_dir, weights.require(preset.model.pulid or "pulid-flux-v0.9.1"), dtype,
-                                       preset.sampling.independent_condition)
-        if lora == "fresh":
+                                       preset.sampling.independent_condition, device)
+        if lora_path is None:
             fresh_condition_lora(transformer, preset.model.lora_rank)
         else:
-            load_lora(transformer, Path(lora) if lora else weights.require(preset.model.lora or "apple-student"))
+            load_lora(transformer, lora_path)
         vae = AutoencoderKL.from_pretrained(str(flux_dir), subfolder="vae", torch_dtype=dtype)
         prompt = load_prompt_embeddings(flux_dir, device, dtype)
         return cls(preset, transformer, vae, prompt, PulidIdentity(device, create_parser("auto", announce=False)), device,
@@ -253,6 +326,32 @@ class ApplePipeline:
         the same seed and a still face gets the same noise every frame). `conditions` are the attribute images
         (default: the crops themselves, as the student uses them; the teacher takes the deblurred crops).
         `id_embed` is (1 or B, n_id, dim)."""
+        b = crops.shape[0]
+        fixed = self._fixed_batch(b)
+        per_crop = id_embed.shape[0] == b > 1  # one id per crop rather than one for all
+        if fixed > b:  # compiled blocks: one batch shape for the whole run (rows are independent, so exact)
+            crops, seeds = _pad(crops, fixed), [*seeds, *[seeds[-1]] * (fixed - b)]
+            conditions = None if conditions is None else _pad(conditions, fixed)
+            if per_crop:
+                id_embed = torch.cat([id_embed, id_embed[-1:].expand(fixed - b, -1, -1)])
+        elif fixed < b:
+            return torch.cat([self.swap_latents(crops[i:i + fixed], id_embed[i:i + fixed] if per_crop else id_embed,
+                                                null_id, seeds[i:i + fixed],
+                                                None if conditions is None else conditions[i:i + fixed])
+                              for i in range(0, b, fixed)])
+        return self._swap_latents(crops, id_embed, null_id, seeds, conditions)[:b]
+
+    def _fixed_batch(self, batch: int) -> int:
+        """With compiled blocks every call runs at the batch size of the first (smaller groups are padded,
+        larger ones split), so the graphs compiled during the first group serve the whole run."""
+        if not self.transformer.compiled:
+            return batch
+        if self._compiled_batch is None:
+            self._compiled_batch = batch
+        return self._compiled_batch
+
+    def _swap_latents(self, crops: np.ndarray, id_embed: torch.Tensor, null_id: torch.Tensor, seeds: list[int],
+                      conditions: np.ndarray | None) -> torch.Tensor:
         s = self.preset.sampling
         b, height, width = crops.shape[0], crops.shape[1], crops.shape[2]
         tokens = L.encode(self.vae, crops).to(self.dtype)

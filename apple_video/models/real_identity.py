@@ -14,17 +14,32 @@ from apple_video.models.identity import IdentityFeatures, announce_parser, eva_f
 EVA_ARCH = "eva02_large_patch14_clip_336"
 
 
+def eva_dims(state: dict[str, torch.Tensor]) -> dict:
+    """timm `Eva` arguments read off an EVA-CLIP vision state (prefix stripped): the EVA02-L-14-336 checkpoint gives
+    timm's eva02_large_patch14_clip_336 exactly (336 px, 1024 wide, 24 blocks, 16 heads of 64, head to 768)."""
+    width, _, patch, _ = state["patch_embed.proj.weight"].shape
+    grid = int(round((state["pos_embed"].shape[1] - 1) ** 0.5))
+    hidden = state["blocks.0.mlp.w1.weight"].shape[0]
+    return dict(img_size=grid * patch, patch_size=patch, embed_dim=width, num_heads=max(1, width // 64),
+                depth=len({k.split(".")[1] for k in state if k.startswith("blocks.")}),
+                mlp_ratio=(hidden + 0.5) / width, num_classes=state["head.weight"].shape[0])
+
+
 def load_eva_clip(path, device: torch.device) -> torch.nn.Module:
     """timm's Eva with the EVA-CLIP checkpoint (`visual.*` keys mapped by timm's own filter)."""
     import timm
     from timm.models.eva import checkpoint_filter_fn
 
-    model = timm.create_model(EVA_ARCH, pretrained=False)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise WeightsError(f"EVA-CLIP file unreadable: {path} ({error.__class__.__name__})") from None
     state = {k: v for k, v in state.items() if k.startswith("visual.")} or state
+    try:
+        dims = eva_dims({k.removeprefix("visual."): v for k, v in state.items()})
+    except (KeyError, IndexError, ValueError):
+        raise WeightsError(f"EVA-CLIP file {path} is not an EVA-CLIP vision checkpoint") from None
+    model = timm.create_model(EVA_ARCH, pretrained=False, **dims)
     missing, _ = model.load_state_dict(checkpoint_filter_fn(state, model), strict=False)
     if missing:
         raise WeightsError(f"EVA-CLIP file {path} does not fit {EVA_ARCH} ({len(missing)} missing keys)")
@@ -51,7 +66,8 @@ class PulidIdentity:
 
         bgr = np.ascontiguousarray(source.image[..., ::-1])
         arc = torch.as_tensor(self.arcface.get_feat(norm_crop(bgr, source.face.kps)).ravel(), dtype=torch.float32)[None]
-        pixels = eva_input(source, self.parser, 336).to(self.device)
-        cls, hidden = eva_features(self.eva, pixels, stride=4)
+        pixels = eva_input(source, self.parser, self.eva.patch_embed.img_size[0]).to(self.device)
+        # PuLID takes the states entering blocks 4, 8, 12, 16, 20 of EVA02-L's 24
+        cls, hidden = eva_features(self.eva, pixels, stride=max(1, len(self.eva.blocks) // 6))
         cls = torch.nn.functional.normalize(cls.float(), dim=-1).cpu()
         return IdentityFeatures(torch.cat([arc, cls], dim=-1), [h.float().cpu() for h in hidden])

@@ -49,15 +49,28 @@ def _require_torchao() -> None:
         raise UserError("--fp8 needs torchao: pip install torchao (or leave --fp8 off)") from None
 
 
+FP8_MIN_CAPABILITY = (8, 9)  # float8 tensor cores: Ada (8.9) and Hopper (9.0) onwards
+BLOCK_PREFIXES = ("transformer_blocks.", "single_transformer_blocks.")
+
+
+def fp8_filter(module: nn.Module, name: str) -> bool:
+    """The linears float8 pays on and keeps accuracy with: those inside the transformer blocks (attention, MLP,
+    adaLN), not the embedders (x/context/time), not the final projection, not the LoRA or PuLID modules."""
+    return isinstance(module, nn.Linear) and name.startswith(BLOCK_PREFIXES) and "lora_" not in name
+
+
+def check_fp8_capability(capability: tuple[int, int], name: str = "this GPU") -> None:
+    if tuple(capability) < FP8_MIN_CAPABILITY:
+        raise UserError(f"--fp8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); {name} is "
+                        f"{capability[0]}.{capability[1]}: leave --fp8 off")
+
+
 def to_float8(transformer: nn.Module) -> None:
-    """Dynamic float8 activations and weights (torchao) for the big linears; LoRA and PuLID stay as they are."""
+    """Dynamic float8 activations and weights (torchao, per-row scales) for the block linears (`fp8_filter`)."""
     _require_torchao()
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
-    def big_linear(module: nn.Module, name: str) -> bool:
-        return isinstance(module, nn.Linear) and "lora_" not in name and not name.startswith("pulid")
-
-    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=big_linear)
+    quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_filter)
 
 
 def speed_up(transformer: AppleFluxTransformer, compile_blocks: bool, fp8: bool, device: torch.device) -> None:
@@ -67,6 +80,7 @@ def speed_up(transformer: AppleFluxTransformer, compile_blocks: bool, fp8: bool,
             _require_torchao()  # a missing torchao is reported on every machine, not only on GPU hosts
             logger.warning("fp8 needs a CUDA GPU (Hopper/Ada); ignored on %s", device)
         else:
+            check_fp8_capability(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device))
             to_float8(transformer)
     if compile_blocks and device.type == "cuda":
         transformer.compile_blocks(True)
@@ -165,45 +179,41 @@ class AppleFluxTransformer(FluxTransformer2DModel):
         self._compiled: dict[Callable, Callable] = {}
         self._memo = _Memo()
         self.stream_device: torch.device | None = None  # set by stream_blocks(): blocks live on the host
+        self.offloader = None
 
     # -- memory switch -------------------------------------------------------------------------------------------
     def stream_blocks(self, device: torch.device) -> None:
-        """Keep the transformer blocks (nearly all the weights) in host memory and copy each one to `device` only
-        while it runs; everything else moves to `device`. Exact (the same weights and kernels), slower by one
-        host-to-device copy of the weights per call."""
+        """Keep the transformer blocks (nearly all the weights) in pinned host memory and copy each one to `device`
+        only while it runs, the next block's copy overlapping this one's compute (`offload.BlockOffloader`);
+        everything else moves to `device`. Exact: the same weights and kernels."""
+        from apple_video.models.offload import BlockOffloader
+
         blocks = {"transformer_blocks", "single_transformer_blocks"}
         for name, child in self.named_children():
             if name not in blocks:
                 child.to(device)
+        self.offloader = BlockOffloader([*self.transformer_blocks, *self.single_transformer_blocks], device)
         self.stream_device = torch.device(device)
         self._memo = _Memo()
 
     @contextmanager
     def _resident(self, block: nn.Module) -> Iterator[None]:
-        """`block`'s weights on the stream device for the duration; the host copies are put back afterwards."""
-        if self.stream_device is None:
+        """`block`'s weights on the stream device for the duration (a no-op without `stream_blocks`)."""
+        if self.offloader is None:
             yield
             return
-        saved = []
-        for module in block.modules():
-            for store in (module._parameters, module._buffers):
-                for name, tensor in store.items():
-                    if tensor is None:
-                        continue
-                    saved.append((store, name, tensor))
-                    moved = tensor.detach().to(self.stream_device, non_blocking=True)
-                    store[name] = nn.Parameter(moved, tensor.requires_grad) if isinstance(tensor, nn.Parameter) else moved
-        try:
+        with self.offloader.resident(block):
             yield
-        finally:
-            for store, name, tensor in saved:
-                store[name] = tensor
 
     # -- speed switches ------------------------------------------------------------------------------------------
     def compile_blocks(self, enabled: bool = True, **options) -> None:
         """torch.compile each block kind once: one graph serves every block (parameters are graph inputs)."""
         self._compiled = {fn: torch.compile(fn, **options) for fn in (packed.double_block, packed.single_block)} \
             if enabled else {}
+
+    @property
+    def compiled(self) -> bool:
+        return bool(self._compiled)
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def refresh_lora_layers(self) -> None:

@@ -52,6 +52,10 @@ def announce_swapper(settings: SwapSettings) -> None:
     preset = apple_preset(settings.model)
     for weight in required_weights(preset, settings.model):
         weights.require(weight)
+    if preset.model.kind != "tiny":  # a full-size model on a CPU is refused before any work starts
+        from apple_video.models.pipeline import check_fits_device, resolve_device
+
+        check_fits_device(weights.require("flux-krea-dev"), resolve_device(settings.model.device))
     logger.info("swapper: apple (preset %s)", preset.name)
     if preset.model.kind == "tiny":
         logger.warning("the '%s' preset uses small random weights: it runs every stage but does not make a real swap",
