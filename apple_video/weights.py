@@ -62,6 +62,22 @@ REGISTRY: tuple[WeightFile, ...] = (
     WeightFile("fid-inception", "fid/pt_inception-2015-12-05-6726825d.pth", None, None,
                "FID Inception-v3 (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, its GitHub release fid_weights)",
                min_bytes=1_000_000),
+    WeightFile("apple-arcface", "apple/arcface_checkpoint.tar", None, None,
+               "official trainer's identity-loss ArcFace (SimSwap netarc, IR-SE ResNet-101): checkpoints/"
+               "arcface_checkpoint.tar of github cvlab-kaist/APPLE @23b30090549e88c38c2b6c47a3f2e38e2048f22a (LFS, "
+               "209,280,521 bytes)", min_bytes=1_000_000,
+               sha256="52ea5ce4902017b77a2bb811dd9a82f57dee3883e06c18a42d288437263c7a20"),
+    WeightFile("aesthetic-clip-l14", "aesthetic/clip-vit-large-patch14.safetensors", "openai/clip-vit-large-patch14",
+               "model.safetensors", "CLIP ViT-L/14 image embedding of the LAION aesthetic filter (prepare-data "
+               "--min-aesthetic; only the vision tower is read)", min_bytes=1_000_000),
+    WeightFile("aesthetic-mlp", "aesthetic/sac+logos+ava1-l14-linearMSE.pth", None, None,
+               "LAION aesthetic predictor MLP head (github christophschuhmann/improved-aesthetic-predictor: "
+               "sac+logos+ava1-l14-linearMSE.pth)", min_bytes=1_000_000),
+    WeightFile("mediapipe-iris", "mediapipe/iris_landmark.tflite", None, None,
+               "MediaPipe iris landmarks (storage.googleapis.com/mediapipe-assets/iris_landmark.tflite, also "
+               "preprocess/MediaPipe_Iris/data/ of github cvlab-kaist/APPLE; 2,640,568 bytes): prepare-data's iris points "
+               "with gaze, run by ai-edge-litert", min_bytes=1_000_000,
+               sha256="d1744d2a09c25f501d39eba4faff47e53ecca8852c5ce19bce8eeac39357521f"),
 )
 
 

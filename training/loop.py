@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,7 +25,6 @@ from tqdm import tqdm
 
 from apple_video import weights
 from apple_video.config import Preset, load_preset
-from apple_video.faces.arcface import identity_loss, load_arcface, tiny_iresnet
 from apple_video.faces.types import Face
 from apple_video.models import latents as L
 from apple_video.models.lora import ADAPTER, PREFIX, save_lora
@@ -33,6 +33,7 @@ from apple_video.models.transformer import TransformerInputs
 from apple_video.sampling.flow import FlowCondition, sample
 from apple_video.sampling.schedule import flux_schedule
 from apple_video.swappers.base import SourceFace
+from training.arcface import identity_loss, identity_net
 from training.config import TrainConfig
 from training.losses import load_lpips
 
@@ -47,13 +48,15 @@ class IdentityImage:
     landmarks: np.ndarray
     embedding: np.ndarray
     key: int  # cache key (data set index)
+    kps: np.ndarray | None = None  # (5, 2) alignment points from prepare-data (SCRFD's when present), else from the 68
 
     def source_face(self) -> SourceFace:
         lm = self.landmarks.astype(np.float64)
         from apple_video.faces.align import kps_from_68
 
         box = np.concatenate([lm.min(0), lm.max(0)])
-        return SourceFace(self.image, Face(box, kps_from_68(lm), 1.0, lm, self.embedding.astype(np.float64)), self.image, lm)
+        kps = np.asarray(self.kps, np.float64) if self.kps is not None else kps_from_68(lm)
+        return SourceFace(self.image, Face(box, kps, 1.0, lm, self.embedding.astype(np.float64)), self.image, lm)
 
 
 @dataclass
@@ -67,10 +70,29 @@ class Sampler(Protocol):
     def batch(self, rng: np.random.Generator, size: int) -> Batch: ...
 
 
-def arcface_for(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    if cfg.id_loss_model == "tiny":
-        return tiny_iresnet(cfg.seed).to(device).eval()
-    return load_arcface(weights.require("arcface-r50"), cfg.id_loss_model).to(device).eval()
+class IdentityCache:
+    """Identity tokens per data set image, computed once (EVA-CLIP, ArcFace and the IDFormer run on a miss only),
+    at most `capacity` of them (on the model's device: ~128 KiB each in bf16 at the real size, so the default
+    4096 hold ~0.5 GiB): the least recently used is dropped first."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.tokens: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def get(self, key: int, compute) -> torch.Tensor:
+        if key in self.tokens:
+            self.tokens.move_to_end(key)
+            return self.tokens[key]
+        self.misses += 1
+        value = compute().detach()
+        self.tokens[key] = value
+        if len(self.tokens) > self.capacity:
+            self.tokens.popitem(last=False)
+        return value
 
 
 def training_preset(cfg: TrainConfig) -> Preset:
@@ -117,26 +139,26 @@ class Trainer:
         self.params = fp32_lora_params(self.transformer)
         self.transformer.gradient_checkpointing = cfg.gradient_checkpointing
         self.pipe.vae.requires_grad_(False)
-        self.arcface = arcface_for(cfg, self.accelerator.device)
+        self.arcface = identity_net(cfg.id_loss_model, cfg.seed).to(self.accelerator.device).eval()
         self.arcface.requires_grad_(False)
+        logger.info("identity loss network: %s", self.arcface.name)
         self.lpips = load_lpips(cfg.lpips_backbone, self.accelerator.device) if cfg.lpips_weight > 0 else None
         self.empty_prompt = empty_prompt(self.pipe, cfg.seed)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
-        self._id_cache: dict[int, torch.Tensor] = {}
+        self.id_cache = IdentityCache(cfg.id_cache_size)
         self.null_id: torch.Tensor | None = None
 
     # -- pieces ------------------------------------------------------------------------------------------------
+    def _embed(self, item: IdentityImage) -> torch.Tensor:
+        tokens, null = self.pipe.id_embedding([item.source_face()])
+        if self.null_id is None:
+            self.null_id = null[0].detach()
+        return tokens[0]
+
     @torch.no_grad()
     def _id_tokens(self, images: list[IdentityImage]) -> torch.Tensor:
-        out = []
-        for item in images:
-            if item.key not in self._id_cache:
-                tokens, null = self.pipe.id_embedding([item.source_face()])
-                self._id_cache[item.key] = tokens[0]
-                self.null_id = null[0]
-            out.append(self._id_cache[item.key])
-        return torch.stack(out)
+        return torch.stack([self.id_cache.get(item.key, lambda item=item: self._embed(item)) for item in images])
 
     def _generator(self, step: int, micro: int) -> tuple[np.random.Generator, torch.Generator]:
         key = [self.cfg.seed, step, micro, self.accelerator.process_index]
@@ -168,8 +190,10 @@ class Trainer:
         mse = ((noise - x0) - v).pow(2).mean(dim=(1, 2))
         total = mse.mean()
         stats = {"mse": total.detach()}  # tensors: the caller reads them (no host sync here)
-        use_id = cfg.id_loss_weight > 0 and step >= cfg.id_loss_start
-        use_lpips = cfg.lpips_weight > 0
+        # the official trainer computes LPIPS inside its identity-loss block: both start at id_loss_start
+        image_terms = step >= cfg.id_loss_start
+        use_id = cfg.id_loss_weight > 0 and image_terms
+        use_lpips = cfg.lpips_weight > 0 and image_terms
         if not (use_id or use_lpips):  # decided on the host: no device sync on steps without image-space terms
             return total, stats
         near_id = (t <= cfg.id_loss_max_t) & use_id
