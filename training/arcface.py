@@ -196,7 +196,8 @@ class _NetArcUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if name in _PICKLED_CLASSES:
             return type(name, (_Pickled,), {})
-        if module == "collections" and name == "OrderedDict":
+        if (module, name) in (("collections", "OrderedDict"), ("builtins", "set"), ("__builtin__", "set"),
+                              ("builtins", "frozenset")):
             return super().find_class(module, name)
         if module.startswith(("torch.nn.", "torch._utils", "torch.optim")) or (
                 module == "torch" and (name.endswith("Storage") or name in ("Size", "device", "float32"))):
