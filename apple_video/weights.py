@@ -73,6 +73,9 @@ REGISTRY: tuple[WeightFile, ...] = (
     WeightFile("aesthetic-mlp", "aesthetic/sac+logos+ava1-l14-linearMSE.pth", None, None,
                "LAION aesthetic predictor MLP head (github christophschuhmann/improved-aesthetic-predictor: "
                "sac+logos+ava1-l14-linearMSE.pth)", min_bytes=1_000_000),
+    WeightFile("retinaface-resnet50", "facexlib/detection_Resnet50_Final.pth", None, None,
+               "facexlib RetinaFace ResNet-50 (github xinntao/facexlib release v0.1.0: detection_Resnet50_Final.pth): the "
+               "5 points PuLID aligns EVA-CLIP's input on, in prepare-data", min_bytes=1_000_000),
     WeightFile("mediapipe-iris", "mediapipe/iris_landmark.tflite", None, None,
                "MediaPipe iris landmarks (storage.googleapis.com/mediapipe-assets/iris_landmark.tflite, also "
                "preprocess/MediaPipe_Iris/data/ of github cvlab-kaist/APPLE; 2,640,568 bytes): prepare-data's iris points "

@@ -203,7 +203,7 @@ def dlib():
     return create_detector(DetectorSettings(name="dlib"))
 
 
-def test_aligned_crops_are_recognised_and_kept(tmp_path, hopper, dlib) -> None:
+def test_aligned_crops_are_recognised_and_kept(no_weights, tmp_path, hopper, dlib) -> None:
     face = dlib.detect(hopper)[0]
     aligned = warp_crop(hopper, alignment_matrix(face.kps, 256), 256)
     on = dlib.detect(aligned)[0]
@@ -223,6 +223,10 @@ def test_aligned_crops_are_recognised_and_kept(tmp_path, hopper, dlib) -> None:
     data = FaceData.load(tmp_path / "out")
     kept = [i for i in range(2) if np.array_equal(data.images[i], aligned)]
     assert kept, "the aligned crop was re-warped"
+    assert data.kps is not None and data.eva_kps is not None and data.irises is not None
+    assert manifest["eva_points"] == manifest["arcface_points"] == "dlib-68-derived"  # no SCRFD, no RetinaFace here
+    assert np.array_equal(data.eva_kps[0], data.kps[0]) and data.kps[0].shape == (5, 2)
+    assert data.identity_image(0).source_face().eva_kps is not None
     forced = prepare_data(raw, tmp_path / "forced", 256, framing="align")
     assert forced["framed"] == {"as-distributed": 0, "re-aligned": 2}
 
@@ -313,6 +317,43 @@ def test_mediapipe_iris_model_on_a_real_face(faces) -> None:
         contour = landmarks[list(eye)]
         assert contour[:, 0].min() < centre[0] < contour[:, 0].max()
         assert abs(centre[1] - contour[:, 1].mean()) < 0.5 * (contour[:, 0].max() - contour[:, 0].min())
+
+
+# -- 7: the detector points ArcFace and EVA are aligned on -------------------------------------------------------
+def test_retinaface_points_loader_and_missing_file(no_weights, tmp_path, faces) -> None:
+    from facexlib.detection.retinaface import RetinaFace
+
+    from training.retina import RetinaPoints, load_retinaface
+
+    with pytest.raises(WeightsError, match="retinaface-resnet50"):
+        RetinaPoints.from_weights()
+    torch.manual_seed(0)
+    model = RetinaFace(network_name="resnet50", half=False, device="cpu")
+    path = no_weights / "facexlib" / "detection_Resnet50_Final.pth"
+    path.parent.mkdir(parents=True)
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)  # as facexlib's release file
+    loaded = load_retinaface(path)
+    key = next(iter(model.state_dict()))
+    assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
+    points = RetinaPoints.from_weights()(faces[0][0])
+    assert points is None or points.shape == (5, 2)  # random weights rarely pass PuLID's 0.97
+    torch.save({"x": torch.zeros(3)}, path)
+    path.write_bytes(path.read_bytes() + b"\0" * 1_000_000)
+    with pytest.raises(WeightsError, match="detection_Resnet50_Final"):
+        load_retinaface(path)
+
+
+def test_eva_input_aligns_on_its_own_points(faces) -> None:
+    from apple_video.models.identity import pulid_face_image
+
+    crop, landmarks, embedding = faces[0]
+    item = IdentityImage(crop, landmarks, embedding, 0)
+    same = pulid_face_image(item.source_face(), None)
+    shifted = item.source_face().face.kps + np.array([6.0, 0.0])
+    moved = pulid_face_image(IdentityImage(crop, landmarks, embedding, 0, eva_kps=shifted).source_face(), None)
+    assert not torch.equal(same, moved)
+    kept = IdentityImage(crop, landmarks, embedding, 0, eva_kps=item.source_face().face.kps).source_face()
+    assert torch.equal(pulid_face_image(kept, None), same)
 
 
 # -- 8: sampling ---------------------------------------------------------------------------------------------------

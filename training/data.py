@@ -33,6 +33,7 @@ from apple_video.media.images import is_image_path, read_image
 from training.aesthetic import AestheticScorer
 from training.deblur import hull_labels, irises_from_eyes, parse_official, teacher_condition
 from training.iris import create_iris_model, iris_points
+from training.retina import RetinaPoints
 
 logger = logging.getLogger(__name__)
 
@@ -45,12 +46,12 @@ ON_TEMPLATE_SHIFT = 0.08  # of the image side
 
 
 def provenance(parsed: bool, irises: str = "estimated-from-eye-landmarks", arcface_points: str = "dlib-68-derived",
-               occlusion: bool = False) -> dict[str, str]:
+               occlusion: bool = False, eva_points: str | None = None) -> dict[str, str]:
     """What stands in for the official preprocessing, recorded in the manifest."""
     region = ("bisenet-parsing+occlusion" if occlusion else "bisenet-parsing") if parsed else "landmark-hull"
     return {"mask_source": MASK_SOURCES[parsed], "blur_region": region,
             "parsing_normalisation": "imagenet-then-half" if parsed else "none", "landmarks": "dlib-68",
-            "irises": irises, "arcface_points": arcface_points}
+            "irises": irises, "arcface_points": arcface_points, "eva_points": eva_points or arcface_points}
 
 
 @dataclass(frozen=True)
@@ -123,6 +124,7 @@ class _Worker:
     scorer = None
     iris = None
     scrfd = None
+    retina = None
     settings = PrepareSettings(512)
 
     @classmethod
@@ -133,6 +135,7 @@ class _Worker:
         cls.iris = create_iris_model()[0]
         cls.scrfd = create_detector(DetectorSettings(name="insightface", embeddings=False), announce=False) \
             if weights.is_present("antelopev2-det") else None
+        cls.retina = RetinaPoints.from_weights() if weights.is_present("retinaface-resnet50") else None
         cls.settings = settings
 
     @classmethod
@@ -166,14 +169,17 @@ class _Worker:
         labels = parse_official(cls.parser, crop) if cls.parser is not None else hull_labels(landmarks, size)
         irises = iris_points(crop, landmarks, cls.iris) if cls.iris is not None else irises_from_eyes(landmarks)
         face = sort_faces(faces, "large-small")[0]
+        kps = cls.arcface_kps(crop, landmarks)
+        eva_kps = cls.retina(crop) if cls.retina is not None else None  # PuLID's points for EVA-CLIP
         return {"image": crop, "labels": labels, "landmarks": landmarks.astype(np.float32),
                 "embedding": np.asarray(face.embedding, np.float32), "identity": item.identity, "path": item.path,
-                "irises": irises.astype(np.float32), "kps": cls.arcface_kps(crop, landmarks), "framing": framing,
+                "irises": irises.astype(np.float32), "kps": kps,
+                "eva_kps": eva_kps if eva_kps is not None else kps, "framing": framing,
                 "aesthetic": score}
 
 
 SHARD_KEYS = ("images", "labels", "landmarks", "embeddings", "identities")
-OPTIONAL_KEYS = ("irises", "kps", "regions")  # newer shards; regions only with an occlusion model
+OPTIONAL_KEYS = ("irises", "kps", "eva_kps", "regions")  # newer shards; regions only with an occlusion model
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -194,6 +200,7 @@ def _write_shard(path: Path, records: list[dict]) -> None:
         "landmarks": np.stack([r["landmarks"] for r in records]), "embeddings": np.stack([r["embedding"] for r in records]),
         "identities": np.array([r["identity"] for r in records]), "paths": np.array([r["path"] for r in records]),
         "irises": np.stack([r["irises"] for r in records]), "kps": np.stack([r["kps"] for r in records]),
+        "eva_kps": np.stack([r["eva_kps"] for r in records]),
         "aesthetic": np.array([r["aesthetic"] for r in records], np.float32),
         **({"regions": np.stack([r["region"] for r in records])} if all("region" in r for r in records) else {}),
     })
@@ -238,7 +245,8 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
         raise UserError(f"{output} holds crops of size {manifest.get('crop_size')}, not {size}: use another folder")
     iris_source = create_iris_model()[1]
     arcface_points = "scrfd-antelopev2" if weights.is_present("antelopev2-det") else "dlib-68-derived"
-    source = provenance(weights.is_present("bisenet-parsing"), iris_source, arcface_points)
+    eva_points = "retinaface-resnet50" if weights.is_present("retinaface-resnet50") else arcface_points
+    source = provenance(weights.is_present("bisenet-parsing"), iris_source, arcface_points, eva_points=eva_points)
     for key in ("mask_source", "irises"):
         if manifest and manifest.get(key, source[key]) != source[key]:
             raise UserError(f"{output} was prepared with {key} {manifest.get(key)}, now {source[key]}: use another folder")
@@ -292,7 +300,8 @@ class FaceData:
     embeddings: ShardArray  # (N, 128)
     identities: np.ndarray  # (N,) str, in memory
     irises: ShardArray | None = None  # (N, 10, 2) iris points (older data sets: estimated when used)
-    kps: ShardArray | None = None  # (N, 5, 2) the points ArcFace/EVA are aligned on
+    kps: ShardArray | None = None  # (N, 5, 2) the points ArcFace is aligned on
+    eva_kps: ShardArray | None = None  # (N, 5, 2) the points EVA-CLIP is aligned on
     regions: ShardArray | None = None  # (N, S, S) bool blur region (parsing ∩ occlusion) when an occlusion model ran
 
     @classmethod
@@ -311,7 +320,7 @@ class FaceData:
         arrays |= open_shards(folder / "shards", names, tuple(present))
         identities = np.concatenate([np.load(folder / "shards" / n / "identities.npy") for n in names])
         return cls(arrays["images"], arrays["labels"], arrays["landmarks"], arrays["embeddings"], identities,
-                   arrays.get("irises"), arrays.get("kps"), arrays.get("regions"))
+                   arrays.get("irises"), arrays.get("kps"), arrays.get("eva_kps"), arrays.get("regions"))
 
     def condition(self, index: int) -> np.ndarray:
         """The teacher's `blur_landmark_iris` condition of sample `index`."""
@@ -324,7 +333,8 @@ class FaceData:
         from training.loop import IdentityImage
 
         return IdentityImage(self.images[index], self.landmarks[index], self.embeddings[index], int(index),
-                             self.kps[index] if self.kps is not None else None)
+                             self.kps[index] if self.kps is not None else None,
+                             self.eva_kps[index] if self.eva_kps is not None else None)
 
     def by_identity(self) -> dict[str, list[int]]:
         groups: dict[str, list[int]] = {}

@@ -48,7 +48,8 @@ class IdentityImage:
     landmarks: np.ndarray
     embedding: np.ndarray
     key: int  # cache key (data set index)
-    kps: np.ndarray | None = None  # (5, 2) alignment points from prepare-data (SCRFD's when present), else from the 68
+    kps: np.ndarray | None = None  # (5, 2) ArcFace's points from prepare-data (SCRFD's when present), else from the 68
+    eva_kps: np.ndarray | None = None  # (5, 2) EVA-CLIP's points (facexlib RetinaFace's when present), else `kps`
 
     def source_face(self) -> SourceFace:
         lm = self.landmarks.astype(np.float64)
@@ -56,7 +57,8 @@ class IdentityImage:
 
         box = np.concatenate([lm.min(0), lm.max(0)])
         kps = np.asarray(self.kps, np.float64) if self.kps is not None else kps_from_68(lm)
-        return SourceFace(self.image, Face(box, kps, 1.0, lm, self.embedding.astype(np.float64)), self.image, lm)
+        eva = np.asarray(self.eva_kps, np.float64) if self.eva_kps is not None else None
+        return SourceFace(self.image, Face(box, kps, 1.0, lm, self.embedding.astype(np.float64)), self.image, lm, eva)
 
 
 @dataclass

@@ -62,15 +62,16 @@ class StudentSampler:
         if not names:
             raise InputError(f"no pseudo-labels in {folder}")
         self.arrays = open_shards(folder, names, PSEUDO_KEYS)
-        with_kps = all((folder / n / "src_kps.npy").is_file() for n in names)
-        self.kps = open_shards(folder, names, ("src_kps",))["src_kps"] if with_kps else None
+        optional = tuple(k for k in ("src_kps", "src_eva_kps") if all((folder / n / f"{k}.npy").is_file() for n in names))
+        extra = open_shards(folder, names, optional)
+        self.kps, self.eva_kps = extra.get("src_kps"), extra.get("src_eva_kps")
 
     def batch(self, rng: np.random.Generator, size: int) -> Batch:
         a = self.arrays
         picks = rng.integers(len(a["target"]), size=size)
-        kps = self.kps
+        kps, eva = self.kps, self.eva_kps
         identity = [IdentityImage(a["src_image"][i], a["src_landmarks"][i], a["src_embedding"][i], 1_000_000 + int(i),
-                                  kps[i] if kps is not None else None) for i in picks]
+                                  kps[i] if kps is not None else None, eva[i] if eva is not None else None) for i in picks]
         return Batch(np.stack([a["target"][i] for i in picks]), np.stack([a["pseudo"][i] for i in picks]), identity)
 
 
@@ -103,6 +104,11 @@ def plan_pairs(data: FaceData, count: int, seed: int) -> list[tuple[int, int, in
         b = rng.choice([n for n in all_names if n != a])
         pairs.append((target, src_a, rng.choice(data.by_identity()[b])))
     return pairs
+
+
+def _eva_points(item: IdentityImage) -> np.ndarray:
+    face = item.source_face()
+    return face.eva_kps if face.eva_kps is not None else face.face.kps
 
 
 def swap_in_batches(pipe: ApplePipeline, targets: np.ndarray, ids: torch.Tensor, nulls: torch.Tensor, seeds: list[int],
@@ -148,6 +154,7 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
             "src_landmarks": np.stack([data.landmarks[s] for _, s, _ in chunk]),
             "src_embedding": np.stack([data.embeddings[s] for _, s, _ in chunk]),
             "src_kps": np.stack([data.identity_image(s).source_face().face.kps for _, s, _ in chunk]).astype(np.float32),
+            "src_eva_kps": np.stack([_eva_points(data.identity_image(s)) for _, s, _ in chunk]).astype(np.float32),
             "identity": np.array([str(data.identities[t]) for t, _, _ in chunk]),
             "source_identity": np.array([str(data.identities[b]) for _, _, b in chunk]),
         })
