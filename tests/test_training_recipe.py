@@ -53,7 +53,7 @@ def _official_pickle(model: NetArc, path: Path, wrap: bool = False) -> None:
         for module in model.modules():
             if type(module) in names:
                 module.__class__ = getattr(fake, names[type(module)])
-        torch.save({"epoch": 3, "model": torch.nn.DataParallel(model)} if wrap else model, path)
+        torch.save({"epoch": 3, "acc": np.float64(0.99), "model": torch.nn.DataParallel(model)} if wrap else model, path)
     finally:
         del sys.modules["models.arcface_models"], sys.modules["models"]
         for module in model.modules():

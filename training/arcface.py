@@ -197,7 +197,8 @@ class _NetArcUnpickler(pickle.Unpickler):
         if name in _PICKLED_CLASSES:
             return type(name, (_Pickled,), {})
         if (module, name) in (("collections", "OrderedDict"), ("builtins", "set"), ("__builtin__", "set"),
-                              ("builtins", "frozenset")):
+                              ("builtins", "frozenset"), ("numpy.core.multiarray", "scalar"),
+                              ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")):  # a checkpoint's `acc`
             return super().find_class(module, name)
         if module.startswith(("torch.nn.", "torch._utils", "torch.optim")) or (
                 module == "torch" and (name.endswith("Storage") or name in ("Size", "device", "float32"))):

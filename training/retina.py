@@ -7,6 +7,7 @@ the one nearest the image centre, its 5 landmarks (eyes, nose, mouth corners). T
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ THRESHOLD = 0.97
 def load_retinaface(path: Path, device: torch.device | str = "cpu") -> torch.nn.Module:
     from facexlib.detection.retinaface import RetinaFace
 
-    model = RetinaFace(network_name="resnet50", half=False, device=device)
+    with warnings.catch_warnings():  # facexlib still passes torchvision's deprecated `pretrained=`
+        warnings.simplefilter("ignore", UserWarning)
+        model = RetinaFace(network_name="resnet50", half=False, device=device)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
         model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
