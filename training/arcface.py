@@ -198,7 +198,7 @@ class _NetArcUnpickler(pickle.Unpickler):
             return type(name, (_Pickled,), {})
         if (module, name) in (("collections", "OrderedDict"), ("builtins", "set"), ("__builtin__", "set"),
                               ("builtins", "frozenset"), ("numpy.core.multiarray", "scalar"),
-                              ("numpy._core.multiarray", "scalar"), ("numpy", "dtype")):  # a checkpoint's `acc`
+                              ("numpy._core.multiarray", "scalar"), ("numpy", "dtype"), ("_codecs", "encode")):  # `acc`
             return super().find_class(module, name)
         if module.startswith(("torch.nn.", "torch._utils", "torch.optim")) or (
                 module == "torch" and (name.endswith("Storage") or name in ("Size", "device", "float32"))):
