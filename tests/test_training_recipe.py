@@ -188,6 +188,12 @@ def test_min_aesthetic_without_its_files_is_one_line(no_weights, tmp_path, hoppe
     Image.fromarray(hopper).save(raw / "0.jpg")
     with pytest.raises(WeightsError, match="aesthetic-clip-l14"):
         prepare_data(raw.parent, tmp_path / "out", 128, min_aesthetic=5.1)
+    clip = no_weights / "aesthetic" / "clip-vit-large-patch14.safetensors"
+    clip.parent.mkdir(parents=True)
+    clip.write_bytes(b"\0" * 1_000_001)
+    with pytest.raises(WeightsError, match="aesthetic-mlp"):
+        prepare_data(raw.parent, tmp_path / "out", 128, min_aesthetic=5.1)
+    clip.unlink()
     import subprocess
 
     result = subprocess.run([sys.executable, "-c", "from cli import main; main()", "prepare-data", str(raw.parent), "-o",
@@ -254,6 +260,39 @@ def test_condition_uses_a_given_region(faces) -> None:
     untouched[np.nonzero(np.any(out != crop, axis=-1) & ~region)] = False  # landmark dots
     assert not np.array_equal(out[region], crop[region])
     assert np.array_equal(out[untouched], crop[untouched])
+
+
+def _upper_half_occluded(crop: np.ndarray) -> np.ndarray:
+    """A stand-in occlusion model: something over the upper half of every face."""
+    visible = np.ones(crop.shape[:2], np.uint8)
+    visible[: crop.shape[0] // 2] = 0
+    return visible
+
+
+def test_prepare_data_records_and_uses_the_occlusion_mask(no_weights, tmp_path, hopper, monkeypatch) -> None:
+    from facexlib.parsing.bisenet import BiSeNet
+
+    from training import data as data_module
+
+    torch.manual_seed(0)
+    path = no_weights / "facexlib" / "parsing_bisenet.pth"
+    path.parent.mkdir(parents=True)
+    torch.save(BiSeNet(num_class=19).state_dict(), path)
+    raw = tmp_path / "raw" / "hopper"
+    raw.mkdir(parents=True)
+    Image.fromarray(hopper).save(raw / "0.png")
+    plain = prepare_data(raw.parent, tmp_path / "plain", 128)
+    assert plain["blur_region"] == "bisenet-parsing" and plain["parsing_normalisation"] == "imagenet-then-half"
+    assert FaceData.load(tmp_path / "plain").regions is None
+    monkeypatch.setattr(data_module, "create_occlusion_model", lambda: _upper_half_occluded)
+    manifest = prepare_data(raw.parent, tmp_path / "occluded", 128)
+    assert manifest["blur_region"] == "bisenet-parsing+occlusion"
+    data = FaceData.load(tmp_path / "occluded")
+    region = data.regions[0]
+    assert not region[:64].any() and region[64:].any()  # random BiSeNet weights still label face classes
+    assert np.array_equal(region, blur_region(data.labels[0], _upper_half_occluded(data.images[0])))
+    assert np.array_equal(data.condition(0), teacher_condition(data.images[0], data.landmarks[0], data.labels[0],
+                                                               data.irises[0], region=region))
 
 
 def test_parsing_uses_the_official_double_normalisation(faces) -> None:

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,7 +32,7 @@ from apple_video.faces.parsing import create_parser
 from apple_video.faces.select import sort_faces
 from apple_video.media.images import is_image_path, read_image
 from training.aesthetic import AestheticScorer
-from training.deblur import hull_labels, irises_from_eyes, parse_official, teacher_condition
+from training.deblur import blur_region, hull_labels, irises_from_eyes, parse_official, teacher_condition
 from training.iris import create_iris_model, iris_points
 from training.retina import RetinaPoints
 
@@ -116,6 +117,16 @@ def frame_face(rgb: np.ndarray, face, settings: PrepareSettings) -> tuple[np.nda
     return warp_crop(rgb, matrix, size), transform_points(face.landmarks, matrix), "re-aligned"
 
 
+OcclusionModel = Callable[[np.ndarray], np.ndarray]  # aligned crop (S, S, 3) -> visible-face mask (S, S), nonzero = face
+
+
+def create_occlusion_model() -> OcclusionModel | None:
+    """The official preprocessing's DeepLabV3+ occlusion model (`checkpoints/deeplabv3_iter_27600.pth`) as a crop ->
+    visible-face mask function, when it is available. Not wired yet (its network is `apple_video/faces/occlusion.py`,
+    issue 25): None, and the blur region is the parsing alone (`blur_region` in the manifest says which)."""
+    return None
+
+
 class _Worker:
     """Per-process models (built once per process)."""
 
@@ -125,6 +136,7 @@ class _Worker:
     iris = None
     scrfd = None
     retina = None
+    occlusion: OcclusionModel | None = None
     settings = PrepareSettings(512)
 
     @classmethod
@@ -136,6 +148,7 @@ class _Worker:
         cls.scrfd = create_detector(DetectorSettings(name="insightface", embeddings=False), announce=False) \
             if weights.is_present("antelopev2-det") else None
         cls.retina = RetinaPoints.from_weights() if weights.is_present("retinaface-resnet50") else None
+        cls.occlusion = create_occlusion_model() if cls.parser is not None else None
         cls.settings = settings
 
     @classmethod
@@ -167,6 +180,7 @@ class _Worker:
                 return f"aesthetic {score:.2f} <= {cls.settings.min_aesthetic}"
         size = cls.settings.size
         labels = parse_official(cls.parser, crop) if cls.parser is not None else hull_labels(landmarks, size)
+        region = {"region": blur_region(labels, cls.occlusion(crop))} if cls.occlusion is not None else {}
         irises = iris_points(crop, landmarks, cls.iris) if cls.iris is not None else irises_from_eyes(landmarks)
         face = sort_faces(faces, "large-small")[0]
         kps = cls.arcface_kps(crop, landmarks)
@@ -175,7 +189,7 @@ class _Worker:
                 "embedding": np.asarray(face.embedding, np.float32), "identity": item.identity, "path": item.path,
                 "irises": irises.astype(np.float32), "kps": kps,
                 "eva_kps": eva_kps if eva_kps is not None else kps, "framing": framing,
-                "aesthetic": score}
+                "aesthetic": score, **region}
 
 
 SHARD_KEYS = ("images", "labels", "landmarks", "embeddings", "identities")
@@ -246,14 +260,17 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
     iris_source = create_iris_model()[1]
     arcface_points = "scrfd-antelopev2" if weights.is_present("antelopev2-det") else "dlib-68-derived"
     eva_points = "retinaface-resnet50" if weights.is_present("retinaface-resnet50") else arcface_points
-    source = provenance(weights.is_present("bisenet-parsing"), iris_source, arcface_points, eva_points=eva_points)
-    for key in ("mask_source", "irises"):
+    parsed = weights.is_present("bisenet-parsing")
+    occluded = parsed and create_occlusion_model() is not None
+    source = provenance(parsed, iris_source, arcface_points, occluded, eva_points)
+    for key in ("mask_source", "blur_region", "irises"):
         if manifest and manifest.get(key, source[key]) != source[key]:
             raise UserError(f"{output} was prepared with {key} {manifest.get(key)}, now {source[key]}: use another folder")
     if source["mask_source"] == "landmark-hull":
         logger.warning("no BiSeNet parsing weights: the teacher's blur region is the landmark hull, without glasses "
                        "(see `apple-video weights where`)")
-    logger.info("blur region: %s (the occlusion model is not wired in: parsing only)", source["blur_region"])
+    if parsed and not occluded:
+        logger.info("blur region: BiSeNet parsing without the occlusion model (recorded in the manifest)")
     filters = {"framing": framing, "min_aesthetic": min_aesthetic,
                "aesthetic_model": "laion-improved-aesthetic-predictor sac+logos+ava1-l14-linearMSE" if min_aesthetic else None}
     manifest = {"crop_size": size, "shards": [], "skipped": [], "framed": {"as-distributed": 0, "re-aligned": 0},
