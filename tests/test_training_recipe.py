@@ -453,11 +453,19 @@ def test_pseudo_label_swaps_are_batched_and_unchanged(faces) -> None:
 
 # -- issue 26.5: the identity-token cache is bounded ---------------------------------------------------------------
 def test_identity_cache_is_bounded_and_computes_once(tmp_path, faces) -> None:
-    cache = IdentityCache(2)
+    cache = IdentityCache(2, tmp_path / "spill")
     calls = []
-    for key in (0, 1, 0, 2, 0, 1):
-        cache.get(key, lambda key=key: calls.append(key) or torch.full((2, 3), float(key)))
-    assert len(cache) == 2 and calls == [0, 1, 2, 1]  # 1 was least recently used when 2 came
+    for key in (0, 1, 0, 2, 0, 1, 2, 3, 1):
+        value = cache.get(key, lambda key=key: calls.append(key) or torch.full((2, 3), float(key)))
+        assert torch.equal(value, torch.full((2, 3), float(key)))
+        assert len(cache) <= 2
+    assert calls == [0, 1, 2, 3]  # each image computed once: the evicted ones come back from the disk
+    assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == ["0.pt", "1.pt", "2.pt"]
+    memory_only = IdentityCache(1)
+    calls.clear()
+    for key in (0, 1, 0):
+        memory_only.get(key, lambda key=key: calls.append(key) or torch.zeros(1))
+    assert calls == [0, 1, 0] and len(memory_only) == 1
     cfg = load_train_config(ROOT / "configs" / "train" / "tiny_teacher.yaml", data=tmp_path, output=tmp_path / "run",
                             id_cache_size=2)
     trainer = Trainer(cfg, _Fixed(faces))
@@ -470,6 +478,8 @@ def test_identity_cache_is_bounded_and_computes_once(tmp_path, faces) -> None:
     assert len(seen) == 2 and torch.equal(first, again)  # no EVA/ArcFace/parsing for a seen image
     trainer._id_tokens(items)
     assert len(trainer.id_cache) == 2 and len(seen) == 3
+    trainer._id_tokens(items)  # the evicted one is read back, not recomputed
+    assert len(seen) == 3 and (tmp_path / "run" / "id_tokens").is_dir()
 
 
 # -- shared fixtures -----------------------------------------------------------------------------------------------

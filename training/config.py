@@ -29,7 +29,8 @@ class TrainConfig(BaseModel):
     lpips_weight: float = Field(1.0, ge=0)
     lpips_max_t: float = Field(0.35, ge=0, le=1)  # LPIPS only where t <= this
     lpips_backbone: Literal["vgg16", "random"] = "vgg16"  # random: tests and toy runs
-    id_cache_size: int = Field(4096, ge=1)  # identity tokens kept (host memory, least recently used dropped)
+    # identity tokens held on the device; the least recently used go to <output>/id_tokens/ and are read back from there
+    id_cache_size: int = Field(4096, ge=1)
     drop_text: float = Field(0.1, ge=0, le=1)  # the prompt replaced by the empty prompt's embedding
     batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(4, ge=1)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -73,27 +74,48 @@ class Sampler(Protocol):
 
 
 class IdentityCache:
-    """Identity tokens per data set image, computed once (EVA-CLIP, ArcFace and the IDFormer run on a miss only),
-    at most `capacity` of them (on the model's device: ~128 KiB each in bf16 at the real size, so the default
-    4096 hold ~0.5 GiB): the least recently used is dropped first."""
+    """Identity tokens per data set image, computed once: EVA-CLIP, ArcFace, parsing and the IDFormer run only for
+    an image never seen. At most `capacity` are held on the model's device (~128 KiB each in bf16 at the real size:
+    the default 4096 hold ~0.5 GiB); the least recently used is moved to `folder` on disk (one file per image,
+    written under a temporary name) and read back from there when it comes again."""
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, folder: Path | None = None, device: torch.device | None = None) -> None:
         self.capacity = capacity
+        self.folder = folder
+        self.device = device
         self.tokens: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.misses = 0
 
     def __len__(self) -> int:
         return len(self.tokens)
 
+    def _path(self, key: int) -> Path:
+        return self.folder / f"{key}.pt"
+
+    def _load(self, key: int) -> torch.Tensor | None:
+        if self.folder is None or not self._path(key).is_file():
+            return None
+        return torch.load(self._path(key), map_location=self.device or "cpu", weights_only=True)
+
+    def _store(self, key: int, value: torch.Tensor) -> None:
+        if self.folder is None or self._path(key).is_file():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{key}.{os.getpid()}.tmp"
+        torch.save(value.cpu(), tmp)
+        os.replace(tmp, self._path(key))
+
     def get(self, key: int, compute) -> torch.Tensor:
         if key in self.tokens:
             self.tokens.move_to_end(key)
             return self.tokens[key]
-        self.misses += 1
-        value = compute().detach()
+        value = self._load(key)
+        if value is None:
+            self.misses += 1
+            value = compute().detach()
         self.tokens[key] = value
         if len(self.tokens) > self.capacity:
-            self.tokens.popitem(last=False)
+            self._store(*self.tokens.popitem(last=False))
         return value
 
 
@@ -148,7 +170,7 @@ class Trainer:
         self.empty_prompt = empty_prompt(self.pipe, cfg.seed)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
-        self.id_cache = IdentityCache(cfg.id_cache_size)
+        self.id_cache = IdentityCache(cfg.id_cache_size, cfg.output / "id_tokens", self.pipe.device)
         self.null_id: torch.Tensor | None = None
 
     # -- pieces ------------------------------------------------------------------------------------------------
