@@ -337,6 +337,12 @@ def test_iris_crops_map_back_to_the_image() -> None:
 
 def test_iris_model_file_and_runtime(no_weights, tmp_path) -> None:
     assert iris.create_iris_model() == (None, "estimated-from-eye-landmarks")
+    with pytest.raises(WeightsError, match="mediapipe-iris"):
+        iris.create_iris_model("mediapipe")
+    (tmp_path / "raw" / "a").mkdir(parents=True)
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "raw" / "a" / "0.png")
+    with pytest.raises(WeightsError, match="mediapipe-iris"):
+        prepare_data(tmp_path / "raw", tmp_path / "out", 128, irises="mediapipe")
     bad = tmp_path / "bad.tflite"
     bad.write_bytes(b"\0" * 2048)
     with pytest.raises(WeightsError):  # no runtime, or not a tflite file

@@ -33,7 +33,7 @@ from apple_video.faces.select import sort_faces
 from apple_video.media.images import is_image_path, read_image
 from training.aesthetic import AestheticScorer
 from training.deblur import blur_region, hull_labels, irises_from_eyes, parse_official, teacher_condition
-from training.iris import create_iris_model, iris_points
+from training.iris import IrisSource, create_iris_model, iris_points
 from training.retina import RetinaPoints
 
 logger = logging.getLogger(__name__)
@@ -66,6 +66,7 @@ class PrepareSettings:
     size: int
     framing: Framing = "auto"
     min_aesthetic: float | None = None
+    irises: IrisSource = "auto"
 
 
 def scan(raw: Path, identity_list: Path | None = None) -> tuple[list[Item], list[str]]:
@@ -144,7 +145,7 @@ class _Worker:
         cls.detector = create_detector(DetectorSettings(name="dlib"))
         cls.parser = create_parser("auto", announce=False)
         cls.scorer = AestheticScorer.from_weights() if settings.min_aesthetic is not None else None
-        cls.iris = create_iris_model()[0]
+        cls.iris = create_iris_model(settings.irises)[0]
         cls.scrfd = create_detector(DetectorSettings(name="insightface", embeddings=False), announce=False) \
             if weights.is_present("antelopev2-det") else None
         cls.retina = RetinaPoints.from_weights() if weights.is_present("retinaface-resnet50") else None
@@ -243,8 +244,9 @@ def open_shards(folder: Path, names: list[str], keys: tuple[str, ...]) -> dict[s
 
 
 def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None = None, workers: int = 1,
-                 shard_size: int = 256, framing: Framing = "auto", min_aesthetic: float | None = None) -> dict:
-    settings = PrepareSettings(size, framing, min_aesthetic)
+                 shard_size: int = 256, framing: Framing = "auto", min_aesthetic: float | None = None,
+                 irises: IrisSource = "auto") -> dict:
+    settings = PrepareSettings(size, framing, min_aesthetic, irises)
     items, warnings = scan(raw, identity_list)
     for line in warnings:
         logger.warning(line)
@@ -257,7 +259,7 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     if manifest and manifest.get("crop_size") != size:
         raise UserError(f"{output} holds crops of size {manifest.get('crop_size')}, not {size}: use another folder")
-    iris_source = create_iris_model()[1]
+    iris_source = create_iris_model(irises)[1]  # also the one-line error of `mediapipe` without its file
     arcface_points = "scrfd-antelopev2" if weights.is_present("antelopev2-det") else "dlib-68-derived"
     eva_points = "retinaface-resnet50" if weights.is_present("retinaface-resnet50") else arcface_points
     parsed = weights.is_present("bisenet-parsing")

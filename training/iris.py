@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import cv2
 import numpy as np
@@ -96,12 +97,23 @@ def iris_points(image: np.ndarray, landmarks: np.ndarray, model: IrisModel) -> n
     return np.concatenate(points).astype(np.float32)
 
 
-def create_iris_model() -> tuple[IrisModel | None, str]:
-    """The MediaPipe iris model when its file and a LiteRT runtime are present, and the manifest's name for the source."""
+IrisSource = Literal["auto", "mediapipe", "estimated"]
+MEDIAPIPE = "mediapipe-iris-on-dlib-eyes"
+ESTIMATED = "estimated-from-eye-landmarks"
+
+
+def create_iris_model(source: IrisSource = "auto") -> tuple[IrisModel | None, str]:
+    """The MediaPipe iris model and the manifest's name for the source. `auto`: when its file and a LiteRT runtime
+    are present; `mediapipe`: required (one clear line without them); `estimated`: never."""
+    if source == "estimated":
+        return None, ESTIMATED
+    if source == "mediapipe":
+        path = weights.require("mediapipe-iris")
+        return TfliteIris(path), MEDIAPIPE
     if not weights.is_present("mediapipe-iris"):
-        return None, "estimated-from-eye-landmarks"
+        return None, ESTIMATED
     if not runtime_available():
         logger.warning("mediapipe-iris is present but no LiteRT runtime is installed (pip install ai-edge-litert): "
                        "iris points estimated from the eye contour")
-        return None, "estimated-from-eye-landmarks"
-    return TfliteIris(weights.require("mediapipe-iris")), "mediapipe-iris-on-dlib-eyes"
+        return None, ESTIMATED
+    return TfliteIris(weights.require("mediapipe-iris")), MEDIAPIPE
