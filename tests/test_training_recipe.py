@@ -486,6 +486,12 @@ def test_identity_cache_is_bounded_and_computes_once(tmp_path, faces) -> None:
     assert len(trainer.id_cache) == 2 and len(seen) == 3
     trainer._id_tokens(items)  # the evicted one is read back, not recomputed
     assert len(seen) == 3 and (tmp_path / "run" / "id_tokens").is_dir()
+    resumed = Trainer(cfg, _Fixed(faces))  # a new run over the same output: the spilled tokens are read back
+    assert resumed.null_id is None
+    spilled = int(sorted((tmp_path / "run" / "id_tokens").glob("*.pt"))[0].stem)
+    tokens = resumed._id_tokens([items[spilled]])
+    assert resumed.id_cache.misses == 0 and torch.equal(tokens[0], trainer.id_cache.get(spilled, None))
+    assert resumed.null_id is not None and torch.equal(resumed.null_id, trainer.null_id)
 
 
 # -- shared fixtures -----------------------------------------------------------------------------------------------

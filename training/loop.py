@@ -182,7 +182,10 @@ class Trainer:
 
     @torch.no_grad()
     def _id_tokens(self, images: list[IdentityImage]) -> torch.Tensor:
-        return torch.stack([self.id_cache.get(item.key, lambda item=item: self._embed(item)) for item in images])
+        tokens = torch.stack([self.id_cache.get(item.key, lambda item=item: self._embed(item)) for item in images])
+        if self.null_id is None:  # every token came from the disk (a resumed run): the null tokens once
+            self._embed(images[0])
+        return tokens
 
     def _generator(self, step: int, micro: int) -> tuple[np.random.Generator, torch.Generator]:
         key = [self.cfg.seed, step, micro, self.accelerator.process_index]
