@@ -3,8 +3,9 @@
 Input: one folder per identity (VGGFace2-HQ style), or a flat folder plus an identity list (CSV lines
 `file,identity`). Output: `shards/shard_XXXXX/` (memory-mappable .npy files) + `manifest.json`. Resumable (finished shards are kept),
 parallel (a process pool), and unreadable or faceless images are skipped, counted and listed. The manifest
-records where the parsing maps, landmarks and iris points come from (the official data uses BiSeNet + an
-occlusion model, 3DDFA-V3 landmarks and MediaPipe Iris; see `provenance`).
+records where the parsing maps, blur region, landmarks, iris points and alignment points come from (the official
+data uses BiSeNet + an occlusion model, 3DDFA-V3 landmarks and MediaPipe Iris; see `provenance`), how many images
+were taken as distributed (already on the template) and the aesthetic threshold (images at or below it skipped).
 """
 
 from __future__ import annotations
