@@ -360,16 +360,26 @@ def train_student_cmd(config_path: str, data: str | None, output: str | None, st
 @click.option("--identity-list", type=click.Path(), default=None, help="CSV `file,identity` for a flat folder.")
 @click.option("--workers", type=click.IntRange(1), default=1, show_default=True, help="Parallel processes.")
 @click.option("--shard-size", type=click.IntRange(1), default=256, show_default=True)
-def prepare_data_cmd(raw_dir: str, output: str, preset: str, identity_list: str | None, workers: int, shard_size: int) -> None:
+@click.option("--framing", type=click.Choice(["auto", "as-is", "align"]), default="auto", show_default=True,
+              help="auto: images whose face already sits on the crop template (VGGFace2-HQ as distributed) are taken as "
+                   "they are, others re-aligned; as-is / align: always.")
+@click.option("--min-aesthetic", type=float, default=None,
+              help="Keep images whose LAION aesthetic score is above this (the released teacher: 5.1).")
+@click.option("--irises", type=click.Choice(["auto", "mediapipe", "estimated"]), default="auto", show_default=True,
+              help="Iris points: MediaPipe's iris model (with gaze; `mediapipe-iris` + ai-edge-litert), or estimated from "
+                   "the eye contour; auto: the model when present.")
+def prepare_data_cmd(raw_dir: str, output: str, preset: str, identity_list: str | None, workers: int, shard_size: int,
+                     framing: str, min_aesthetic: float | None, irises: str) -> None:
     """Align, mask and cache a face data set (one folder per identity) for training."""
     from apple_video.config import load_preset
     from training.data import prepare_data
 
     size = load_preset(preset).sampling.crop_size
     manifest = prepare_data(Path(raw_dir), Path(output), size, Path(identity_list) if identity_list else None, workers,
-                            shard_size)
+                            shard_size, framing, min_aesthetic, irises)
     kept = sum(s["count"] for s in manifest["shards"])
-    click.echo(f"{output}: {kept} faces in {len(manifest['shards'])} shards, {len(manifest['skipped'])} images skipped")
+    click.echo(f"{output}: {kept} faces in {len(manifest['shards'])} shards ({manifest['framed']['as-distributed']} taken "
+               f"as distributed), {len(manifest['skipped'])} images skipped")
 
 
 class _EvalGroup(click.Group):

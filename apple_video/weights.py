@@ -153,6 +153,25 @@ REGISTRY: tuple[WeightFile, ...] = (
                purpose="FID Inception-v3 (pytorch-fid's release fid_weights)", min_bytes=1_000_000, source="url",
                url="https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth",
                sha256_prefix="6726825d", hash_note="pytorch-fid publishes only the sha256 prefix in the file name"),
+    WeightFile("aesthetic-clip-l14", "aesthetic/clip-vit-large-patch14.safetensors", "openai/clip-vit-large-patch14",
+               "model.safetensors", "CLIP ViT-L/14 image embedding of the LAION aesthetic filter (prepare-data "
+               "--min-aesthetic; only the vision tower is read)", min_bytes=1_000_000,
+               hash_note="sha256 from the hub's LFS pointer at download time"),
+    WeightFile("aesthetic-mlp", "aesthetic/sac+logos+ava1-l14-linearMSE.pth",
+               purpose="LAION aesthetic predictor MLP head (christophschuhmann/improved-aesthetic-predictor)",
+               min_bytes=1_000_000, source="url",
+               url="https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth",
+               hash_note="the predictor's repository publishes no size or hash"),
+    WeightFile("retinaface-resnet50", "facexlib/detection_Resnet50_Final.pth",
+               purpose="facexlib RetinaFace ResNet-50: the 5 points PuLID aligns EVA-CLIP's input on (prepare-data)",
+               min_bytes=1_000_000, source="url",
+               url="https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth",
+               hash_note="facexlib publishes no size or hash for its release assets"),
+    WeightFile("mediapipe-iris", "mediapipe/iris_landmark.tflite",
+               purpose="MediaPipe iris landmarks (also in preprocess/MediaPipe_Iris/data/ of the official APPLE repo): "
+                       "prepare-data's iris points with gaze, run by ai-edge-litert", min_bytes=1_000_000, source="url",
+               url="https://storage.googleapis.com/mediapipe-assets/iris_landmark.tflite", size=2_640_568,
+               sha256="d1744d2a09c25f501d39eba4faff47e53ecca8852c5ce19bce8eeac39357521f"),
 )
 
 

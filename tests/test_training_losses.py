@@ -120,7 +120,7 @@ def test_text_drop_feeds_the_empty_prompt(tmp_path, faces) -> None:
 
 
 def test_lpips_term_with_a_random_backbone(tmp_path, faces) -> None:
-    cfg = _config(tmp_path, lpips_weight=2.0, lpips_max_t=1.0, id_loss_weight=0.0)
+    cfg = _config(tmp_path, lpips_weight=2.0, lpips_max_t=1.0, id_loss_weight=0.0, id_loss_start=0)
     trainer = Trainer(cfg, FixedBatch(faces))
     total, stats = trainer.loss(FixedBatch(faces).batch(None, 2), 0, np.random.default_rng(0), torch.Generator().manual_seed(0))
     assert stats["lpips"] > 0

@@ -22,10 +22,15 @@ class TrainConfig(BaseModel):
     id_loss_start: int = Field(15000, ge=0)  # steps without the identity loss first
     id_loss_weight: float = Field(1.0, ge=0)
     id_loss_max_t: float = Field(0.35, ge=0, le=1)  # identity loss only where t <= this
-    id_loss_model: Literal["tiny", "iresnet50", "iresnet100"] = "iresnet50"
-    lpips_weight: float = Field(1.0, ge=0)  # the official trainer's LPIPS(vgg) term on the one-step estimate
+    # auto: the official netarc when `apple-arcface` is present, else arcface_torch IResNet-50 (`arcface-r50`)
+    id_loss_model: Literal["auto", "netarc", "iresnet50", "iresnet100", "tiny", "tiny-netarc"] = "auto"
+    # the official trainer's LPIPS(vgg) term on the one-step estimate, computed inside its identity-loss block:
+    # from `id_loss_start` on, like the identity loss
+    lpips_weight: float = Field(1.0, ge=0)
     lpips_max_t: float = Field(0.35, ge=0, le=1)  # LPIPS only where t <= this
     lpips_backbone: Literal["vgg16", "random"] = "vgg16"  # random: tests and toy runs
+    # identity tokens held on the device; the least recently used go to <output>/id_tokens/ and are read back from there
+    id_cache_size: int = Field(4096, ge=1)
     drop_text: float = Field(0.1, ge=0, le=1)  # the prompt replaced by the empty prompt's embedding
     batch_size: int = Field(1, ge=1)
     grad_accum: int = Field(4, ge=1)

@@ -3,8 +3,9 @@
 Input: one folder per identity (VGGFace2-HQ style), or a flat folder plus an identity list (CSV lines
 `file,identity`). Output: `shards/shard_XXXXX/` (memory-mappable .npy files) + `manifest.json`. Resumable (finished shards are kept),
 parallel (a process pool), and unreadable or faceless images are skipped, counted and listed. The manifest
-records where the parsing maps, landmarks and iris points come from (the official data uses BiSeNet + an
-occlusion model, 3DDFA-V3 landmarks and MediaPipe Iris; see `provenance`).
+records where the parsing maps, blur region, landmarks, iris points and alignment points come from (the official
+data uses BiSeNet + an occlusion model, 3DDFA-V3 landmarks and MediaPipe Iris; see `provenance`), how many images
+were taken as distributed (already on the template) and the aesthetic threshold (images at or below it skipped).
 """
 
 from __future__ import annotations
@@ -15,35 +16,60 @@ import logging
 import multiprocessing
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
+import cv2
 import numpy as np
 from tqdm import tqdm
 
 from apple_video import weights
 from apple_video.errors import InputError, UserError
-from apple_video.faces.align import alignment_matrix, transform_points, warp_crop
+from apple_video.faces.align import alignment_matrix, kps_from_68, transform_points, warp_crop
 from apple_video.faces.detect import DetectorSettings, create_detector
 from apple_video.faces.parsing import create_parser
 from apple_video.faces.select import sort_faces
 from apple_video.media.images import is_image_path, read_image
-from training.deblur import hull_labels, teacher_condition
+from training.aesthetic import AestheticScorer
+from training.deblur import blur_region, hull_labels, irises_from_eyes, parse_official, teacher_condition
+from training.iris import IrisSource, create_iris_model, iris_points
+from training.retina import RetinaPoints
 
 logger = logging.getLogger(__name__)
 
 MASK_SOURCES = {True: "bisenet-parsing", False: "landmark-hull"}
+Framing = Literal["auto", "as-is", "align"]
+# An image is taken as distributed when its face already sits on the crop template within these bounds (an aligned
+# crop re-detected by dlib: scale within 0.3%, 1.4 degrees, 0.5% shift; photos of a centred face: scale off by 12%
+# or more). Data aligned to a different template: --framing as-is.
+ON_TEMPLATE_SCALE = (0.92, 1.08)
+ON_TEMPLATE_DEGREES = 4.0
+ON_TEMPLATE_SHIFT = 0.03  # of the image side
 
 
-def provenance(parsed: bool) -> dict[str, str]:
+def provenance(parsed: bool, irises: str = "estimated-from-eye-landmarks", arcface_points: str = "dlib-68-derived",
+               occlusion: bool = False, eva_points: str | None = None) -> dict[str, str]:
     """What stands in for the official preprocessing, recorded in the manifest."""
-    return {"mask_source": MASK_SOURCES[parsed], "landmarks": "dlib-68", "irises": "estimated-from-eye-landmarks"}
+    region = ("bisenet-parsing+occlusion" if occlusion else "bisenet-parsing") if parsed else "landmark-hull"
+    return {"mask_source": MASK_SOURCES[parsed], "blur_region": region,
+            "parsing_normalisation": "imagenet-then-half" if parsed else "none", "landmarks": "dlib-68",
+            "irises": irises, "arcface_points": arcface_points, "eva_points": eva_points or arcface_points}
 
 
 @dataclass(frozen=True)
 class Item:
     path: str
     identity: str
+
+
+@dataclass(frozen=True)
+class PrepareSettings:
+    size: int
+    framing: Framing = "auto"
+    min_aesthetic: float | None = None
+    irises: IrisSource = "auto"
 
 
 def scan(raw: Path, identity_list: Path | None = None) -> tuple[list[Item], list[str]]:
@@ -68,18 +94,75 @@ def scan(raw: Path, identity_list: Path | None = None) -> tuple[list[Item], list
     return items, warnings
 
 
+def on_template(kps: np.ndarray, shape: tuple[int, ...]) -> bool:
+    """Whether a square image already holds its face on the crop template (VGGFace2-HQ as distributed)."""
+    h, w = shape[:2]
+    if h != w:
+        return False
+    matrix = alignment_matrix(kps, w)
+    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
+    degrees = float(np.degrees(np.arctan2(matrix[1, 0], matrix[0, 0])))
+    centre = transform_points(np.array([[w / 2, h / 2]]), matrix)[0] - np.array([w / 2, h / 2])
+    return (ON_TEMPLATE_SCALE[0] <= scale <= ON_TEMPLATE_SCALE[1] and abs(degrees) <= ON_TEMPLATE_DEGREES
+            and float(np.abs(centre).max()) <= ON_TEMPLATE_SHIFT * w)
+
+
+def frame_face(rgb: np.ndarray, face, settings: PrepareSettings) -> tuple[np.ndarray, np.ndarray, str] | str:
+    """(crop, its 68 landmarks, "as-distributed" | "re-aligned"), or why the image is refused."""
+    size = settings.size
+    keep = settings.framing == "as-is" or (settings.framing == "auto" and on_template(face.kps, rgb.shape))
+    if keep:
+        if rgb.shape[0] != rgb.shape[1]:
+            return "not square: cannot be taken as it is (--framing as-is)"
+        scale = size / rgb.shape[0]
+        crop = rgb if rgb.shape[0] == size else cv2.resize(rgb, (size, size), interpolation=cv2.INTER_AREA)
+        return crop, np.asarray(face.landmarks, np.float64) * scale, "as-distributed"
+    matrix = alignment_matrix(face.kps, size)
+    return warp_crop(rgb, matrix, size), transform_points(face.landmarks, matrix), "re-aligned"
+
+
+OcclusionModel = Callable[[np.ndarray], np.ndarray]  # aligned crop (S, S, 3) -> visible-face mask (S, S), nonzero = face
+
+
+def create_occlusion_model() -> OcclusionModel | None:
+    """The official preprocessing's DeepLabV3+ occlusion model (`checkpoints/deeplabv3_iter_27600.pth`) as a crop ->
+    visible-face mask function, when it is available. Not wired yet (its network is `apple_video/faces/occlusion.py`,
+    issue 25): None, and the blur region is the parsing alone (`blur_region` in the manifest says which)."""
+    return None
+
+
 class _Worker:
-    """Per-process detector (built once per process)."""
+    """Per-process models (built once per process)."""
 
     detector = None
     parser = None
-    size = 512
+    scorer = None
+    iris = None
+    scrfd = None
+    retina = None
+    occlusion: OcclusionModel | None = None
+    settings = PrepareSettings(512)
 
     @classmethod
-    def setup(cls, size: int) -> None:
+    def setup(cls, settings: PrepareSettings) -> None:
         cls.detector = create_detector(DetectorSettings(name="dlib"))
         cls.parser = create_parser("auto", announce=False)
-        cls.size = size
+        cls.scorer = AestheticScorer.from_weights() if settings.min_aesthetic is not None else None
+        cls.iris = create_iris_model(settings.irises)[0]
+        cls.scrfd = create_detector(DetectorSettings(name="insightface", embeddings=False), announce=False) \
+            if weights.is_present("antelopev2-det") else None
+        cls.retina = RetinaPoints.from_weights() if weights.is_present("retinaface-resnet50") else None
+        cls.occlusion = create_occlusion_model() if cls.parser is not None else None
+        cls.settings = settings
+
+    @classmethod
+    def arcface_kps(cls, crop: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
+        """The 5 points ArcFace and EVA are aligned on: SCRFD's (antelopev2, as the official code) when present."""
+        if cls.scrfd is not None:
+            found = cls.scrfd.detect(crop, embed=False)
+            if found:
+                return np.asarray(sort_faces(found, "large-small")[0].kps, np.float32)
+        return kps_from_68(landmarks).astype(np.float32)
 
     @classmethod
     def process(cls, item: Item) -> dict | str:
@@ -90,16 +173,31 @@ class _Worker:
         faces = cls.detector.detect(rgb)
         if not faces:
             return "no face found"
+        framed = frame_face(rgb, sort_faces(faces, "large-small")[0], cls.settings)
+        if isinstance(framed, str):
+            return framed
+        crop, landmarks, framing = framed
+        score = float("nan")
+        if cls.scorer is not None:
+            score = float(cls.scorer.score([crop])[0])
+            if score <= cls.settings.min_aesthetic:
+                return f"aesthetic {score:.2f} <= {cls.settings.min_aesthetic}"
+        size = cls.settings.size
+        labels = parse_official(cls.parser, crop) if cls.parser is not None else hull_labels(landmarks, size)
+        region = {"region": blur_region(labels, cls.occlusion(crop))} if cls.occlusion is not None else {}
+        irises = iris_points(crop, landmarks, cls.iris) if cls.iris is not None else irises_from_eyes(landmarks)
         face = sort_faces(faces, "large-small")[0]
-        matrix = alignment_matrix(face.kps, cls.size)
-        crop = warp_crop(rgb, matrix, cls.size)
-        landmarks = transform_points(face.landmarks, matrix)
-        labels = cls.parser.labels(crop) if cls.parser is not None else hull_labels(landmarks, cls.size)
+        kps = cls.arcface_kps(crop, landmarks)
+        eva_kps = cls.retina(crop) if cls.retina is not None else None  # PuLID's points for EVA-CLIP
         return {"image": crop, "labels": labels, "landmarks": landmarks.astype(np.float32),
-                "embedding": np.asarray(face.embedding, np.float32), "identity": item.identity, "path": item.path}
+                "embedding": np.asarray(face.embedding, np.float32), "identity": item.identity, "path": item.path,
+                "irises": irises.astype(np.float32), "kps": kps,
+                "eva_kps": eva_kps if eva_kps is not None else kps, "framing": framing,
+                "aesthetic": score, **region}
 
 
 SHARD_KEYS = ("images", "labels", "landmarks", "embeddings", "identities")
+OPTIONAL_KEYS = ("irises", "kps", "eva_kps", "regions")  # newer shards; regions only with an occlusion model
 
 
 def write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
@@ -119,6 +217,10 @@ def _write_shard(path: Path, records: list[dict]) -> None:
         "images": np.stack([r["image"] for r in records]), "labels": np.stack([r["labels"] for r in records]),
         "landmarks": np.stack([r["landmarks"] for r in records]), "embeddings": np.stack([r["embedding"] for r in records]),
         "identities": np.array([r["identity"] for r in records]), "paths": np.array([r["path"] for r in records]),
+        "irises": np.stack([r["irises"] for r in records]), "kps": np.stack([r["kps"] for r in records]),
+        "eva_kps": np.stack([r["eva_kps"] for r in records]),
+        "aesthetic": np.array([r["aesthetic"] for r in records], np.float32),
+        **({"regions": np.stack([r["region"] for r in records])} if all("region" in r for r in records) else {}),
     })
 
 
@@ -145,31 +247,46 @@ def open_shards(folder: Path, names: list[str], keys: tuple[str, ...]) -> dict[s
 
 
 def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None = None, workers: int = 1,
-                 shard_size: int = 256) -> dict:
+                 shard_size: int = 256, framing: Framing = "auto", min_aesthetic: float | None = None,
+                 irises: IrisSource = "auto") -> dict:
+    settings = PrepareSettings(size, framing, min_aesthetic, irises)
     items, warnings = scan(raw, identity_list)
     for line in warnings:
         logger.warning(line)
+    if min_aesthetic is not None:  # one clear line now rather than in every worker
+        weights.require("aesthetic-clip-l14")
+        weights.require("aesthetic-mlp")
     output.mkdir(parents=True, exist_ok=True)
     (output / "shards").mkdir(exist_ok=True)
     manifest_path = output / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     if manifest and manifest.get("crop_size") != size:
         raise UserError(f"{output} holds crops of size {manifest.get('crop_size')}, not {size}: use another folder")
-    source = provenance(weights.is_present("bisenet-parsing"))
-    if manifest and manifest.get("mask_source") != source["mask_source"]:
-        raise UserError(f"{output} was prepared with {manifest.get('mask_source')} masks, now {source['mask_source']}: "
-                        "use another folder")
+    iris_source = create_iris_model(irises)[1]  # also the one-line error of `mediapipe` without its file
+    arcface_points = "scrfd-antelopev2" if weights.is_present("antelopev2-det") else "dlib-68-derived"
+    eva_points = "retinaface-resnet50" if weights.is_present("retinaface-resnet50") else arcface_points
+    parsed = weights.is_present("bisenet-parsing")
+    occluded = parsed and create_occlusion_model() is not None
+    source = provenance(parsed, iris_source, arcface_points, occluded, eva_points)
+    for key in ("mask_source", "blur_region", "irises"):
+        if manifest and manifest.get(key, source[key]) != source[key]:
+            raise UserError(f"{output} was prepared with {key} {manifest.get(key)}, now {source[key]}: use another folder")
     if source["mask_source"] == "landmark-hull":
         logger.warning("no BiSeNet parsing weights: the teacher's blur region is the landmark hull, without glasses "
                        "(see `apple-video weights where`)")
-    manifest = {"crop_size": size, "shards": [], "skipped": [], **source, **manifest}
+    if parsed and not occluded:
+        logger.info("blur region: BiSeNet parsing without the occlusion model (recorded in the manifest)")
+    filters = {"framing": framing, "min_aesthetic": min_aesthetic,
+               "aesthetic_model": "laion-improved-aesthetic-predictor sac+logos+ava1-l14-linearMSE" if min_aesthetic else None}
+    manifest = {"crop_size": size, "shards": [], "skipped": [], "framed": {"as-distributed": 0, "re-aligned": 0},
+                **source, **filters, **manifest}
     done = {path for shard in manifest["shards"] for path in shard["sources"]} | {s["path"] for s in manifest["skipped"]}
     todo = [item for item in items if item.path not in done]
     groups = [todo[i : i + shard_size] for i in range(0, len(todo), shard_size)]
     context = multiprocessing.get_context("spawn") if workers > 1 else None
-    pool = context.Pool(workers, initializer=_Worker.setup, initargs=(size,)) if context else None
+    pool = context.Pool(workers, initializer=_Worker.setup, initargs=(settings,)) if context else None
     if pool is None:
-        _Worker.setup(size)
+        _Worker.setup(settings)
     try:
         with tqdm(total=len(todo), desc="prepare", unit="img", disable=None) as bar:
             for group in groups:
@@ -180,6 +297,8 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
                     name = f"shard_{len(manifest['shards']):05d}"
                     _write_shard(output / "shards" / name, records)
                     manifest["shards"].append({"file": name, "count": len(records), "sources": [r["path"] for r in records]})
+                    for record in records:
+                        manifest["framed"][record["framing"]] += 1
                 manifest["skipped"].extend(skipped)
                 tmp = manifest_path.with_name(".manifest.tmp")
                 tmp.write_text(json.dumps(manifest, indent=1))
@@ -202,6 +321,10 @@ class FaceData:
     landmarks: ShardArray  # (N, 68, 2)
     embeddings: ShardArray  # (N, 128)
     identities: np.ndarray  # (N,) str, in memory
+    irises: ShardArray | None = None  # (N, 10, 2) iris points (older data sets: estimated when used)
+    kps: ShardArray | None = None  # (N, 5, 2) the points ArcFace is aligned on
+    eva_kps: ShardArray | None = None  # (N, 5, 2) the points EVA-CLIP is aligned on
+    regions: ShardArray | None = None  # (N, S, S) bool blur region (parsing ∩ occlusion) when an occlusion model ran
 
     @classmethod
     def load(cls, folder: Path) -> FaceData:
@@ -215,18 +338,25 @@ class FaceData:
         if "mask_source" not in manifest:
             raise InputError(f"{folder} was prepared by an older version (no parsing maps): run prepare-data into a new folder")
         arrays = open_shards(folder / "shards", names, SHARD_KEYS)
+        present = [k for k in OPTIONAL_KEYS if all((folder / "shards" / n / f"{k}.npy").is_file() for n in names)]
+        arrays |= open_shards(folder / "shards", names, tuple(present))
         identities = np.concatenate([np.load(folder / "shards" / n / "identities.npy") for n in names])
-        return cls(arrays["images"], arrays["labels"], arrays["landmarks"], arrays["embeddings"], identities)
+        return cls(arrays["images"], arrays["labels"], arrays["landmarks"], arrays["embeddings"], identities,
+                   arrays.get("irises"), arrays.get("kps"), arrays.get("eva_kps"), arrays.get("regions"))
 
     def condition(self, index: int) -> np.ndarray:
         """The teacher's `blur_landmark_iris` condition of sample `index`."""
-        return teacher_condition(self.images[index], self.landmarks[index], self.labels[index])
+        return teacher_condition(self.images[index], self.landmarks[index], self.labels[index],
+                                 self.irises[index] if self.irises is not None else None,
+                                 region=self.regions[index] if self.regions is not None else None)
 
     def identity_image(self, index: int):
         """Sample `index` as the identity encoder sees it."""
         from training.loop import IdentityImage
 
-        return IdentityImage(self.images[index], self.landmarks[index], self.embeddings[index], int(index))
+        return IdentityImage(self.images[index], self.landmarks[index], self.embeddings[index], int(index),
+                             self.kps[index] if self.kps is not None else None,
+                             self.eva_kps[index] if self.eva_kps is not None else None)
 
     def by_identity(self) -> dict[str, list[int]]:
         groups: dict[str, list[int]] = {}

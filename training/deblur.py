@@ -6,7 +6,8 @@ landmarks as `cv2.circle(radius r, thickness 2r)` with r = max(int(size / 200), 
 coordinates (3DDFA-V3's `plot_kpts`); iris points as filled PIL ellipses of radius 2 at 512 (MediaPipe Iris
 script) at rounded coordinates; glasses pixels `addWeighted(condition, 0.9, magenta, 0.1)`. Official landmarks
 are 3DDFA-V3's 68 points and MediaPipe's 5 iris points per eye; here the 68 come from dlib and the iris points
-are estimated from the eye contour (`irises_from_eyes`) unless given.
+are MediaPipe's iris model on dlib's eye contours (`training.iris`) or, without it, estimated from the eye
+contour (`irises_from_eyes`).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from PIL import Image, ImageDraw
 
 from apple_video.faces.mask import hull_mask
 
+IMAGENET_MEAN = np.array((0.485, 0.456, 0.406), np.float32)
+IMAGENET_STD = np.array((0.229, 0.224, 0.225), np.float32)
 # CelebAMask-HQ classes that are blurred: skin, brows, eyes, glasses, ears, nose, mouth, lips
 # (not earrings, neck, cloth, hair, hat, background), as in the official preprocessing.
 BLUR_LABELS = (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13)
@@ -102,14 +105,41 @@ def face_region(labels: np.ndarray | None, landmarks: np.ndarray, size: int) -> 
     return np.isin(source, BLUR_LABELS)
 
 
+def blur_region(labels: np.ndarray, visible: np.ndarray | None = None) -> np.ndarray:
+    """The official preprocessing's blur region: parsing classes BLUR_LABELS, intersected with the occlusion
+    model's visible-face mask (H, W), nonzero = face not occluded, when one is given."""
+    region = np.isin(labels, BLUR_LABELS)
+    if visible is not None:
+        if visible.shape != labels.shape:
+            raise ValueError(f"occlusion mask {visible.shape} does not match the parsing map {labels.shape}")
+        region &= np.asarray(visible) > 0
+    return region
+
+
+def parse_official(parser, crop: np.ndarray) -> np.ndarray:
+    """CelebAMask-HQ labels of a crop as the official preprocessing computes them: the crop (at its own size, 512
+    in the official data) ImageNet-normalised and then normalised again by (x - 0.5) / 0.5 (SimSwap's SpecificNorm)
+    before BiSeNet. `parser`: a `FaceParser` (its network and device)."""
+    import torch
+
+    x = crop.astype(np.float32) / 255.0
+    x = (x - IMAGENET_MEAN) / IMAGENET_STD
+    x = (x - 0.5) / 0.5
+    tensor = torch.from_numpy(x).permute(2, 0, 1)[None].float().to(parser.device)
+    with torch.no_grad():
+        return parser.model(tensor)[0].argmax(1)[0].cpu().numpy().astype(np.uint8)
+
+
 def teacher_condition(image: np.ndarray, landmarks: np.ndarray, labels: np.ndarray | None = None,
-                      irises: np.ndarray | None = None, downsample: int = 8) -> np.ndarray:
+                      irises: np.ndarray | None = None, downsample: int = 8, region: np.ndarray | None = None) -> np.ndarray:
     """The `blur_landmark_iris` condition of an aligned crop (H, W, 3) uint8.
 
     `labels`: CelebAMask-HQ parsing of the crop (None: the landmark hull, no glasses); `irises`: (K, 2) iris
-    points in crop space (None: estimated from the 68 eye landmarks)."""
+    points in crop space (None: estimated from the 68 eye landmarks); `region`: the blur region when it was
+    computed beforehand (`blur_region` with an occlusion mask), else from the labels."""
     shape = image.shape[:2]
-    out = deblur_condition(image, face_region(labels, landmarks, min(shape)), downsample)
+    mask = region if region is not None else face_region(labels, landmarks, min(shape))
+    out = deblur_condition(image, mask, downsample)
     out[landmark_pixels(landmarks, shape)] = LANDMARK_COLOUR
     out[iris_pixels(irises if irises is not None else irises_from_eyes(landmarks), shape)] = IRIS_COLOUR
     if labels is not None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -24,7 +26,6 @@ from tqdm import tqdm
 
 from apple_video import weights
 from apple_video.config import Preset, load_preset
-from apple_video.faces.arcface import identity_loss, load_arcface, tiny_iresnet
 from apple_video.faces.types import Face
 from apple_video.models import latents as L
 from apple_video.models.lora import ADAPTER, PREFIX, save_lora
@@ -33,6 +34,7 @@ from apple_video.models.transformer import TransformerInputs
 from apple_video.sampling.flow import FlowCondition, sample
 from apple_video.sampling.schedule import flux_schedule
 from apple_video.swappers.base import SourceFace
+from training.arcface import identity_loss, identity_net
 from training.config import TrainConfig
 from training.losses import load_lpips
 
@@ -47,13 +49,17 @@ class IdentityImage:
     landmarks: np.ndarray
     embedding: np.ndarray
     key: int  # cache key (data set index)
+    kps: np.ndarray | None = None  # (5, 2) ArcFace's points from prepare-data (SCRFD's when present), else from the 68
+    eva_kps: np.ndarray | None = None  # (5, 2) EVA-CLIP's points (facexlib RetinaFace's when present), else `kps`
 
     def source_face(self) -> SourceFace:
         lm = self.landmarks.astype(np.float64)
         from apple_video.faces.align import kps_from_68
 
         box = np.concatenate([lm.min(0), lm.max(0)])
-        return SourceFace(self.image, Face(box, kps_from_68(lm), 1.0, lm, self.embedding.astype(np.float64)), self.image, lm)
+        kps = np.asarray(self.kps, np.float64) if self.kps is not None else kps_from_68(lm)
+        eva = np.asarray(self.eva_kps, np.float64) if self.eva_kps is not None else None
+        return SourceFace(self.image, Face(box, kps, 1.0, lm, self.embedding.astype(np.float64)), self.image, lm, eva)
 
 
 @dataclass
@@ -67,10 +73,50 @@ class Sampler(Protocol):
     def batch(self, rng: np.random.Generator, size: int) -> Batch: ...
 
 
-def arcface_for(cfg: TrainConfig, device: torch.device) -> torch.nn.Module:
-    if cfg.id_loss_model == "tiny":
-        return tiny_iresnet(cfg.seed).to(device).eval()
-    return load_arcface(weights.require("arcface-r50"), cfg.id_loss_model).to(device).eval()
+class IdentityCache:
+    """Identity tokens per data set image, computed once: EVA-CLIP, ArcFace, parsing and the IDFormer run only for
+    an image never seen. At most `capacity` are held on the model's device (~128 KiB each in bf16 at the real size:
+    the default 4096 hold ~0.5 GiB); the least recently used is moved to `folder` on disk (one file per image,
+    written under a temporary name) and read back from there when it comes again."""
+
+    def __init__(self, capacity: int, folder: Path | None = None, device: torch.device | None = None) -> None:
+        self.capacity = capacity
+        self.folder = folder
+        self.device = device
+        self.tokens: OrderedDict[int, torch.Tensor] = OrderedDict()
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def _path(self, key: int) -> Path:
+        return self.folder / f"{key}.pt"
+
+    def _load(self, key: int) -> torch.Tensor | None:
+        if self.folder is None or not self._path(key).is_file():
+            return None
+        return torch.load(self._path(key), map_location=self.device or "cpu", weights_only=True)
+
+    def _store(self, key: int, value: torch.Tensor) -> None:
+        if self.folder is None or self._path(key).is_file():
+            return
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / f".{key}.{os.getpid()}.tmp"
+        torch.save(value.cpu(), tmp)
+        os.replace(tmp, self._path(key))
+
+    def get(self, key: int, compute) -> torch.Tensor:
+        if key in self.tokens:
+            self.tokens.move_to_end(key)
+            return self.tokens[key]
+        value = self._load(key)
+        if value is None:
+            self.misses += 1
+            value = compute().detach()
+        self.tokens[key] = value
+        if len(self.tokens) > self.capacity:
+            self._store(*self.tokens.popitem(last=False))
+        return value
 
 
 def training_preset(cfg: TrainConfig) -> Preset:
@@ -117,26 +163,29 @@ class Trainer:
         self.params = fp32_lora_params(self.transformer)
         self.transformer.gradient_checkpointing = cfg.gradient_checkpointing
         self.pipe.vae.requires_grad_(False)
-        self.arcface = arcface_for(cfg, self.accelerator.device)
+        self.arcface = identity_net(cfg.id_loss_model, cfg.seed).to(self.accelerator.device).eval()
         self.arcface.requires_grad_(False)
+        logger.info("identity loss network: %s", self.arcface.name)
         self.lpips = load_lpips(cfg.lpips_backbone, self.accelerator.device) if cfg.lpips_weight > 0 else None
         self.empty_prompt = empty_prompt(self.pipe, cfg.seed)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
-        self._id_cache: dict[int, torch.Tensor] = {}
+        self.id_cache = IdentityCache(cfg.id_cache_size, cfg.output / "id_tokens", self.pipe.device)
         self.null_id: torch.Tensor | None = None
 
     # -- pieces ------------------------------------------------------------------------------------------------
+    def _embed(self, item: IdentityImage) -> torch.Tensor:
+        tokens, null = self.pipe.id_embedding([item.source_face()])
+        if self.null_id is None:
+            self.null_id = null[0].detach()
+        return tokens[0]
+
     @torch.no_grad()
     def _id_tokens(self, images: list[IdentityImage]) -> torch.Tensor:
-        out = []
-        for item in images:
-            if item.key not in self._id_cache:
-                tokens, null = self.pipe.id_embedding([item.source_face()])
-                self._id_cache[item.key] = tokens[0]
-                self.null_id = null[0]
-            out.append(self._id_cache[item.key])
-        return torch.stack(out)
+        tokens = torch.stack([self.id_cache.get(item.key, lambda item=item: self._embed(item)) for item in images])
+        if self.null_id is None:  # every token came from the disk (a resumed run): the null tokens once
+            self._embed(images[0])
+        return tokens
 
     def _generator(self, step: int, micro: int) -> tuple[np.random.Generator, torch.Generator]:
         key = [self.cfg.seed, step, micro, self.accelerator.process_index]
@@ -168,8 +217,10 @@ class Trainer:
         mse = ((noise - x0) - v).pow(2).mean(dim=(1, 2))
         total = mse.mean()
         stats = {"mse": total.detach()}  # tensors: the caller reads them (no host sync here)
-        use_id = cfg.id_loss_weight > 0 and step >= cfg.id_loss_start
-        use_lpips = cfg.lpips_weight > 0
+        # the official trainer computes LPIPS inside its identity-loss block: both start at id_loss_start
+        image_terms = step >= cfg.id_loss_start
+        use_id = cfg.id_loss_weight > 0 and image_terms
+        use_lpips = cfg.lpips_weight > 0 and image_terms
         if not (use_id or use_lpips):  # decided on the host: no device sync on steps without image-space terms
             return total, stats
         near_id = (t <= cfg.id_loss_max_t) & use_id

@@ -24,21 +24,27 @@ logger = logging.getLogger(__name__)
 
 
 class TeacherSampler:
-    """Target = a clean image of identity A; condition = its `blur_landmark_iris` version; id = ANOTHER image of A."""
+    """Target = a clean image drawn uniformly from the whole data set (identities with more images weigh more, as the
+    official dataset); condition = its `blur_landmark_iris` version; id = an image of the same person drawn anew
+    every step, which may be the target itself (as the official dataset)."""
 
     def __init__(self, data: FaceData) -> None:
         self.data = data
-        self.groups = data.pairable()
-        self.names = sorted(self.groups)
+        groups = data.by_identity()
+        self.same_person = [groups[str(name)] for name in data.identities]
+        single = sum(len(g) == 1 for g in groups.values())
+        if single:
+            logger.warning("%d of %d identities have a single image: it is its own identity image", single, len(groups))
 
     def batch(self, rng: np.random.Generator, size: int) -> Batch:
         targets, conditions, identity = [], [], []
         for _ in range(size):
-            group = self.groups[self.names[rng.integers(len(self.names))]]
-            target, source = rng.choice(group, size=2, replace=False)
+            target = int(rng.integers(len(self.same_person)))
+            group = self.same_person[target]
+            source = int(group[rng.integers(len(group))])
             targets.append(self.data.images[target])
-            conditions.append(self.data.condition(int(target)))
-            identity.append(self.data.identity_image(int(source)))
+            conditions.append(self.data.condition(target))
+            identity.append(self.data.identity_image(source))
         return Batch(np.stack(targets), np.stack(conditions), identity)
 
 
@@ -56,12 +62,16 @@ class StudentSampler:
         if not names:
             raise InputError(f"no pseudo-labels in {folder}")
         self.arrays = open_shards(folder, names, PSEUDO_KEYS)
+        optional = tuple(k for k in ("src_kps", "src_eva_kps") if all((folder / n / f"{k}.npy").is_file() for n in names))
+        extra = open_shards(folder, names, optional)
+        self.kps, self.eva_kps = extra.get("src_kps"), extra.get("src_eva_kps")
 
     def batch(self, rng: np.random.Generator, size: int) -> Batch:
         a = self.arrays
         picks = rng.integers(len(a["target"]), size=size)
-        identity = [IdentityImage(a["src_image"][i], a["src_landmarks"][i], a["src_embedding"][i], 1_000_000 + int(i))
-                    for i in picks]
+        kps, eva = self.kps, self.eva_kps
+        identity = [IdentityImage(a["src_image"][i], a["src_landmarks"][i], a["src_embedding"][i], 1_000_000 + int(i),
+                                  kps[i] if kps is not None else None, eva[i] if eva is not None else None) for i in picks]
         return Batch(np.stack([a["target"][i] for i in picks]), np.stack([a["pseudo"][i] for i in picks]), identity)
 
 
@@ -96,6 +106,19 @@ def plan_pairs(data: FaceData, count: int, seed: int) -> list[tuple[int, int, in
     return pairs
 
 
+def _eva_points(item: IdentityImage) -> np.ndarray:
+    face = item.source_face()
+    return face.eva_kps if face.eva_kps is not None else face.face.kps
+
+
+def swap_in_batches(pipe: ApplePipeline, targets: np.ndarray, ids: torch.Tensor, nulls: torch.Tensor, seeds: list[int],
+                    conditions: np.ndarray, batch_size: int) -> np.ndarray:
+    """A shard's swaps, `batch_size` crops per model call (the pipeline's result does not depend on the batching)."""
+    parts = [pipe.swap(targets[i : i + batch_size], ids[i : i + batch_size], nulls, seeds[i : i + batch_size],
+                       conditions=conditions[i : i + batch_size]) for i in range(0, len(targets), batch_size)]
+    return np.concatenate(parts)
+
+
 def make_pseudo_labels(cfg: TrainConfig) -> Path:
     """Teacher swaps target A to identity B by attribute-aware inversion of the deblurred target -> triplet shards."""
     if cfg.teacher_lora is None:
@@ -114,6 +137,8 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
     shards = [pairs[i : i + cfg.shard_size] for i in range(0, len(pairs), cfg.shard_size)]
     mine = [k for k in range(len(shards)) if k % state.num_processes == state.process_index]
     todo = [k for k in mine if not (out / f"pseudo_{k:05d}").exists()]
+    batch_size = pipe.auto_batch_size()  # as the engine sizes its model calls
+    logger.info("pseudo-labels: %d crops per model call", batch_size)
     for k in tqdm(todo, desc="pseudo-labels", unit="shard", disable=None):
         chunk = shards[k]
         targets = np.stack([data.images[t] for t, _, _ in chunk])
@@ -122,12 +147,14 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
         for _, _, b in chunk:
             tokens, nulls = pipe.id_embedding([data.identity_image(b).source_face()])
             ids.append(tokens[0])
-        pseudo = pipe.swap(targets, torch.stack(ids), nulls, [cfg.seed + k * cfg.shard_size + i for i in range(len(chunk))],
-                           conditions=conditions)
+        seeds = [cfg.seed + k * cfg.shard_size + i for i in range(len(chunk))]
+        pseudo = swap_in_batches(pipe, targets, torch.stack(ids), nulls, seeds, conditions, batch_size)
         write_shard(out / f"pseudo_{k:05d}", {
             "target": targets, "pseudo": pseudo, "src_image": np.stack([data.images[s] for _, s, _ in chunk]),
             "src_landmarks": np.stack([data.landmarks[s] for _, s, _ in chunk]),
             "src_embedding": np.stack([data.embeddings[s] for _, s, _ in chunk]),
+            "src_kps": np.stack([data.identity_image(s).source_face().face.kps for _, s, _ in chunk]).astype(np.float32),
+            "src_eva_kps": np.stack([_eva_points(data.identity_image(s)) for _, s, _ in chunk]).astype(np.float32),
             "identity": np.array([str(data.identities[t]) for t, _, _ in chunk]),
             "source_identity": np.array([str(data.identities[b]) for _, _, b in chunk]),
         })

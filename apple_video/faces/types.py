@@ -59,3 +59,4 @@ class SourceFace:
     face: Face
     crop: np.ndarray  # aligned crop at the swapper's size
     landmarks: np.ndarray | None  # (68, 2) in crop space
+    eva_kps: np.ndarray | None = None  # (5, 2) in image space when EVA-CLIP aligns on other points than ArcFace

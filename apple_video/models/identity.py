@@ -80,7 +80,7 @@ def identity_background(aligned: np.ndarray, parser: FaceParser | None, landmark
 def pulid_face_image(source: SourceFace, parser: FaceParser | None) -> torch.Tensor:
     """PuLID's EVA-CLIP input before resizing: (1, 3, 512, 512) in [0, 1], the aligned face in grey
     (0.299 R + 0.587 G + 0.114 B) on white where parsing says background."""
-    aligned, matrix = pulid_align(source.image, source.face.kps)
+    aligned, matrix = pulid_align(source.image, source.eva_kps if source.eva_kps is not None else source.face.kps)
     landmarks = transform_points(source.face.landmarks, matrix) if source.face.landmarks is not None else None
     background = torch.from_numpy(identity_background(aligned, parser, landmarks))[None, None]
     rgb = torch.from_numpy(np.ascontiguousarray(aligned)).permute(2, 0, 1)[None].float() / 255.0
