@@ -501,8 +501,12 @@ def phase_engine(ctx: Context) -> tuple[bool, dict]:
         from PIL import Image
 
         Image.fromarray(skimage.data.astronaut()).save(source)
-        saved = engine.create_swapper, engine.announce_swapper
-        engine.create_swapper, engine.announce_swapper = (lambda settings: swapper), (lambda settings: None)
+        # the engine builds its swapper in the render worker and checks weights on the driver: both see the
+        # random full-size pipeline instead (a lent machine has no weights)
+        from apple_video.engine import workers
+
+        saved = workers.create_swapper, engine.announce_swapper
+        workers.create_swapper, engine.announce_swapper = (lambda settings: swapper), (lambda settings: None)
         try:
             settings = SwapSettings(swapper="apple", model=ModelOptions(preset="krea-512"))
             start = time.perf_counter()
@@ -510,7 +514,7 @@ def phase_engine(ctx: Context) -> tuple[bool, dict]:
                 summary = engine.swap_video([source], clip, Path(tmp) / "out.mp4", settings)
             total = time.perf_counter() - start
         finally:
-            engine.create_swapper, engine.announce_swapper = saved
+            workers.create_swapper, engine.announce_swapper = saved
     figures = dict(frames=summary.frames, faces_swapped=summary.faces_swapped, stage_seconds=summary.seconds,
                    wall_s=round(total, 1), gpu_busy_share=busy.share, error=summary.error)
     return summary.status == "ok" and summary.faces_swapped > 0, figures
