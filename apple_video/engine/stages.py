@@ -206,7 +206,12 @@ class Renderer:
     def swap(self, group: RenderGroup) -> list[np.ndarray | None]:
         results: list[np.ndarray | None] = []
         for start in range(0, len(group.jobs), self.batch_size):
-            results.extend(self.swapper.swap(group.jobs[start : start + self.batch_size]))
+            jobs = group.jobs[start : start + self.batch_size]
+            if not getattr(self.swapper, "per_crop", False):
+                # a model's float results depend on the batch's size (other kernels): always send full batches, so a
+                # frame comes out the same at the end of a chunk as in its middle
+                jobs = jobs + [jobs[-1]] * (self.batch_size - len(jobs))
+            results.extend(self.swapper.swap(jobs)[: min(self.batch_size, len(group.jobs) - start)])
         return results
 
     def finish(self, group: RenderGroup, results: list[np.ndarray | None]):

@@ -162,6 +162,7 @@ class ClassicSwapper:
 
     name = "classic"
     real = True
+    per_crop = True  # each crop on its own: a batch's size never changes a result (no padding to full batches)
 
     def __init__(self, crop_size: int = 256, fold_tolerance: float = 0.1, poisson: bool = False,
                  low_band: float = 0.1, keep_shape: float = 0.0) -> None:
