@@ -4,10 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from PIL import Image
 
+from apple_video.faces.align import alignment_matrix, invert, matrix_scale, transform_points, warp_crop
 from apple_video.faces.detect import DetectorSettings, ScaleSearch, create_detector
 from apple_video.faces.track import one_euro, smooth_zero_phase
 from apple_video.media import synth
@@ -75,3 +77,59 @@ def test_still_shot_gives_identical_outputs_across_chunks_and_probes(tmp_path: P
     assert not np.array_equal(outs[0], frame)
     for i, out in enumerate(outs):
         assert np.array_equal(out, outs[0]), (i, int(np.abs(out.astype(int) - outs[0]).max()))
+
+
+def _high_frequency_energy(rgb: np.ndarray) -> float:
+    """Spectral energy of the grey image above half its Nyquist frequency."""
+    grey = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    spectrum = np.abs(np.fft.fftshift(np.fft.fft2(grey - grey.mean()))) ** 2
+    h, w = grey.shape
+    fy, fx = np.meshgrid(np.fft.fftshift(np.fft.fftfreq(h)), np.fft.fftshift(np.fft.fftfreq(w)), indexing="ij")
+    return float(spectrum[np.hypot(fx, fy) > 0.25].sum())
+
+
+def test_crops_are_antialiased_when_shrinking(detector, astronaut_patch) -> None:
+    """A large face with a fine stripe pattern: the shrinking crop holds no more high-frequency energy (moiré)
+    than an area-resampled reference; plain bilinear decimation holds far more."""
+    frame = synth.paste_patch(synth.background(1920, 1080), astronaut_patch, synth.Placement(900, 540, 4.5))
+    xs = np.arange(frame.shape[1])
+    stripes = (40 * np.sign(np.sin(2 * np.pi * xs / 2.6)))[None, :, None]
+    frame = np.clip(frame.astype(np.float64) + stripes, 0, 255).astype(np.uint8)
+    face = detector.detect(frame, embed=False)[0]
+    matrix = alignment_matrix(face.kps, 256)
+    scale = matrix_scale(matrix)
+    assert scale < 0.5
+    crop = warp_crop(frame, matrix, 256)
+    small = cv2.resize(frame, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    unscaled = matrix.copy()
+    unscaled[:, :2] /= scale
+    reference = cv2.warpAffine(small, unscaled, (256, 256), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE)
+    plain = cv2.warpAffine(frame, matrix, (256, 256), flags=cv2.INTER_LINEAR)
+    ours, area, aliased = (_high_frequency_energy(x) for x in (crop, reference, plain))
+    assert ours <= area < aliased, (ours, area, aliased)
+
+
+def test_crop_replicates_the_frame_edge(detector, astronaut_patch) -> None:
+    """Where the crop leaves the frame it repeats the frame's edge pixels (not a mirror image of the frame)."""
+    frame = synth.paste_patch(synth.background(480, 360), astronaut_patch, synth.Placement(70, 180, 1.0))
+    face = detector.detect(frame, embed=False)[0]
+    matrix = alignment_matrix(face.kps, 256)
+    crop = warp_crop(frame, matrix, 256)
+    ys, xs = np.mgrid[0:256, 0:256]
+    where = transform_points(np.stack([xs.ravel(), ys.ravel()], 1), invert(matrix)).reshape(256, 256, 2)
+    outside = where[..., 0] < -2
+    assert outside.sum() > 500
+    rows = np.clip(np.round(where[..., 1][outside]).astype(int), 0, frame.shape[0] - 1)
+    edge = frame[rows, 0].astype(int)
+    assert np.abs(crop[outside].astype(int) - edge).mean() < 12  # the edge column, up to the row's sub-pixel blend
+
+
+def test_source_photos_are_presized_like_the_official_inference(detector, hopper) -> None:
+    from apple_video.faces.sources import SOURCE_MAX_SIDE, source_faces
+
+    big = np.asarray(Image.fromarray(hopper).resize((hopper.shape[1] * 3, hopper.shape[0] * 3), Image.BICUBIC))
+    source = source_faces([big], ["big"], detector, 256)[0]
+    assert max(source.image.shape[:2]) == SOURCE_MAX_SIDE
+    assert source.face.bbox[2] <= SOURCE_MAX_SIDE  # detected on the presized photo
+    small = source_faces([hopper], ["hopper"], detector, 256)[0]
+    assert small.image is hopper  # already small enough: untouched

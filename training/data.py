@@ -27,6 +27,7 @@ from apple_video.faces.align import alignment_matrix, transform_points, warp_cro
 from apple_video.faces.detect import DetectorSettings, create_detector
 from apple_video.faces.parsing import create_parser
 from apple_video.faces.select import sort_faces
+from apple_video.faces.sources import presize_source
 from apple_video.media.images import is_image_path, read_image
 from training.deblur import hull_labels, teacher_condition
 
@@ -84,7 +85,7 @@ class _Worker:
     @classmethod
     def process(cls, item: Item) -> dict | str:
         try:
-            rgb = read_image(item.path).rgb
+            rgb = presize_source(read_image(item.path).rgb)  # as swap and eval see a source photo
         except InputError as error:
             return f"unreadable: {error}"
         faces = cls.detector.detect(rgb)

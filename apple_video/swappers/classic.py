@@ -9,7 +9,7 @@ import numpy as np
 from scipy.spatial import Delaunay
 
 from apple_video.errors import NoFaceError
-from apple_video.faces.align import alignment_matrix, similarity_from_points, warp_crop
+from apple_video.faces.align import alignment_matrix, similarity_from_points
 from apple_video.faces.mask import face_height, inner_face_mask, skin_mask, soft_edge
 from apple_video.swappers.base import CropJob, SourceFace, SwapSkipped
 
@@ -141,18 +141,6 @@ def poisson_blend(face: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.
     return cv2.seamlessClone(face, target, inner, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
 
 
-def antialiased_crop(source: SourceFace, size: int) -> np.ndarray:
-    """The source's aligned crop, low-passed before a downscale: aliased detail (wrinkles, glasses rims) would
-    shimmer as the warp moves it by fractions of a pixel from frame to frame."""
-    matrix = alignment_matrix(source.face.kps, size)
-    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
-    image = np.ascontiguousarray(source.image[..., :3])
-    if scale >= 1.0 or image.shape[0] < 2:
-        return np.ascontiguousarray(source.crop[..., :3])
-    blurred = cv2.GaussianBlur(image, (0, 0), 0.6 * np.sqrt(1.0 / scale**2 - 1.0))
-    return warp_crop(blurred, matrix, size)
-
-
 class ClassicSwapper:
     """The offline default swapper and evaluation baseline.
 
@@ -194,7 +182,7 @@ class ClassicSwapper:
         self._source = usable[0]
         self._src_points = extended_points(self._source.landmarks)
         self._triangles = delaunay(self._src_points)
-        crop = antialiased_crop(self._source, self.crop_size)
+        crop = np.ascontiguousarray(self._source.crop[..., :3])  # antialiased by warp_crop when it shrinks
         usable_face = self._source_mask(crop, self._source.landmarks)
         self._src_layers = np.dstack([crop.astype(np.float32), usable_face.astype(np.float32)])
 
