@@ -84,6 +84,7 @@ def swap_options(func):
     from apple_video.settings import (
         DETECTOR_CHOICES,
         MASK_REGIONS,
+        MASK_TYPES,
         PARSER_CHOICES,
         QUALITY_CHOICES,
         RECIPES,
@@ -152,6 +153,9 @@ def swap_options(func):
                      help="Face masks from BiSeNet parsing (local weights) or from landmarks; auto picks parsing if present."),
         click.option("--face-mask-regions", multiple=True, type=click.Choice(MASK_REGIONS),
                      help="Regions to replace (default all); leave out 'mouth' to keep the target's mouth."),
+        click.option("--face-mask-types", multiple=True, type=click.Choice(MASK_TYPES),
+                     help="Masks to intersect (default region occlusion): box (landmark hull), region "
+                          "(--face-mask-regions), occlusion (keeps what covers the face; needs occlusion-deeplabv3)."),
         click.option("--face-mask-blur", type=click.FloatRange(0, 1), default=0.3, show_default=True),
         click.option("--face-mask-padding", nargs=4, type=click.IntRange(0, 100), default=(0, 0, 0, 0),
                      show_default=True, help="Top right bottom left, percent."),

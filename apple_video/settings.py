@@ -30,6 +30,9 @@ REGION_LABELS = {"skin": [1], "left-eyebrow": [3], "right-eyebrow": [2], "left-e
 
 
 PARSER_CHOICES: tuple[str, ...] = ("auto", "bisenet", "landmarks")
+# FaceFusion's --face-mask-types: box (landmark hull), region (--face-mask-regions, parsed when BiSeNet is present),
+# occlusion (APPLE's DeepLabV3+: what covers the face stays the target's). Several are intersected.
+MASK_TYPES: tuple[str, ...] = ("box", "occlusion", "region")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class MaskSettings:
     regions: tuple[str, ...] = MASK_REGIONS
     blur: float = 0.3  # fraction of the feather width relative to the face size
     padding: tuple[int, int, int, int] = (0, 0, 0, 0)  # top, right, bottom, left, percent of crop size
+    types: tuple[str, ...] = ("region", "occlusion")  # of MASK_TYPES; occlusion only where its model file is present
 
 
 SelectorMode = Literal["reference", "one", "many"]

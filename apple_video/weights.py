@@ -62,6 +62,11 @@ REGISTRY: tuple[WeightFile, ...] = (
     WeightFile("fid-inception", "fid/pt_inception-2015-12-05-6726825d.pth", None, None,
                "FID Inception-v3 (pytorch-fid's pt_inception-2015-12-05-6726825d.pth, its GitHub release fid_weights)",
                min_bytes=1_000_000),
+    WeightFile("occlusion-deeplabv3", "apple/deeplabv3_iter_27600.pth", "cvlab-kaist/APPLE",
+               "checkpoints/deeplabv3_iter_27600.pth",
+               "APPLE occlusion DeepLabV3+ (GitHub cvlab-kaist/APPLE LFS at 23b30090549e88c38c2b6c47a3f2e38e2048f22a, "
+               "501,455,936 bytes): --face-mask-types occlusion", min_bytes=1_000_000,
+               sha256="d2448cef012f77534fa00f3c9ca7810e0998cdb52ad981b244388e73778781b5"),
 )
 
 
