@@ -65,7 +65,7 @@ class TrackSettings:
     iou_threshold: float = 0.2
     max_gap: int = 5  # frames a track may miss and still be continued (and interpolated)
     min_cutoff: float = 1.0  # One-Euro: Hz; 1.5 let the detector's sub-pixel wobble through (classic swaps shimmered)
-    beta: float = 0.01  # One-Euro: speed coefficient
+    beta: float = 0.05  # One-Euro: speed coefficient; 0.01 lagged a swaying head (classic flicker 1.56x the input, 1.25 now)
     d_cutoff: float = 1.0
     cut_threshold: float = 40.0  # mean grey-level change of a 16x16 thumbnail that marks a cut
 
