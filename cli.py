@@ -489,7 +489,7 @@ def eval_report(reports: tuple[str, ...], output: str | None) -> None:
 
 
 GLOBAL_FLAGS = ("-v", "-vv", "-vvv", "--verbose", "-q", "--quiet", "--debug")
-NARGS_OPTIONS = {"--face-detector-angles": ("0", "90", "180", "270")}
+NARGS_OPTIONS = {"--face-detector-angles": ("0", "90", "180", "270"), "--face-mask-types": ("box", "occlusion", "region")}
 
 
 def _expand_nargs(argv: list[str]) -> list[str]:

@@ -156,3 +156,25 @@ def test_what_covers_the_face_stays_the_targets(home: Path, hopper: np.ndarray, 
     changed = np.abs(with_occlusion.astype(int) - target).sum(2) > 6
     changed_without = np.abs(without.astype(int) - target).sum(2) > 6
     assert changed[~occluder].sum() > 0.3 * changed_without[~occluder].sum() > 500  # the visible face is still swapped
+
+
+def test_cli_face_mask_types(tmp_path: Path, home: Path, source_photo: Path, astronaut: np.ndarray) -> None:
+    """`--face-mask-types box region` (FaceFusion's spelling) swaps; occlusion asked for without its file says so."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    Image.fromarray(astronaut).save(tmp_path / "t.png")
+    root = Path(__file__).resolve().parents[1]
+    outs = {}
+    for types in (["box", "region"], ["region", "occlusion"]):
+        out = tmp_path / f"{'-'.join(types)}.png"
+        result = subprocess.run([sys.executable, "-c", "from cli import main; main()", "swap", str(source_photo),
+                                 str(tmp_path / "t.png"), "-o", str(out), "--swapper", "classic", "--face-mask-types",
+                                 *types], cwd=root, capture_output=True, text=True, timeout=300)
+        assert result.returncode == 0, result.stderr
+        outs[tuple(types)] = (np.asarray(Image.open(out).convert("RGB")), result.stderr)
+    assert "occlusion masks off" in outs[("region", "occlusion")][1]
+    assert "occlusion masks off" not in outs[("box", "region")][1]
+    assert not np.array_equal(outs[("box", "region")][0], astronaut)
