@@ -178,3 +178,15 @@ def test_cli_face_mask_types(tmp_path: Path, home: Path, source_photo: Path, ast
     assert "occlusion masks off" in outs[("region", "occlusion")][1]
     assert "occlusion masks off" not in outs[("box", "region")][1]
     assert not np.array_equal(outs[("box", "region")][0], astronaut)
+
+
+def test_a_file_that_is_not_the_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    from apple_video.errors import WeightsError
+
+    path = tmp_path / "deeplabv3_iter_27600.pth"
+    path.write_bytes(b"not a checkpoint" * 1000)
+    with pytest.raises(WeightsError, match="deeplabv3_iter_27600"):
+        load_occlusion_net(path)
+    torch.save({"state_dict": {"backbone.stem.0.weight": torch.zeros(1)}}, path)
+    with pytest.raises(WeightsError, match="not the APPLE DeepLabV3"):
+        load_occlusion_net(path)

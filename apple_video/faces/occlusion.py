@@ -184,12 +184,12 @@ def build_occlusion_net(config: OcclusionConfig = OcclusionConfig(), seed: int |
 
 def config_from_state(state: dict) -> OcclusionConfig:
     """The shape of the network a state dict was saved from (the official file or a smaller stand-in)."""
-    blocks = tuple(len({k.split(".")[2] for k in state if k.startswith(f"backbone.layer{i}.")}) for i in range(1, 5))
+    b1, b2, b3, b4 = (len({k.split(".")[2] for k in state if k.startswith(f"backbone.layer{i}.")}) for i in range(1, 5))
     # the atrous rates leave no trace in the weights: the official ones, as many as there are ASPP branches
     count = len({k.split(".")[2] for k in state if k.startswith("decode_head.aspp_modules.")})
     dilations = OcclusionConfig().dilations[:count]
     return OcclusionConfig(
-        blocks=blocks,  # type: ignore[arg-type]
+        blocks=(b1, b2, b3, b4),
         stem_channels=int(state["backbone.stem.6.weight"].shape[0]),
         base_channels=int(state["backbone.layer1.0.conv1.weight"].shape[0]),
         channels=int(state["decode_head.conv_seg.weight"].shape[1]),
@@ -201,8 +201,8 @@ def config_from_state(state: dict) -> OcclusionConfig:
 
 def _read_checkpoint(path) -> dict:
     """The state dict of an mmseg checkpoint ({'meta', 'state_dict', 'optimizer'}) or of a bare state dict. Tensors
-    only where torch can tell (weights_only); the official file's meta holds other objects, so it is unpickled in
-    full only when its sha256 is the catalogue's."""
+    only (weights_only); should a file's meta hold other objects, it is unpickled in full only when its sha256 is
+    the catalogue's."""
     import torch
 
     try:
@@ -212,6 +212,9 @@ def _read_checkpoint(path) -> dict:
             raise WeightsError(f"{path} holds more than tensors and is not the catalogued "
                                "deeplabv3_iter_27600.pth (sha256 differs)") from None
         checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)
+    except (RuntimeError, OSError, EOFError) as error:
+        raise WeightsError(f"{path} is not a readable checkpoint ({error.__class__.__name__}); delete it and "
+                           "download again") from None
     if not isinstance(checkpoint, dict):
         raise WeightsError(f"{path} is not an mmsegmentation checkpoint")
     state = checkpoint.get("state_dict", checkpoint)
