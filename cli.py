@@ -89,6 +89,7 @@ def _add_swap_options(func, leave_out: tuple[str, ...]):
     from apple_video.settings import (
         DETECTOR_CHOICES,
         MASK_REGIONS,
+        MASK_TYPES,
         PARSER_CHOICES,
         QUALITY_CHOICES,
         RECIPES,
@@ -157,6 +158,9 @@ def _add_swap_options(func, leave_out: tuple[str, ...]):
                      help="Face masks from BiSeNet parsing (local weights) or from landmarks; auto picks parsing if present."),
         click.option("--face-mask-regions", multiple=True, type=click.Choice(MASK_REGIONS),
                      help="Regions to replace (default all); leave out 'mouth' to keep the target's mouth."),
+        click.option("--face-mask-types", multiple=True, type=click.Choice(MASK_TYPES),
+                     help="Masks to intersect (default region occlusion): box (landmark hull), region "
+                          "(--face-mask-regions), occlusion (keeps what covers the face; needs occlusion-deeplabv3)."),
         click.option("--face-mask-blur", type=click.FloatRange(0, 1), default=0.3, show_default=True),
         click.option("--face-mask-padding", nargs=4, type=click.IntRange(0, 100), default=(0, 0, 0, 0),
                      show_default=True, help="Top right bottom left, percent."),
@@ -475,7 +479,7 @@ def eval_report(reports: tuple[str, ...], output: str | None) -> None:
 
 
 GLOBAL_FLAGS = ("-v", "-vv", "-vvv", "--verbose", "-q", "--quiet", "--debug")
-NARGS_OPTIONS = {"--face-detector-angles": ("0", "90", "180", "270")}
+NARGS_OPTIONS = {"--face-detector-angles": ("0", "90", "180", "270"), "--face-mask-types": ("box", "occlusion", "region")}
 
 
 def _expand_nargs(argv: list[str]) -> list[str]:

@@ -125,6 +125,9 @@ REGION_LABELS = {"skin": [1], "left-eyebrow": [3], "right-eyebrow": [2], "left-e
 
 
 PARSER_CHOICES: tuple[str, ...] = ("auto", "bisenet", "landmarks")
+# FaceFusion's --face-mask-types: box (landmark hull), region (--face-mask-regions, parsed when BiSeNet is present),
+# occlusion (APPLE's DeepLabV3+: what covers the face stays the target's). Several are intersected.
+MASK_TYPES: tuple[str, ...] = ("box", "occlusion", "region")
 
 
 @dataclass(frozen=True)
@@ -135,6 +138,8 @@ class MaskSettings:
     blur: float = setting(0.3, options=("face_mask_blur",))
     # top, right, bottom, left, percent of crop size
     padding: tuple[int, int, int, int] = setting((0, 0, 0, 0), options=("face_mask_padding",))
+    # of MASK_TYPES; occlusion only where its model file is present
+    types: tuple[str, ...] = setting(("region", "occlusion"), options=("face_mask_types",))
 
 
 SelectorMode = Literal["reference", "one", "many"]
@@ -159,7 +164,7 @@ class TrackSettings:
     iou_threshold: float = 0.2
     max_gap: int = 5  # frames a track may miss and still be continued (and interpolated)
     min_cutoff: float = 1.0  # One-Euro: Hz; 1.5 let the detector's sub-pixel wobble through (classic swaps shimmered)
-    beta: float = 0.01  # One-Euro: speed coefficient
+    beta: float = 0.05  # One-Euro: speed coefficient; 0.01 lagged a swaying head (classic flicker 1.56x the input, 1.25 now)
     d_cutoff: float = 1.0
     cut_threshold: float = 40.0  # mean grey-level change of a 16x16 thumbnail that marks a cut
 

@@ -483,9 +483,9 @@ def phase_engine(ctx: Context) -> tuple[bool, dict]:
     import skimage
 
     from apple_video.engine import run as engine
-    from apple_video.media import synth
     from apple_video.settings import ModelOptions, SwapSettings
     from apple_video.swappers.apple import AppleSwapper
+    from tests import synth
 
     id_embed, null, _ = _identity(ctx)
     pipe = ApplePipeline(_preset("student", "fast", None), ctx.model, ctx.vae, _prompt(ctx), None, ctx.device, real=False)

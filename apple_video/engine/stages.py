@@ -15,7 +15,8 @@ import numpy as np
 
 from apple_video.faces.align import transform_points, warp_crop
 from apple_video.faces.detect import ScaleSearch, create_detector
-from apple_video.faces.mask import feather, hull_mask, oval_mask, pad_mask, parsing_mask
+from apple_video.faces.mask import MASK_REGIONS, feather, hull_mask, oval_mask, pad_mask, parsing_mask
+from apple_video.faces.occlusion import OcclusionMasker, create_occlusion
 from apple_video.faces.parsing import FaceParser, create_parser
 from apple_video.faces.paste import paste_back
 from apple_video.faces.types import Face, FaceTarget
@@ -140,14 +141,22 @@ class Analyzer:
 
 
 def mask_for(target_landmarks: np.ndarray | None, size: int, settings: SwapSettings, parser: FaceParser | None = None,
-             crop: np.ndarray | None = None) -> np.ndarray:
-    """Feathered mask of the regions to replace, in crop space: parsing when a parser is given, else landmarks."""
-    if parser is not None and crop is not None:
-        hard = parsing_mask(parser.labels(crop), settings.mask.regions)
+             crop: np.ndarray | None = None, occlusion: OcclusionMasker | None = None) -> np.ndarray:
+    """Feathered mask of what to replace, in crop space, from --face-mask-types: region (parsing when a parser is
+    given, else the landmark hull less the regions left out), box (the landmark hull), occlusion (what covers the
+    face is left out); several are intersected."""
+    types = settings.mask.types
+    regions = settings.mask.regions if "region" in types else MASK_REGIONS
+    if parser is not None and crop is not None and "region" in types:
+        hard = parsing_mask(parser.labels(crop), regions)
+        if "box" in types and target_landmarks is not None:
+            hard = np.minimum(hard, hull_mask(target_landmarks, size))
     elif target_landmarks is not None:
-        hard = hull_mask(target_landmarks, size, settings.mask.regions)
+        hard = hull_mask(target_landmarks, size, regions)
     else:
         hard = oval_mask(size)
+    if occlusion is not None and crop is not None:
+        hard = np.where(occlusion(crop) > 0.5, hard, 0).astype(np.uint8)
     return feather(pad_mask(hard, settings.mask.padding), settings.mask.blur)
 
 
@@ -169,6 +178,7 @@ class Renderer:
         self.settings = settings
         self.swapper = swapper
         self.parser = create_parser(settings.mask.parser)
+        self.occlusion = create_occlusion("occlusion" in settings.mask.types, settings.model.device)
         self._previous_masks: dict[int, tuple[int, np.ndarray]] = {}  # track -> (frame, parsing mask)
         swapper.prepare(sources)
         auto = settings.batch_size == "auto"
@@ -184,10 +194,10 @@ class Renderer:
         self._previous_masks.clear()
 
     def _mask(self, landmarks, crop, track: int, frame: int) -> np.ndarray:
-        """Feathered mask; parsing masks are averaged with the track's previous frame (aligned crops share a frame
-        of reference), which removes the one-frame flicker of per-frame segmentation."""
-        mask = mask_for(landmarks, self.swapper.crop_size, self.settings, self.parser, crop)
-        if self.parser is None:
+        """Feathered mask; parsing and occlusion masks are averaged with the track's previous frame (aligned crops
+        share a frame of reference), which removes the one-frame flicker of per-frame segmentation."""
+        mask = mask_for(landmarks, self.swapper.crop_size, self.settings, self.parser, crop, self.occlusion)
+        if self.parser is None and self.occlusion is None:
             return mask  # landmark masks are already smooth: the landmarks are
         previous = self._previous_masks.get(track)
         self._previous_masks[track] = (frame, mask)
@@ -210,7 +220,12 @@ class Renderer:
     def swap(self, group: RenderGroup) -> list[np.ndarray | None]:
         results: list[np.ndarray | None] = []
         for start in range(0, len(group.jobs), self.batch_size):
-            results.extend(self.swapper.swap(group.jobs[start : start + self.batch_size]))
+            jobs = group.jobs[start : start + self.batch_size]
+            if not getattr(self.swapper, "per_crop", False):
+                # a model's float results depend on the batch's size (other kernels): always send full batches, so a
+                # frame comes out the same at the end of a chunk as in its middle
+                jobs = jobs + [jobs[-1]] * (self.batch_size - len(jobs))
+            results.extend(self.swapper.swap(jobs)[: min(self.batch_size, len(group.jobs) - start)])
         return results
 
     def finish(self, group: RenderGroup, results: list[np.ndarray | None]):

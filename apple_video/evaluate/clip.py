@@ -30,6 +30,7 @@ from apple_video.evaluate.identity import (
 from apple_video.evaluate.landmarks import EXPRESSION_MODEL, POSE_MODEL, expression_distance, pose_error
 from apple_video.evaluate.report import EvalReport
 from apple_video.faces.detect import DlibDetector
+from apple_video.faces.sources import presize_source
 from apple_video.faces.types import Face
 from apple_video.media.images import is_image_path, list_frames, read_image
 from apple_video.media.video import decode_frames, probe, to_display
@@ -53,7 +54,7 @@ def media_frames(path: Path) -> tuple[int, Iterator[np.ndarray]]:
 
 
 def source_embedding(path: Path, detector: DlibDetector, model: IdentityModel) -> np.ndarray:
-    rgb = read_image(path).rgb
+    rgb = presize_source(read_image(path).rgb)
     faces = detector.detect(rgb, embed=False)
     if not faces:
         raise NoFaceError(f"no face found in the source photo {path}")

@@ -81,7 +81,8 @@ def one_euro(signal: np.ndarray, rate: float, min_cutoff: float, beta: float, d_
         deriv = a_d * raw_d + (1 - a_d) * deriv
         cutoff = min_cutoff + beta * np.abs(deriv)
         a = 1.0 / (1.0 + rate / (2 * math.pi * cutoff))
-        out[i] = a * signal[i] + (1 - a) * out[i - 1]
+        # written as a step toward the input: a still input then gives exactly itself (a * x + (1 - a) * x need not)
+        out[i] = out[i - 1] + a * (signal[i] - out[i - 1])
     return out
 
 

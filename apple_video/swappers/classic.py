@@ -9,9 +9,10 @@ import numpy as np
 from scipy.spatial import Delaunay
 
 from apple_video.errors import NoFaceError
-from apple_video.faces.align import alignment_matrix, similarity_from_points, warp_crop
-from apple_video.faces.mask import face_height, inner_face_mask, skin_mask, soft_edge
+from apple_video.faces.align import alignment_matrix, similarity_from_points
+from apple_video.faces.mask import face_height
 from apple_video.swappers.base import CropJob, SourceFace, SwapSkipped
+from apple_video.swappers.classic_masks import inner_face_mask, skin_mask, soft_edge
 
 
 def extended_points(landmarks: np.ndarray) -> np.ndarray:
@@ -91,6 +92,15 @@ def _masked_blur(image: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndar
     return blurred[..., :-1] / np.maximum(blurred[..., -1:], 1e-4)
 
 
+def fill_outside(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """`image` (float32) with the pixels outside `mask` replaced by a wide blur of those inside: nothing outside
+    the mask (a source's backdrop, hat or hair) can reach the output through interpolation or detail filters."""
+    inside = (mask > 0).astype(np.float32)
+    image = image.astype(np.float32)
+    filled = _masked_blur(image, inside, max(image.shape[:2]) / 16)
+    return np.where(inside[..., None] > 0, image, filled).astype(np.float32)
+
+
 def match_fine_detail(face: np.ndarray, target: np.ndarray, inside: np.ndarray, sigma: float) -> np.ndarray:
     """`face` (one channel) with its detail finer than `sigma` scaled down to the target's amount inside `inside`
     (never up): a crisp source on a soft target looks pasted, and its sharp edges (glasses rims, wrinkles) show
@@ -122,11 +132,38 @@ def match_low_band(face: np.ndarray, target: np.ndarray, region: np.ndarray, sig
     return cv2.cvtColor(face_lab, cv2.COLOR_LAB2RGB) * 255.0
 
 
-def band_blend(face: np.ndarray, target: np.ndarray, region: np.ndarray, sigma: float, edge: int) -> np.ndarray:
+def far_side_weight(source: np.ndarray, target: np.ndarray, size: int, turned: float = 0.85,
+                    profile: float = 0.5) -> np.ndarray:
+    """Float (size, size) weight of the source per crop pixel: 1 on a face turned like the source, and on a turned
+    target less and less of the source from its far eye out to its far jaw line, down to none there once the far
+    half of the face (nose line to jaw, over the whole jaw width) is `profile` of the source's. A frontal source
+    would be crushed against the silhouette there; the target keeps its own skin and shading instead."""
+    weight = np.ones((size, size), np.float32)
+    src, dst = np.asarray(source, np.float64), np.asarray(target, np.float64)
+
+    def half(lm: np.ndarray, jaw: slice) -> float:
+        return float(np.abs(lm[jaw, 0] - lm[27:31, 0].mean()).mean() / max(np.ptp(lm[0:17, 0]), 1e-6))
+
+    xs = np.arange(size, dtype=np.float32)[None, :]
+    for jaw, eye in ((slice(0, 8), slice(36, 42)), (slice(9, 17), slice(42, 48))):
+        ratio = half(dst, jaw) / max(half(src, jaw), 1e-6)
+        keep = float(np.clip((ratio - profile) / (turned - profile), 0.0, 1.0))
+        if keep >= 1.0:
+            continue
+        eye_x, jaw_x = dst[eye, 0].mean(), dst[jaw, 0].mean() + (dst[jaw, 0].mean() - dst[eye, 0].mean()) * 0.5
+        ramp = np.clip((xs - eye_x) / (jaw_x - eye_x), 0.0, 1.0)  # 0 at the far eye, 1 past the jaw line
+        weight = np.minimum(weight, np.broadcast_to(1.0 - (1.0 - keep) * ramp, (size, size)))
+    return np.ascontiguousarray(weight)
+
+
+def band_blend(face: np.ndarray, target: np.ndarray, region: np.ndarray, sigma: float, edge: int,
+               weight: np.ndarray | None = None) -> np.ndarray:
     """Two-band blend of `face` into `target` inside `region` (0/255): low band from the target, detail from the
-    face, faded in over `edge` pixels inside the region so neither a colour band nor a hard seam shows."""
+    face, faded in over `edge` pixels inside the region so neither a colour band nor a hard seam shows; `weight`
+    (0..1 per pixel) fades the face out further."""
     matched = match_low_band(face, target, region, sigma)
-    alpha = soft_edge(region, edge)[..., None]
+    alpha = soft_edge(region, edge)
+    alpha = (alpha if weight is None else alpha * weight)[..., None]
     out = target.astype(np.float32) * (1.0 - alpha) + matched * alpha
     return np.clip(out + 0.5, 0, 255).astype(np.uint8)
 
@@ -141,18 +178,6 @@ def poisson_blend(face: np.ndarray, target: np.ndarray, mask: np.ndarray) -> np.
     return cv2.seamlessClone(face, target, inner, (x + w // 2, y + h // 2), cv2.NORMAL_CLONE)
 
 
-def antialiased_crop(source: SourceFace, size: int) -> np.ndarray:
-    """The source's aligned crop, low-passed before a downscale: aliased detail (wrinkles, glasses rims) would
-    shimmer as the warp moves it by fractions of a pixel from frame to frame."""
-    matrix = alignment_matrix(source.face.kps, size)
-    scale = float(np.sqrt(abs(np.linalg.det(matrix[:, :2]))))
-    image = np.ascontiguousarray(source.image[..., :3])
-    if scale >= 1.0 or image.shape[0] < 2:
-        return np.ascontiguousarray(source.crop[..., :3])
-    blurred = cv2.GaussianBlur(image, (0, 0), 0.6 * np.sqrt(1.0 / scale**2 - 1.0))
-    return warp_crop(blurred, matrix, size)
-
-
 class ClassicSwapper:
     """The offline default swapper and evaluation baseline.
 
@@ -162,6 +187,7 @@ class ClassicSwapper:
 
     name = "classic"
     real = True
+    per_crop = True  # each crop on its own: a batch's size never changes a result (no padding to full batches)
 
     def __init__(self, crop_size: int = 256, fold_tolerance: float = 0.1, poisson: bool = False,
                  low_band: float = 0.1, keep_shape: float = 0.0) -> None:
@@ -193,9 +219,9 @@ class ClassicSwapper:
         self._source = usable[0]
         self._src_points = extended_points(self._source.landmarks)
         self._triangles = delaunay(self._src_points)
-        crop = antialiased_crop(self._source, self.crop_size)
+        crop = np.ascontiguousarray(self._source.crop[..., :3])  # antialiased by warp_crop when it shrinks
         usable_face = self._source_mask(crop, self._source.landmarks)
-        self._src_layers = np.dstack([crop.astype(np.float32), usable_face.astype(np.float32)])
+        self._src_layers = np.dstack([fill_outside(crop, usable_face), usable_face.astype(np.float32)])
 
     def _source_mask(self, crop: np.ndarray, landmarks: np.ndarray) -> np.ndarray:
         """The source's inner face; above the brows and at the sides only skin-coloured pixels (no hat, hair)."""
@@ -209,7 +235,8 @@ class ClassicSwapper:
         count, labels, stats, _ = cv2.connectedComponentsWithStats(usable)
         if count > 2:
             usable = np.where(labels == 1 + int(np.argmax(stats[1:, cv2.CC_STAT_AREA])), 255, 0).astype(np.uint8)
-        return usable
+        # shrunk by a pixel at its silhouette: the crop's own resampling blends the pixels along it with the backdrop
+        return cv2.erode(usable, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3)))
 
     def blend_region(self, landmarks: np.ndarray, warped_source_mask: np.ndarray) -> np.ndarray:
         """Where the source replaces the target (0/255): inner face of both faces, minus the target's lips, mouth
@@ -239,12 +266,14 @@ class ClassicSwapper:
             raise SwapSkipped("the warp would fold (extreme profile)")
         layers = warp_triangles(self._src_layers, self._src_points, dst_points, self._triangles, self.crop_size)
         region = self.blend_region(job.landmarks, layers[..., 3])
+        weight = far_side_weight(self._source.landmarks, job.landmarks, self.crop_size)
         target = np.ascontiguousarray(job.crop[..., :3])
         sigma = self.crop_size * self.low_band
         if self.poisson:
+            region[weight < 0.5] = 0
             face = np.clip(match_low_band(layers[..., :3], target, region, sigma) + 0.5, 0, 255).astype(np.uint8)
             return poisson_blend(face, target, region)
-        return band_blend(layers[..., :3], target, region, sigma, edge=max(2, self.crop_size // 32))
+        return band_blend(layers[..., :3], target, region, sigma, edge=max(2, self.crop_size // 32), weight=weight)
 
     def swap(self, jobs: list[CropJob]) -> list[np.ndarray | None]:
         results: list[np.ndarray | None] = []
