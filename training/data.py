@@ -126,10 +126,12 @@ OcclusionModel = Callable[[np.ndarray], np.ndarray]  # aligned crop (S, S, 3) ->
 
 
 def create_occlusion_model() -> OcclusionModel | None:
-    """The official preprocessing's DeepLabV3+ occlusion model (`checkpoints/deeplabv3_iter_27600.pth`) as a crop ->
-    visible-face mask function, when it is available. Not wired yet (its network is `apple_video/faces/occlusion.py`,
-    issue 25): None, and the blur region is the parsing alone (`blur_region` in the manifest says which)."""
-    return None
+    """The official preprocessing's DeepLabV3+ occlusion model (`checkpoints/deeplabv3_iter_27600.pth`,
+    `apple_video/faces/occlusion.py`) as a crop -> visible-face mask function when its file is present; None (one
+    line says so) and the blur region is the parsing alone (`blur_region` in the manifest says which)."""
+    from apple_video.faces.occlusion import create_occlusion
+
+    return create_occlusion(True)
 
 
 class _Worker:
@@ -267,7 +269,7 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
     arcface_points = "scrfd-antelopev2" if weights.is_present("antelopev2-det") else "dlib-68-derived"
     eva_points = "retinaface-resnet50" if weights.is_present("retinaface-resnet50") else arcface_points
     parsed = weights.is_present("bisenet-parsing")
-    occluded = parsed and create_occlusion_model() is not None
+    occluded = parsed and weights.is_present("occlusion-deeplabv3")
     source = provenance(parsed, iris_source, arcface_points, occluded, eva_points)
     for key in ("mask_source", "blur_region", "irises"):
         if manifest and manifest.get(key, source[key]) != source[key]:
