@@ -115,7 +115,15 @@ def test_netarc_preprocessing_as_the_official_trainer() -> None:
     assert net(images).shape == (2, 3, 112, 112)
 
 
-def test_identity_net_default_and_its_missing_files(no_weights, tmp_path) -> None:
+def test_identity_net_default_and_its_missing_files(no_weights, tmp_path, monkeypatch) -> None:
+    import dataclasses
+
+    from apple_video import weights as weights_module
+
+    # the narrow netarc below stands in for the published file: its entry keeps the path, not the pinned size/hash
+    standin = dataclasses.replace(weights_module.lookup("apple-arcface"), size=None, sha256=None, min_bytes=1_000_000)
+    monkeypatch.setattr(weights_module, "REGISTRY",
+                        tuple(standin if e.name == standin.name else e for e in weights_module.REGISTRY))
     with pytest.raises(WeightsError, match="apple-arcface"):
         identity_net("netarc")
     with pytest.raises(WeightsError, match="arcface-r50"):  # auto without the official file: the fallback

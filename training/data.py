@@ -269,7 +269,7 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
     arcface_points = "scrfd-antelopev2" if weights.is_present("antelopev2-det") else "dlib-68-derived"
     eva_points = "retinaface-resnet50" if weights.is_present("retinaface-resnet50") else arcface_points
     parsed = weights.is_present("bisenet-parsing")
-    occluded = parsed and weights.is_present("occlusion-deeplabv3")
+    occluded = parsed and create_occlusion_model() is not None
     source = provenance(parsed, iris_source, arcface_points, occluded, eva_points)
     for key in ("mask_source", "blur_region", "irises"):
         if manifest and manifest.get(key, source[key]) != source[key]:
