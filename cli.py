@@ -427,10 +427,13 @@ def evaluate() -> None:
 @click.option("--json", "json_path", type=click.Path(), default=None, help="Also write the report as JSON.")
 @click.option("--report", "report_prefix", type=click.Path(), default=None,
               help="Write PREFIX.json, PREFIX.md and PREFIX.png (per-frame series and metric bars).")
+@click.option("--pose-model", type=click.Choice(["auto", "hopenet", "landmarks"]), default="auto", show_default=True,
+              help="auto: HopeNet (the paper's) when its weights exist, else the landmark fit.")
 @_eval_options
 def eval_clip(source: str, original: str, swapped: str, json_path: str | None, report_prefix: str | None,
-              identity_model: str, id_every: int) -> None:
-    """Score SWAPPED against ORIGINAL (pose, expression, flicker) and SOURCE (identity)."""
+              pose_model: str, identity_model: str, id_every: int) -> None:
+    """Score SWAPPED against ORIGINAL (pose, expression, flicker; the FF++ 10-frame figures) and SOURCE (identity,
+    and its variance over the clip)."""
     from apple_video.evaluate.clip import evaluate_clip
     from apple_video.evaluate.report import write_all, write_json
     from apple_video.settings import EvalSettings
@@ -439,7 +442,7 @@ def eval_clip(source: str, original: str, swapped: str, json_path: str | None, r
         if not Path(path).exists():
             raise InputError(f"input not found: {path}")
     report = evaluate_clip(Path(source), Path(original), Path(swapped),
-                           EvalSettings(identity_model=identity_model, id_every=id_every))
+                           EvalSettings(identity_model=identity_model, id_every=id_every), pose_model)
     if json_path:
         write_json(report, Path(json_path))
     if report_prefix:

@@ -167,6 +167,14 @@ REGISTRY: tuple[WeightFile, ...] = (
                min_bytes=1_000_000, source="url",
                url="https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth",
                hash_note="facexlib publishes no size or hash for its release assets"),
+    # HopeNet as the paper's pose metric: the authors publish it only on Google Drive (no size or hash); the
+    # Hugging Face mirror keeps the original pickle under orig/ (and a re-saved copy under models/)
+    WeightFile("hopenet-robust-alpha1", "hopenet/hopenet_robust_alpha1.pkl", "public-data/Hopenet",
+               "orig/hopenet_robust_alpha1.pkl",
+               "HopeNet ResNet-50 head pose (natanielruiz/deep-head-pose, 300W-LP, alpha 1): `eval`'s pose metric, "
+               "as the paper's", min_bytes=90_000_000,
+               hash_note="the authors publish no size or hash (Google Drive); sha256 from the mirror's LFS pointer "
+                         "at download time"),
     WeightFile("mediapipe-iris", "mediapipe/iris_landmark.tflite",
                purpose="MediaPipe iris landmarks (also in preprocess/MediaPipe_Iris/data/ of the official APPLE repo): "
                        "prepare-data's iris points with gaze, run by ai-edge-litert", min_bytes=1_000_000, source="url",

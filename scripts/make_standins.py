@@ -10,7 +10,10 @@ weights home (`APPLE_VIDEO_HOME` layout), so the real loaders run end to end on 
   inner_attn_ln, mlp.w1/w2/w3, ffn_ln) and a few `text.*` keys beside;
 - insightface antelopev2 ArcFace (glintr100.onnx): an ONNX graph 1x3x112x112 -> 512;
 - the APPLE LoRA as the official trainer saves it: bf16, `transformer.`-prefixed peft keys of OminiControl's
-  target modules, metadata {"format": "pt"}; written outside the catalogue path (its published size is pinned).
+  target modules, metadata {"format": "pt"}; written outside the catalogue path (its published size is pinned);
+- HopeNet (hopenet_robust_alpha1.pkl): a torch-saved state dict with torchvision ResNet key names (one bottleneck
+  per stage, a quarter of the inner width) and the 66-bin heads `fc_yaw`, `fc_pitch`, `fc_roll` + `fc_finetune`;
+  below the catalogue's smallest real size, so `weights check` calls it corrupt until a test relaxes the entry.
 
 Every value is seeded random: a swap with these is no real swap. Real sizes are the published ones.
 
@@ -65,6 +68,7 @@ class Standins:
     eva: Path
     arcface: Path
     lora: Path
+    hopenet: Path | None = None
 
 
 def _json(path: Path, data: dict) -> None:
@@ -285,6 +289,29 @@ def write_lora(path: Path, seed: int = 60) -> Path:
     return path
 
 
+HOPENET = dict(blocks=(1, 1, 1, 1), width=16)  # the real one: (3, 4, 6, 3), 64
+
+
+def write_hopenet(path: Path, seed: int = 70) -> Path:
+    """HopeNet's published checkpoint layout: a pickled state dict of a torchvision ResNet trunk (no `fc`), the three
+    66-bin heads and the vestigial `fc_finetune`, float32."""
+    from apple_video.evaluate.pose import HopeNet
+
+    torch.manual_seed(seed)
+    net = HopeNet(HOPENET["blocks"], width=HOPENET["width"])
+    state = _seeded_state(net, seed)
+    for key in [k for k in state if k.endswith("running_var")]:  # batch norms as trained ones hold them
+        state[key] = torch.ones_like(state[key])
+        state[key.replace("running_var", "running_mean")] = torch.zeros_like(state[key])
+        state[key.replace("running_var", "weight")] = state[key.replace("running_var", "weight")] + 1.0
+    generator = torch.Generator().manual_seed(seed + 1)
+    for head in ("fc_yaw", "fc_pitch", "fc_roll"):  # heads that answer differently for different faces
+        state[f"{head}.weight"] = torch.randn(state[f"{head}.weight"].shape, generator=generator) * 2.0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, str(path))
+    return path
+
+
 def write_standins(home: Path) -> Standins:
     """Everything under `home`, at the catalogue's relative paths (the LoRA under `standin/`: see above)."""
     def at(name: str) -> Path:
@@ -297,6 +324,7 @@ def write_standins(home: Path) -> Standins:
         eva=write_eva(at("eva02-clip-l-336")),
         arcface=write_arcface(at("antelopev2-arcface")),
         lora=write_lora(home / "standin" / "student" / "default.safetensors"),
+        hopenet=write_hopenet(at("hopenet-robust-alpha1")),
     )
 
 

@@ -51,7 +51,7 @@ def test_identical_image_scores_identity_one_and_zero_errors(tmp_path: Path, sou
     """Identical inputs take the metrics' exact shortcut; test_pose_and_expression_helpers checks the metrics."""
     report = evaluate_clip(source_photo, source_photo, source_photo)
     m = report.metrics
-    assert report.kind == "image" and report.counts == {"frames": 1, "frames_with_face": 1}
+    assert report.kind == "image" and report.counts == {"frames": 1, "frames_with_face": 1, "frames_with_pose": 1}
     assert m["id_similarity"] == pytest.approx(1.0, abs=1e-9)
     assert m["pose_error_deg"] == 0 and m["expression_error_pct"] == 0 and m["background_psnr_db"] == 99.0
     assert "dlib" in report.models["id_similarity"] and "solvePnP" in report.models["pose_error_deg"]
@@ -61,7 +61,7 @@ def test_identical_image_scores_identity_one_and_zero_errors(tmp_path: Path, sou
 def test_identical_clip_scores_as_untouched(source_photo: Path, face_clip: Path) -> None:
     report = evaluate_clip(source_photo, face_clip, face_clip)
     m = report.metrics
-    assert report.counts == {"frames": 51, "frames_with_face": 45}
+    assert report.counts == {"frames": 51, "frames_with_face": 45, "frames_with_pose": 45}
     assert m["pose_error_deg"] == 0 and m["expression_error_pct"] == 0
     assert m["flicker_ratio"] == 1.0 and m["jitter_ratio"] == 1.0 and m["background_psnr_db"] == 99.0
     assert m["id_closer_to_source"] == 0  # the astronaut is not Grace Hopper

@@ -3,6 +3,11 @@
 One pass over both clips, in step, with bounded memory. Per frame: the original's face is detected once
 (dlib HOG + 68 landmarks, the swap's analyze stage's cost); the swapped face's landmarks are fitted in the same
 box (the swap pastes into it); identity embeddings, the costly part, only every `id_every` frames.
+
+Head pose by HopeNet where its weights are present (the paper's metric), else by a landmark fit tracked along
+the clip; a frame whose pose cannot be read is missing, never averaged. The video protocols of the field are
+reported beside: FaceForensics++-style figures on 10 evenly spaced frames (identity, pose, expression) and
+identity consistency (the variance of the per-frame identity similarity over the clip, as IDBench-V).
 """
 
 from __future__ import annotations
@@ -27,7 +32,8 @@ from apple_video.evaluate.identity import (
     eval_detector,
     measure_scale,
 )
-from apple_video.evaluate.landmarks import EXPRESSION_MODEL, POSE_MODEL, expression_distance, pose_error
+from apple_video.evaluate.landmarks import EXPRESSION_MODEL, expression_distance, pose_distance
+from apple_video.evaluate.pose import PoseEstimator, PoseTrack, create_pose_estimator
 from apple_video.evaluate.report import EvalReport
 from apple_video.faces.detect import DlibDetector
 from apple_video.faces.sources import presize_source
@@ -40,6 +46,7 @@ from apple_video.settings import EvalSettings
 logger = logging.getLogger(__name__)
 
 SERIES = ("id_similarity", "pose_error_deg", "expression_error_pct", "flicker_swapped", "flicker_original")
+PROTOCOL_FRAMES = 10  # FaceForensics++ evaluation in the face-swap papers: 10 evenly spaced frames per video
 
 
 def media_frames(path: Path) -> tuple[int, Iterator[np.ndarray]]:
@@ -75,18 +82,39 @@ def _background_psnr(a: np.ndarray, b: np.ndarray, boxes: list[np.ndarray]) -> f
     return 99.0 if mse == 0 else 10 * math.log10(255**2 / mse)
 
 
-def _mean(values: list[float]) -> float | None:
-    finite = [v for v in values if v is not None and math.isfinite(v)]
+def _finite(values: list[float | None]) -> list[float]:
+    return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def _mean(values: list[float | None]) -> float | None:
+    finite = _finite(values)
     return float(np.mean(finite)) if finite else None
+
+
+def _median(values: list[float | None]) -> float | None:
+    finite = _finite(values)
+    return float(np.median(finite)) if finite else None
+
+
+def protocol_frames(count: int, samples: int = PROTOCOL_FRAMES) -> list[int]:
+    """`samples` evenly spaced frame indices over a clip of `count` frames, first and last included."""
+    if count <= 0:
+        return []
+    return sorted({int(round(i)) for i in np.linspace(0, count - 1, min(samples, count))})
 
 
 class _ClipScorer:
     """Per-frame work of a clip evaluation, and what it accumulates for the report."""
 
     def __init__(self, count: int, settings: EvalSettings, detector: DlibDetector, model: IdentityModel,
-                 source: np.ndarray) -> None:
-        self.settings, self.detector, self.model, self.source = settings, detector, model, source
+                 source: np.ndarray, pose: PoseEstimator) -> None:
+        self.settings, self.detector, self.model, self.source, self.pose = settings, detector, model, source, pose
         self.series: dict[str, list[float | None]] = {k: [None] * count for k in SERIES}
+        self.no_face: list[int] = []
+        self.no_pose: list[int] = []
+        self.protocol = set(protocol_frames(count))
+        self.protocol_ids: dict[int, float] = {}  # protocol frame -> identity similarity
+        self._tracks = (PoseTrack(), PoseTrack())
         self.closer: list[bool] = []
         self.original_ids: list[np.ndarray] = []
         self.psnr: list[float] = []
@@ -105,22 +133,42 @@ class _ClipScorer:
         if face_a is not None:
             self.compared += 1
             face_b = self.detector.fit(b, face_a.bbox)
-            self.series["pose_error_deg"][index] = pose_error(face_a.landmarks, face_b.landmarks, a.shape[:2],
-                                                              b.shape[:2])
+            self._pose(index, a, b, face_a, face_b)
             self.series["expression_error_pct"][index] = expression_distance(face_a.landmarks, face_b.landmarks)
             self.lm_before.append(face_a.landmarks)
             self.lm_after.append(face_b.landmarks)
             self._identity(index, a, b, face_a, face_b)
             self._flicker(index, a, b, face_a)
+        else:
+            self.no_face.append(index)
+            self._tracks = (PoseTrack(), PoseTrack())
         self._previous = (a, b, face_a)
+
+    def _pose(self, index: int, a: np.ndarray, b: np.ndarray, face_a: Face, face_b: Face) -> None:
+        """The swapped face's pose against the original's; identical frames need no estimate."""
+        if np.array_equal(a, b) and np.array_equal(face_a.landmarks, face_b.landmarks):
+            angles = self.pose.angles(a, face_a, self._tracks[0])
+            self._tracks[1].previous = self._tracks[0].previous
+            error = 0.0 if np.all(np.isfinite(angles)) else math.nan
+        else:
+            error = pose_distance(self.pose.angles(a, face_a, self._tracks[0]),
+                                  self.pose.angles(b, face_b, self._tracks[1]))
+        if math.isfinite(error):
+            self.series["pose_error_deg"][index] = error
+        else:
+            self.no_pose.append(index)
 
     def _identity(self, index: int, a: np.ndarray, b: np.ndarray, face_a: Face, face_b: Face) -> None:
         if self._since_id < self.settings.id_every:
             self._since_id += 1
+            if index in self.protocol:
+                self.protocol_ids[index] = cosine(self.model.embed(b, face_b), self.source)
             return
         self._since_id = 1
         swapped = self.model.embed(b, face_b)
         self.series["id_similarity"][index] = cosine(swapped, self.source)
+        if index in self.protocol:
+            self.protocol_ids[index] = self.series["id_similarity"][index]
         if len(self.closer) % 4 == 0:  # the original's identity changes little: a quarter as often
             self.original_ids.append(self.model.embed(a, face_a))
         original = np.mean(self.original_ids, 0)
@@ -138,16 +186,19 @@ class _ClipScorer:
             self.series["flicker_original"][index] = sample.original
 
 
-def evaluate_clip(source: Path, original: Path, swapped: Path, settings: EvalSettings = EvalSettings()) -> EvalReport:
+def evaluate_clip(source: Path, original: Path, swapped: Path, settings: EvalSettings = EvalSettings(),
+                  pose_model: str = "auto") -> EvalReport:
+    """`pose_model`: auto (HopeNet when its weights are present, else the landmark fit), hopenet, landmarks."""
     started = time.perf_counter()
     detector = eval_detector(settings.detector_size)
     model = create_identity_model(settings.identity_model, detector)
+    pose = create_pose_estimator(pose_model)
     src = source_embedding(source, detector, model)
     count, before = media_frames(original)
     count_after, after = media_frames(swapped)
     if count != count_after:
         raise InputError(f"{original} has {count} frames but {swapped} has {count_after}: not the same clip")
-    scorer = _ClipScorer(count, settings, detector, model, src)
+    scorer = _ClipScorer(count, settings, detector, model, src, pose)
     with progress(count, "eval") as bar:
         for index, (a, b) in enumerate(zip(before, after, strict=True)):
             scorer.add(index, a, b)
@@ -162,6 +213,17 @@ def evaluate_clip(source: Path, original: Path, swapped: Path, settings: EvalSet
     return report
 
 
+def _protocol_metrics(scorer: _ClipScorer) -> tuple[dict[str, float | None], list[int]]:
+    """The FaceForensics++-style figures: identity, pose and expression on the 10 evenly spaced frames that show a
+    face (a frame without a face or a pose counts as missing, not as zero)."""
+    frames = sorted(scorer.protocol)
+    pose = [scorer.series["pose_error_deg"][i] for i in frames]
+    expression = [scorer.series["expression_error_pct"][i] for i in frames]
+    return {"ff10_id_similarity": _mean(list(scorer.protocol_ids.values())),
+            "ff10_pose_error_deg": _mean(pose),
+            "ff10_expression_error_pct": _mean(expression)}, frames
+
+
 def _clip_report(source: Path, original: Path, swapped: Path, settings: EvalSettings, scorer: _ClipScorer,
                  count: int) -> EvalReport:
     series, closer, flicker, model = scorer.series, scorer.closer, scorer.flicker, scorer.model
@@ -172,33 +234,55 @@ def _clip_report(source: Path, original: Path, swapped: Path, settings: EvalSett
         j_before = np.abs(np.diff(np.stack(lm_before), n=2, axis=0)).mean()
         j_after = np.abs(np.diff(np.stack(lm_after), n=2, axis=0)).mean()
         jitter = float(j_after / max(j_before, 1e-9))
+    protocol, protocol_at = _protocol_metrics(scorer)
     metrics = {
         "id_similarity": _mean(ids),
         "id_similarity_std": float(np.std(ids)) if len(ids) > 1 else None,
+        "id_variance": float(np.var(ids)) if len(ids) > 1 else None,
         "id_closer_to_source": float(np.mean(closer)) if closer else None,
         "pose_error_deg": _mean(series["pose_error_deg"]),
+        "pose_error_deg_median": _median(series["pose_error_deg"]),
         "expression_error_pct": _mean(series["expression_error_pct"]),
+        **protocol,
         "flicker_ratio": flicker_ratio(flicker),
         "flicker_swapped": _mean([s.swapped for s in flicker]),
         "flicker_original": _mean([s.original for s in flicker]),
         "jitter_ratio": jitter,
         "background_psnr_db": _mean(scorer.psnr),
     }
-    models = {"id_similarity": model.name, "id_similarity_std": model.name, "id_closer_to_source": model.name,
-              "pose_error_deg": POSE_MODEL, "expression_error_pct": EXPRESSION_MODEL, "flicker_ratio": FLICKER_MODEL,
-              "flicker_swapped": FLICKER_MODEL, "flicker_original": FLICKER_MODEL,
+    pose_name = scorer.pose.name
+    models = {"id_similarity": model.name, "id_similarity_std": model.name, "id_variance": model.name,
+              "id_closer_to_source": model.name, "pose_error_deg": pose_name, "pose_error_deg_median": pose_name,
+              "expression_error_pct": EXPRESSION_MODEL, "ff10_id_similarity": model.name,
+              "ff10_pose_error_deg": pose_name, "ff10_expression_error_pct": EXPRESSION_MODEL,
+              "flicker_ratio": FLICKER_MODEL, "flicker_swapped": FLICKER_MODEL, "flicker_original": FLICKER_MODEL,
               "jitter_ratio": "dlib 68 landmarks: mean |second difference| over frames",
               "background_psnr_db": "PSNR outside the padded face boxes"}
     notes = [f"identity on every {settings.id_every}th frame with a face ({len(ids)} frames); the original's "
              f"identity a quarter as often", "swapped-face landmarks are fitted in the original face's box (no second "
                                          "detection)",
-             "expression error is landmark-based (the paper uses Deep3DFaceRecon coefficients): compare runs, not papers"]
+             "expression error is landmark-based (the paper uses Deep3DFaceRecon coefficients): compare runs, not papers",
+             f"pose: {pose_name}" + ("" if scorer.pose.kind == "hopenet" else
+                                     " (the paper's HopeNet weights are not present: `apple-video weights download "
+                                     "hopenet-robust-alpha1`)"),
+             f"FF++-style figures on frames {protocol_at} ({len(scorer.protocol_ids)} of them with a face)",
+             f"identity variance: variance over the {len(ids)} sampled frames of the cosine to the source (IDBench-V's "
+             "per-frame identity consistency; lower is steadier)"]
+    if scorer.no_pose:
+        notes.append(f"{len(scorer.no_pose)} frames with a face but no readable pose (missing, not averaged): "
+                     f"{scorer.no_pose[:20]}{' ...' if len(scorer.no_pose) > 20 else ''}")
     kind = "clip" if count > 1 else "image"
+    frames = {"no_face": scorer.no_face, "no_pose": scorer.no_pose, "ff10": protocol_at}
     if kind == "image":
-        for name in ("flicker_ratio", "flicker_swapped", "flicker_original", "jitter_ratio", "id_similarity_std"):
+        for name in ("flicker_ratio", "flicker_swapped", "flicker_original", "jitter_ratio", "id_similarity_std",
+                     "id_variance", "ff10_id_similarity", "ff10_pose_error_deg", "ff10_expression_error_pct",
+                     "pose_error_deg_median"):
             metrics.pop(name)
             models.pop(name)
-        series = {}
+        notes = [n for n in notes if not n.startswith(("FF++", "identity variance"))]
+        series, frames = {}, {}
     return EvalReport(kind, {"source": str(source), "original": str(original), "swapped": str(swapped)},
-                      asdict(settings), models, metrics, {"frames": count, "frames_with_face": scorer.compared},
-                      series, notes=notes)
+                      {**asdict(settings), "pose_model": scorer.pose.kind}, models, metrics,
+                      {"frames": count, "frames_with_face": scorer.compared,
+                       "frames_with_pose": scorer.compared - len(scorer.no_pose)},
+                      series, notes=notes, frames=frames)

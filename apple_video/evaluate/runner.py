@@ -30,7 +30,8 @@ from apple_video.evaluate.identity import (
     require_identity_weights,
     retrieval,
 )
-from apple_video.evaluate.landmarks import EXPRESSION_MODEL, POSE_MODEL, expression_distance, pose_error
+from apple_video.evaluate.landmarks import EXPRESSION_MODEL, expression_distance, pose_distance
+from apple_video.evaluate.pose import PoseEstimator, create_pose_estimator
 from apple_video.evaluate.report import EvalReport, write_all
 from apple_video.faces.detect import DlibDetector
 from apple_video.media.images import is_image_path, read_image, write_image
@@ -123,16 +124,20 @@ def _swap_all(pairs: list[Pair], folder: Path, settings: SwapSettings) -> dict[i
     return failed
 
 
-def score_pair(pair: Pair, swapped: Path, detector: DlibDetector, model: IdentityModel) -> dict:
-    """Identity embedding of the swapped face, its pose and expression error against the target."""
+def score_pair(pair: Pair, swapped: Path, detector: DlibDetector, model: IdentityModel,
+               pose: PoseEstimator | None = None) -> dict:
+    """Identity embedding of the swapped face, its pose and expression error against the target (a pose that
+    cannot be read is null)."""
+    pose = pose or PoseEstimator()
     target, result = read_image(pair.target).rgb, read_image(swapped).rgb
     faces_t = detector.detect(target, embed=False)
     faces_s = detector.detect(result, embed=False)
     if not faces_t or not faces_s:
         return {"index": pair.index, "error": "no face in the " + ("target" if not faces_t else "swapped image")}
     face_t, face_s = max(faces_t, key=lambda f: f.area), max(faces_s, key=lambda f: f.area)
+    error = pose_distance(pose.angles(target, face_t), pose.angles(result, face_s))
     return {"index": pair.index, "embedding": model.embed(result, face_s).tolist(),
-            "pose_error_deg": pose_error(face_t.landmarks, face_s.landmarks, target.shape[:2], result.shape[:2]),
+            "pose_error_deg": error if np.isfinite(error) else None,
             "expression_error_pct": expression_distance(face_t.landmarks, face_s.landmarks)}
 
 
@@ -163,6 +168,7 @@ def run_pairs(pairs_file: Path, folder: Path, swap: SwapSettings, evaluation: Ev
     started = time.perf_counter()
     detector = eval_detector(evaluation.detector_size)
     model = create_identity_model(evaluation.identity_model, detector)
+    pose = create_pose_estimator("auto")
     sources = sorted({p.source for p in pairs})
     gallery = np.stack([source_embedding(s, detector, model) for s in sources])
     scores_path = folder / "scores.jsonl"
@@ -170,7 +176,7 @@ def run_pairs(pairs_file: Path, folder: Path, swap: SwapSettings, evaluation: Ev
     todo = [p for p in pairs if p.index not in scores and (folder / "swaps" / p.name).exists()]
     with progress(len(todo), "score", unit="pair") as bar, scores_path.open("a") as out:
         for pair in todo:
-            row = score_pair(pair, folder / "swaps" / pair.name, detector, model)
+            row = score_pair(pair, folder / "swaps" / pair.name, detector, model, pose)
             scores[pair.index] = row
             out.write(json.dumps(row) + "\n")
             out.flush()
@@ -184,7 +190,7 @@ def run_pairs(pairs_file: Path, folder: Path, swap: SwapSettings, evaluation: Ev
         fid_value = fid(inception, [folder / "swaps" / p.name for p in scored], reference, evaluation.fid_batch)
     seconds["fid"] = time.perf_counter() - started
     report = _pairs_report(pairs_file, folder, pairs, scored, scores, sources, gallery, fid_value, failed,
-                           swap, evaluation, model)
+                           swap, evaluation, model, pose.name)
     scale = measure_scale(model, detector)
     report.scale = {**asdict(scale), "text": scale.text()}
     report.seconds = seconds
@@ -192,9 +198,19 @@ def run_pairs(pairs_file: Path, folder: Path, swap: SwapSettings, evaluation: Ev
     return report
 
 
+def _mean_of(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return float(np.mean(finite)) if finite else None
+
+
+def _median_of(values: list[float | None]) -> float | None:
+    finite = [v for v in values if v is not None]
+    return float(np.median(finite)) if finite else None
+
+
 def _pairs_report(pairs_file: Path, folder: Path, pairs: list[Pair], scored: list[Pair], scores: dict[int, dict],
                   sources: list[Path], gallery: np.ndarray, fid_value: float | None, failed: dict[int, str],
-                  swap: SwapSettings, evaluation: EvalSettings, model: IdentityModel) -> EvalReport:
+                  swap: SwapSettings, evaluation: EvalSettings, model: IdentityModel, pose_name: str) -> EvalReport:
     embeddings = np.array([scores[p.index]["embedding"] for p in scored]) if scored else np.zeros((0, 1))
     labels = [sources.index(p.source) for p in scored]
     sims = [cosine(e, gallery[label]) for e, label in zip(embeddings, labels, strict=True)]
@@ -203,7 +219,8 @@ def _pairs_report(pairs_file: Path, folder: Path, pairs: list[Pair], scored: lis
         "id_similarity": float(np.mean(sims)) if sims else None,
         "retrieval_top1": ranked.top1 if ranked else None,
         "retrieval_top5": ranked.top5 if ranked else None,
-        "pose_error_deg": float(np.mean([scores[p.index]["pose_error_deg"] for p in scored])) if scored else None,
+        "pose_error_deg": _mean_of([scores[p.index]["pose_error_deg"] for p in scored]),
+        "pose_error_deg_median": _median_of([scores[p.index]["pose_error_deg"] for p in scored]),
         "expression_error_pct": float(np.mean([scores[p.index]["expression_error_pct"] for p in scored])) if scored else None,
         "fid": fid_value,
     }
@@ -216,6 +233,9 @@ def _pairs_report(pairs_file: Path, folder: Path, pairs: list[Pair], scored: lis
     }
     notes = [f"retrieval among the {len(sources)} distinct sources of the list (the paper: 1000 FFHQ sources)",
              "expression error is landmark-based (the paper uses Deep3DFaceRecon coefficients): compare runs, not papers"]
+    notes.append(f"pose: {pose_name}")
+    notes += [f"pair {i}: no readable pose (missing, not averaged)" for i in sorted(per_pair)
+              if scores[i]["pose_error_deg"] is None]
     notes += [f"pair {i} not swapped: {e}" for i, e in sorted(failed.items())]
     notes += [f"pair {i} not scored: {r['error']}" for i, r in sorted(scores.items()) if "error" in r]
     if fid_value is None:
@@ -223,9 +243,12 @@ def _pairs_report(pairs_file: Path, folder: Path, pairs: list[Pair], scored: lis
     elif len(scored) < 100:
         notes.append(f"FID on {len(scored)} images is biased upward and noisy; the paper uses 1000")
     models = {"id_similarity": model.name, "retrieval_top1": model.name, "retrieval_top5": model.name,
-              "pose_error_deg": POSE_MODEL, "expression_error_pct": EXPRESSION_MODEL, "fid": FID_MODEL}
+              "pose_error_deg": pose_name, "pose_error_deg_median": pose_name, "expression_error_pct": EXPRESSION_MODEL,
+              "fid": FID_MODEL}
     return EvalReport("pairs", {"pairs": str(pairs_file), "output": str(folder)},
                       {"swap": _run_record(pairs_file, swap, evaluation)["swap"], "eval": asdict(evaluation),
                        "swapper": resolve_swapper_name(swap)},
                       models, metrics, {"pairs": len(pairs), "scored": len(scored), "sources": len(sources)}, series,
-                      notes=notes)
+                      notes=notes, frames={"no_face": [p.index for p in pairs if p.index not in per_pair],
+                                           "no_pose": [i for i in sorted(per_pair)
+                                                       if scores[i]["pose_error_deg"] is None]})
