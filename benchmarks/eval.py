@@ -47,8 +47,13 @@ def main() -> None:
     print("swap stages: " + ", ".join(f"{k} {v:.1f}s" for k, v in summary.seconds.items()))
     print(f"eval {evaluation:.1f}s (frames {report.seconds['frames']:.1f}s, similarity scale "
           f"{report.seconds['total'] - report.seconds['frames']:.1f}s)")
-    print(f"id similarity {report.metrics['id_similarity']:.3f}, pose error {report.metrics['pose_error_deg']:.2f} deg, "
-          f"flicker ratio {report.metrics['flicker_ratio']:.2f}")
+    m = report.metrics
+    print(f"id similarity {m['id_similarity']:.3f} (variance {m['id_variance']:.5f}), pose error "
+          f"{m['pose_error_deg']:.2f} deg mean / {m['pose_error_deg_median']:.2f} median "
+          f"({report.counts['frames_with_pose']} frames with a pose; {report.models['pose_error_deg']}), "
+          f"flicker ratio {m['flicker_ratio']:.2f}")
+    print(f"FF++ 10 frames: id {m['ff10_id_similarity']:.3f}, pose {m['ff10_pose_error_deg']:.2f} deg, "
+          f"expression {m['ff10_expression_error_pct']:.2f} % IOD")
     print(f"eval/analyze time ratio: {evaluation / analyze:.2f}")
 
 

@@ -256,9 +256,9 @@ def test_report_png_has_one_unit_per_axis(tmp_path: Path, source_photo: Path, fa
     plotted = [ax for ax in axes if ax.axison]
     assert not any(ax.containers for ax in axes)  # no bars: the headline figures are not drawn on a common axis
     labels = [ax.get_ylabel() for ax in plotted]
-    assert "pose error deg (deg)" in labels and "flicker (grey levels)" in labels
+    assert "pose error (deg)" in labels and "flicker (grey levels)" in labels
     assert all(len(ax.get_lines()) <= 3 for ax in plotted)
-    pose_axis = plotted[labels.index("pose error deg (deg)")]
+    pose_axis = plotted[labels.index("pose error (deg)")]
     assert any(line.get_label() == "no pose" for line in pose_axis.get_lines())
     assert sum(len(ax.patches) for ax in plotted) >= 6 * len(plotted)  # the 6 face-less frames shaded on each
     tables = [t for ax in axes for t in ax.tables]

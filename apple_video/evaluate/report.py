@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import textwrap
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ class MetricInfo:
 
 
 METRICS: dict[str, MetricInfo] = {
-    "id_similarity": MetricInfo("ID similarity (cosine to source)", "higher", "", 0.54, "above the same-person line"),
+    "id_similarity": MetricInfo("ID similarity (cosine to source)", "higher", "", 0.54, "> same-person line"),
     "id_similarity_std": MetricInfo("ID similarity std over frames", "lower", "", None, "< 0.05"),
     "id_variance": MetricInfo("ID variance over frames (IDBench-V)", "lower", "", None, "< 0.0025"),
     "id_closer_to_source": MetricInfo("closer to source than to original", "higher", "%", None, "100%"),
@@ -33,7 +34,7 @@ METRICS: dict[str, MetricInfo] = {
     "pose_error_deg": MetricInfo("pose error (yaw/pitch/roll L2)", "lower", "deg", 1.85, "<= 1.85 deg"),
     "pose_error_deg_median": MetricInfo("pose error, median over frames", "lower", "deg", None, "<= 1.85 deg"),
     "expression_error_pct": MetricInfo("expression error (landmarks)", "lower", "% IOD", None, "< 5% IOD"),
-    "ff10_id_similarity": MetricInfo("FF++ 10 frames: ID similarity", "higher", "", None, "above the same-person line"),
+    "ff10_id_similarity": MetricInfo("FF++ 10 frames: ID similarity", "higher", "", None, "> same-person line"),
     "ff10_pose_error_deg": MetricInfo("FF++ 10 frames: pose error", "lower", "deg", None, "<= 1.85 deg"),
     "ff10_expression_error_pct": MetricInfo("FF++ 10 frames: expression error", "lower", "% IOD", None, "< 5% IOD"),
     "fid": MetricInfo("FID", "lower", "", 2.18, "<= 2.18 (1000 pairs)"),
@@ -78,6 +79,8 @@ def _fmt(name: str, value: float | None) -> str:
     info = METRICS.get(name)
     if info and info.unit == "%":
         return f"{100 * value:.1f}%"
+    if 0 < abs(value) < 0.01:  # variances: three decimals would read 0.000
+        return f"{value:.2e}"
     return f"{value:.3f}" if abs(value) < 10 else f"{value:.2f}"
 
 
@@ -142,13 +145,29 @@ def _value_with_unit(name: str, value: float | None) -> str:
     return text if text == "n/a" or unit in ("", "%") else f"{text} {unit}"
 
 
+def _broken_at(x: np.ndarray, y: np.ndarray, gaps: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """The measured points x (indices into y), with a NaN between two of them that straddle a gap frame, so that
+    the line is not drawn across frames without a face (or without a pose)."""
+    xs, ys = [], []
+    for i, index in enumerate(x):
+        if i and any(g in gaps for g in range(int(x[i - 1]) + 1, int(index))):
+            xs.append(np.nan)
+            ys.append(np.nan)
+        xs.append(float(index))
+        ys.append(float(y[index]))
+    return np.array(xs), np.array(ys)
+
+
 def _series_panel(ax, report: EvalReport, members: dict[str, list], label: str) -> None:
     """One quantity per panel; frames without a face shaded grey, frames without a pose marked on the pose panel."""
+    gaps = set(report.frames.get("no_face", []))
+    if label.startswith("pose"):
+        gaps |= set(report.frames.get("no_pose", []))
     for name, values in members.items():
         y = np.array([np.nan if v is None else v for v in values], float)
-        x = np.arange(len(y))
         style = "o" if report.kind == "pairs" else (".-" if np.isfinite(y).sum() < 60 else "-")  # pairs: no order
-        ax.plot(x[np.isfinite(y)], y[np.isfinite(y)], style, lw=1, ms=3, label=name.replace("_", " "))
+        x, y = _broken_at(np.flatnonzero(np.isfinite(y)), y, gaps)
+        ax.plot(x, y, style, lw=1, ms=3, label=name.removesuffix("_deg").removesuffix("_pct").replace("_", " "))
     for index in report.frames.get("no_face", []):
         ax.axvspan(index - 0.5, index + 0.5, color="0.85", lw=0, zorder=0)
     if label.startswith("pose") and report.frames.get("no_pose"):
@@ -157,7 +176,9 @@ def _series_panel(ax, report: EvalReport, members: dict[str, list], label: str) 
     if len(members) > 1 or (label.startswith("pose") and report.frames.get("no_pose")):
         ax.legend(fontsize=7)
     unit = METRICS[next(iter(members))].unit if next(iter(members)) in METRICS else ""
-    ax.set_ylabel(label.replace("_", " ") + (f" ({unit})" if unit else ""), fontsize=8)
+    unit = unit or ("grey levels" if label == "flicker" else "")
+    name = label.removesuffix("_deg").removesuffix("_pct").replace("_", " ")
+    ax.set_ylabel(name + (f" ({unit})" if unit else ""), fontsize=8)
     ax.grid(alpha=0.3)
 
 
@@ -190,13 +211,13 @@ def plot(report: EvalReport, path: Path) -> Path:
              for k in names]
     if cells:
         table = table_ax.table(cellText=cells, colLabels=["figure", "this run", "paper", "goal"], loc="upper center",
-                               cellLoc="left", colLoc="left", colWidths=[0.46, 0.18, 0.1, 0.26])
+                               cellLoc="left", colLoc="left", colWidths=[0.45, 0.2, 0.1, 0.22])
         table.auto_set_font_size(False)
         table.set_fontsize(7)
         table.scale(1, 1.25)
     pose_model = report.models.get("pose_error_deg", "")
-    table_ax.set_title("figures (each in its own unit)" + (f"\npose: {pose_model[:70]}" if pose_model else ""),
-                       fontsize=8)
+    title = "figures (each in its own unit)" + (f"\npose: {pose_model}" if pose_model else "")
+    table_ax.set_title(textwrap.fill(title, 90, replace_whitespace=False), fontsize=8)
     fig.suptitle(f"apple-video eval ({report.kind}): {', '.join(Path(v).name for v in report.inputs.values())}",
                  fontsize=9)
     fig.tight_layout()
