@@ -27,9 +27,10 @@ MODEL_3D = np.array([[0.0, 0.0, 0.0], [0.0, 63.6, 12.5], [-43.3, -32.7, 26.0], [
                      [-28.9, 28.9, 24.1], [28.9, 28.9, 24.1]])
 POSE_POINTS = [30, 8, 36, 45, 48, 54]
 EXPRESSION_POINTS = list(range(17, 27)) + list(range(36, 48)) + list(range(48, 68))
-# RMS reprojection error of the 6 points over their RMS spread: real dlib landmarks against the generic face fit
-# within about 0.02-0.08; a fit beyond this bound is not a pose and is reported as missing
-MAX_FIT_ERROR = 0.2
+# RMS reprojection error of the 6 points over their RMS spread. Real dlib landmarks against the generic face:
+# 0.07-0.14 on the package photos, median 0.15 and at most 0.19 over 240 frames of talking clips (the jaw moves);
+# 6 random points: 5th percentile 0.58. Beyond this bound a fit is not a pose and is reported as missing.
+MAX_FIT_ERROR = 0.3
 POSE_MODEL = POSE_MODEL.format(MAX_FIT_ERROR)
 
 
