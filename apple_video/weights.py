@@ -167,8 +167,9 @@ REGISTRY: tuple[WeightFile, ...] = (
                min_bytes=1_000_000, source="url",
                url="https://github.com/xinntao/facexlib/releases/download/v0.1.0/detection_Resnet50_Final.pth",
                hash_note="facexlib publishes no size or hash for its release assets"),
-    # HopeNet as the paper's pose metric: the authors publish it only on Google Drive (no size or hash); the
-    # Hugging Face mirror keeps the original pickle under orig/ (and a re-saved copy under models/)
+    # HopeNet as the paper's pose metric: the authors publish it only on Google Drive (README of
+    # natanielruiz/deep-head-pose, file id 1m25PrSE7g9D2q2XJVMR6IA7RaCvWSzCR; no size or hash); the Hugging Face
+    # mirror keeps the original pickle under orig/ (and a re-saved copy under models/)
     WeightFile("hopenet-robust-alpha1", "hopenet/hopenet_robust_alpha1.pkl", "public-data/Hopenet",
                "orig/hopenet_robust_alpha1.pkl",
                "HopeNet ResNet-50 head pose (natanielruiz/deep-head-pose, 300W-LP, alpha 1): `eval`'s pose metric, "

@@ -4,8 +4,8 @@ else the landmark fit of `landmarks.fit_pose`. Every report names which one ran.
 HopeNet as published (natanielruiz/deep-head-pose, `hopenet_robust_alpha1.pkl`): a torchvision ResNet-50 trunk
 without its `fc`, three 66-bin heads `fc_yaw`, `fc_pitch`, `fc_roll` (3-degree bins from -99 degrees) and a
 vestigial `fc_finetune` (2051 -> 3) kept in the checkpoint. The angle is the softmax expectation over the bins.
-Its input is the face box widened (half a width each side, 3/4 of a height above, 1/4 below), resized to
-224 x 224, normalised with ImageNet statistics.
+Its input is the face box widened (half a width each side, 3/4 of a height above, 1/4 below), its shorter side
+resized to 224 and the centre 224 x 224 kept, normalised with ImageNet statistics.
 """
 
 from __future__ import annotations
@@ -99,8 +99,8 @@ def load_hopenet(path: Path | None = None, device: str = "cpu") -> HopeNet:
 
 
 def hopenet_crop(rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
-    """HopeNet's input for a face box (x0, y0, x1, y1): the widened box, clipped to the frame, at 224 x 224,
-    ImageNet-normalised, (3, 224, 224) float32."""
+    """HopeNet's input for a face box (x0, y0, x1, y1): the widened box clipped to the frame, shorter side to 224,
+    centre 224 x 224, ImageNet-normalised: (3, 224, 224) float32."""
     h, w = rgb.shape[:2]
     x0, y0, x1, y1 = (float(v) for v in box[:4])
     bw, bh = x1 - x0, y1 - y0
@@ -108,7 +108,12 @@ def hopenet_crop(rgb: np.ndarray, box: np.ndarray) -> np.ndarray:
     top, bottom = max(0, int(y0 - 3 * bh / 4)), min(h, int(y1 + bh / 4))
     if right - left < 2 or bottom - top < 2:
         raise ValueError(f"face box {box} is outside the {w}x{h} frame")
-    crop = cv2.resize(rgb[top:bottom, left:right], (INPUT_SIZE, INPUT_SIZE), interpolation=cv2.INTER_AREA)
+    region = rgb[top:bottom, left:right]
+    scale = INPUT_SIZE / min(region.shape[:2])  # shorter side to 224, then the centre 224 x 224
+    size = (max(INPUT_SIZE, round(region.shape[1] * scale)), max(INPUT_SIZE, round(region.shape[0] * scale)))
+    resized = cv2.resize(region, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    y0, x0 = (size[1] - INPUT_SIZE) // 2, (size[0] - INPUT_SIZE) // 2
+    crop = resized[y0:y0 + INPUT_SIZE, x0:x0 + INPUT_SIZE]
     return ((crop.astype(np.float32) / 255.0 - IMAGENET_MEAN) / IMAGENET_STD).transpose(2, 0, 1)
 
 
