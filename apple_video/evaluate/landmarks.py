@@ -1,8 +1,13 @@
 """Head pose and expression from 68 landmarks (iBUG layout, as dlib gives them).
 
-These are the offline stand-ins for the paper's models: the paper measures pose with HopeNet and expression
-with Deep3DFaceRecon expression coefficients. Pose here is in the same unit (L2 of yaw/pitch/roll differences
-in degrees); expression is a landmark distance, so its scale is not the paper's.
+The paper measures pose with HopeNet (`pose.py` runs it where its weights are present; this fit is the fallback)
+and expression with Deep3DFaceRecon expression coefficients. Pose here is in the same unit (L2 of the wrapped
+yaw/pitch/roll differences in degrees); expression is a landmark distance, so its scale is not the paper's.
+
+The pose fit: solvePnP's first solution is, on small or noisy faces, often the flipped one (roll or pitch read
+~180 degrees off). Every candidate of SQPnP and of the iterative solver (from scratch, and from the previous
+frame's pose along a track) is scored; those facing the camera compete on reprojection error, and a frame whose
+best fit is still poor is missing rather than a number to average.
 """
 
 from __future__ import annotations

@@ -161,14 +161,14 @@ def run_pairs(pairs_file: Path, folder: Path, swap: SwapSettings, evaluation: Ev
     require_identity_weights(evaluation.identity_model)
     reference = image_files(Path(evaluation.fid_reference)) if evaluation.fid_reference else None
     inception = load_fid_inception() if reference else None  # missing weights fail here, before any work
-    _open_run(folder, _run_record(pairs_file, swap, evaluation), force)
+    pose = create_pose_estimator("auto")  # before the run is opened: its scores depend on which model this is
+    _open_run(folder, {**_run_record(pairs_file, swap, evaluation), "pose_model": pose.kind}, force)
     failed = _swap_all(pairs, folder, swap)
     seconds = {"swap": time.perf_counter() - started}
 
     started = time.perf_counter()
     detector = eval_detector(evaluation.detector_size)
     model = create_identity_model(evaluation.identity_model, detector)
-    pose = create_pose_estimator("auto")
     sources = sorted({p.source for p in pairs})
     gallery = np.stack([source_embedding(s, detector, model) for s in sources])
     scores_path = folder / "scores.jsonl"
@@ -247,6 +247,7 @@ def _pairs_report(pairs_file: Path, folder: Path, pairs: list[Pair], scored: lis
               "fid": FID_MODEL}
     return EvalReport("pairs", {"pairs": str(pairs_file), "output": str(folder)},
                       {"swap": _run_record(pairs_file, swap, evaluation)["swap"], "eval": asdict(evaluation),
+                       "pose_model": "hopenet" if pose_name.startswith("HopeNet") else "landmarks",
                        "swapper": resolve_swapper_name(swap)},
                       models, metrics, {"pairs": len(pairs), "scored": len(scored), "sources": len(sources)}, series,
                       notes=notes, frames={"no_face": [p.index for p in pairs if p.index not in per_pair],
