@@ -32,7 +32,7 @@ METRICS: dict[str, MetricInfo] = {
     "retrieval_top1": MetricInfo("ID retrieval top-1", "higher", "%", 90.5, ">= 90.5%"),
     "retrieval_top5": MetricInfo("ID retrieval top-5", "higher", "%", 97.0, ">= 97%"),
     "pose_error_deg": MetricInfo("pose error (yaw/pitch/roll L2)", "lower", "deg", 1.85, "<= 1.85 deg"),
-    "pose_error_deg_median": MetricInfo("pose error, median over frames", "lower", "deg", None, "<= 1.85 deg"),
+    "pose_error_deg_median": MetricInfo("pose error (median)", "lower", "deg", None, "<= 1.85 deg"),
     "expression_error_pct": MetricInfo("expression error (landmarks)", "lower", "% IOD", None, "< 5% IOD"),
     "ff10_id_similarity": MetricInfo("FF++ 10 frames: ID similarity", "higher", "", None, "> same-person line"),
     "ff10_pose_error_deg": MetricInfo("FF++ 10 frames: pose error", "lower", "deg", None, "<= 1.85 deg"),
@@ -201,7 +201,7 @@ def plot(report: EvalReport, path: Path) -> Path:
     left = [fig.add_subplot(grid[i, 0]) for i in range(rows)]
     for ax, (panel, members) in zip(left, panels.items(), strict=False):
         _series_panel(ax, report, members, panel)
-    left[-1].set_xlabel("pair" if report.kind == "pairs" else "frame (grey: no face)")
+    left[-1].set_xlabel("pair (grey: not scored)" if report.kind == "pairs" else "frame (grey: no face)")
     if not panels:
         left[0].text(0.5, 0.5, "no per-frame series", ha="center", va="center")
         left[0].set_axis_off()
