@@ -51,7 +51,7 @@ from apple_video.faces.track import find_cuts
 from apple_video.faces.types import FaceTarget
 from apple_video.media.images import list_frames, read_image, write_image
 from apple_video.media.kinds import InputKind, input_kind
-from apple_video.media.video import VideoInfo, concat_chunks, read_packets, trim
+from apple_video.media.video import VideoInfo, announce_output, concat_chunks, read_packets, trim
 from apple_video.progress import progress
 from apple_video.settings import SwapSettings, output_record
 from apple_video.swappers.factory import announce_swapper, crop_size_for, tracking_for
@@ -348,7 +348,8 @@ class ClipJob:
                 start_s = float(info.pts[0] * info.time_base)
                 window = (start_s, start_s + info.duration)
             concat_chunks([spec.chunk_file(c) for c in range(len(self.chunks))], spec.output,
-                          info.path if info.audio else None, pts, info.time_base, info.rotation, window, rate=info.fps)
+                          info.path if info.audio else None, pts, info.time_base, info.rotation, window, rate=info.fps,
+                          last_duration=info.frame_duration, source=info.path)
         stats = self.manifest["stats"].values()
         summary.frames_swapped = sum(s["swapped_frames"] for s in stats)
         summary.faces_swapped = sum(s["faces_swapped"] for s in stats)
@@ -488,6 +489,7 @@ def video_plan(source_paths: list[Path], input_path: Path, output: Path, setting
     if settings.trimmed:
         info = trim(info, settings.trim_start, settings.trim_end)
     settings = for_rotation(settings, info.rotation)
+    announce_output(info, settings.encode, output)
     spec = JobSpec("video", input_path, output, job_dir_for(output), settings, info=info)
     return ClipPlan(spec, source_paths, info.frame_count, float(info.fps), info.keyframes)
 
