@@ -533,7 +533,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = _expand_nargs(_globals_first(list(sys.argv[1:] if argv is None else argv)))
     debug = "--debug" in argv
     with _signals_stop_like_ctrl_c():
-        _run(argv, debug)
+        _main(argv, debug)
 
 
 @contextlib.contextmanager
@@ -551,7 +551,7 @@ def _signals_stop_like_ctrl_c():
             signal.signal(signum, handler)
 
 
-def _run(argv: list[str], debug: bool) -> None:
+def _main(argv: list[str], debug: bool) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Exit as done:
