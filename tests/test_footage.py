@@ -328,3 +328,24 @@ def test_sigterm_stops_like_ctrl_c_and_the_rerun_equals_an_uninterrupted_run(tmp
                            timeout=600)
     assert whole.returncode == 0, whole.stderr
     assert output.read_bytes() == reference.read_bytes()
+
+
+def test_interlaced_input_is_flagged_interlaced_and_said_once(tmp_path: Path, source_photo: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    source = tmp_path / "broadcast.mkv"
+    with av.open(str(source), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.options = {"x264-params": "tff=1", "preset": "ultrafast"}
+        stream.codec_context.field_order = 2  # top field first
+        for i in range(8):
+            frame = av.VideoFrame.from_ndarray(synth.background(160, 120, seed=i), format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    assert probe(source).interlaced
+    output = tmp_path / "out.mkv"
+    with caplog.at_level(logging.WARNING):
+        _run_timing(source, output, source_photo)
+    assert probe(output).interlaced
+    assert len([r for r in caplog.records if "is interlaced" in r.getMessage()]) == 1
