@@ -349,3 +349,33 @@ def test_interlaced_input_is_flagged_interlaced_and_said_once(tmp_path: Path, so
         _run_timing(source, output, source_photo)
     assert probe(output).interlaced
     assert len([r for r in caplog.records if "is interlaced" in r.getMessage()]) == 1
+
+
+def test_a_timecode_track_is_kept_and_a_trim_says_it_drops_it(tmp_path: Path, source_photo: Path,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    source = tmp_path / "camera.mov"
+    with av.open(str(source), "w") as out:
+        stream = out.add_stream("libx264", rate=25)
+        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+        stream.metadata["timecode"] = "01:00:00:00"  # the mov muxer writes it as a tmcd track
+        for i in range(8):
+            frame = av.VideoFrame.from_ndarray(synth.background(160, 120, seed=i), format="rgb24")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+
+    def timecodes(path: Path) -> list[str]:
+        with av.open(str(path)) as container:
+            return [s.metadata.get("timecode") for s in container.streams.data]
+
+    assert timecodes(source) == ["01:00:00:00"]
+    output = tmp_path / "out.mov"
+    with caplog.at_level(logging.WARNING):
+        _run_timing(source, output, source_photo)
+    assert timecodes(output) == ["01:00:00:00"]
+    assert not [r for r in caplog.records if "dropped" in r.getMessage()]
+    trimmed = tmp_path / "trimmed.mov"
+    with caplog.at_level(logging.WARNING):
+        _run_timing(source, trimmed, source_photo, trim_start=2)
+    assert timecodes(trimmed) == []
+    assert len([r for r in caplog.records if "timecode" in r.getMessage() and "dropped" in r.getMessage()]) == 1

@@ -494,7 +494,7 @@ def video_plan(source_paths: list[Path], input_path: Path, output: Path, setting
     if settings.trimmed:
         info = trim(info, settings.trim_start, settings.trim_end)
     settings = for_rotation(settings, info.rotation)
-    announce_output(info, settings.encode, output)
+    announce_output(info, settings.encode, output, settings.trimmed)
     spec = JobSpec("video", input_path, output, job_dir_for(output), settings, info=info)
     return ClipPlan(spec, source_paths, info.frame_count, float(info.fps), info.keyframes)
 

@@ -660,13 +660,16 @@ class SideStream:
     """An input stream that is not the swapped video or audio, and what the output does with it."""
 
     index: int
-    kind: str  # "subtitle", "attachment", "cover", "data"
+    kind: str  # "subtitle", "attachment", "cover", "timecode", "data"
     codec: str
     label: str  # for messages: "subtitle #2 (subrip, eng)"
-    action: str  # "copy", "mov_text" (SubRip converted), "attach" (a Matroska attachment), "drop"
+    action: str  # "copy", "mov_text" (SubRip converted), "attach" (a Matroska attachment), "tag" (timecode), "drop"
+    timecode: str | None = None
 
 
-def _action(kind: str, codec: str, suffix: str) -> str:
+def _action(kind: str, codec: str, suffix: str, trimmed: bool) -> str:
+    if kind == "timecode":  # the muxer writes its own timecode track (mov, mp4) or tag (mkv) from the video's tag
+        return "tag" if suffix in (*_MP4_LIKE, ".mkv") and not trimmed else "drop"
     if suffix == ".mkv":
         return {"subtitle": "copy" if codec != "mov_text" else "drop", "attachment": "attach",
                 "cover": "attach"}.get(kind, "drop")
@@ -680,27 +683,31 @@ def _action(kind: str, codec: str, suffix: str) -> str:
     return "drop"
 
 
-def side_streams(path: Path, suffix: str) -> list[SideStream]:
-    """Subtitles, attachments, cover art and data tracks of `path`, each with what a `suffix` output keeps of it."""
+def side_streams(path: Path, suffix: str, trimmed: bool = False) -> list[SideStream]:
+    """Subtitles, attachments, cover art, timecode and data tracks of `path`, each with what a `suffix` output keeps
+    of it (a timecode starts at the clip's first frame: a trimmed output drops it)."""
     found = []
     with _open(path) as container:
         for stream in container.streams:
             if stream.type == "audio" or (stream.type == "video" and not is_cover(stream)):
                 continue
             kind = "cover" if stream.type == "video" else stream.type
-            if kind not in ("subtitle", "attachment", "cover", "data"):
+            timecode = stream.metadata.get("timecode") if kind == "data" else None
+            if timecode:
+                kind = "timecode"
+            elif kind not in ("subtitle", "attachment", "cover"):
                 kind = "data"
             codec = stream.codec_context.name if stream.type != "attachment" and stream.codec_context else ""
             name = stream.metadata.get("filename") or stream.metadata.get("language") or ""
             details = ", ".join(x for x in (codec, name) if x)
             label = f"{kind} #{stream.index}{f' ({details})' if details else ''}"
-            found.append(SideStream(stream.index, kind, codec, label, _action(kind, codec, suffix)))
+            found.append(SideStream(stream.index, kind, codec, label, _action(kind, codec, suffix, trimmed), timecode))
     return found
 
 
-def announce_output(info: VideoInfo, settings: EncodeSettings, output: Path) -> None:
+def announce_output(info: VideoInfo, settings: EncodeSettings, output: Path, trimmed: bool = False) -> None:
     """Before work: one warning line for what the output cannot keep of the input, one note for interlacing."""
-    dropped = [s.label for s in side_streams(info.path, output.suffix.lower()) if s.action == "drop"]
+    dropped = [s.label for s in side_streams(info.path, output.suffix.lower(), trimmed) if s.action == "drop"]
     if dropped:
         logger.warning("%s cannot hold %s of %s: %s dropped", output.suffix, ", ".join(dropped), info.path.name,
                        "it is" if len(dropped) == 1 else "they are")
@@ -718,15 +725,21 @@ def _mov_text(packet: av.Packet) -> bytes:
     return struct.pack(">H", len(text)) + text
 
 
-def _add_side_streams(out: av.container.OutputContainer, source: Path, suffix: str) -> dict[int, tuple]:
+def _add_side_streams(out: av.container.OutputContainer, video: av.stream.Stream, source: Path, suffix: str,
+                      trimmed: bool) -> dict[int, tuple]:
     """Add the kept side streams to `out`; returns input index -> (output stream, mov_text?) for those whose
-    packets follow (attachments are written whole, now)."""
-    plan = {s.index: s for s in side_streams(source, suffix) if s.action != "drop"}
+    packets follow (attachments are written whole, now; a timecode becomes the output video's tag)."""
+    plan = {s.index: s for s in side_streams(source, suffix, trimmed) if s.action != "drop"}
+    for side in plan.values():
+        if side.action == "tag":
+            video.metadata["timecode"] = side.timecode
     targets: dict[int, tuple] = {}
     with av.open(str(source)) as container:
         for stream in container.streams:
             side = plan.get(stream.index)
             if side is None:
+                continue
+            if side.action == "tag":
                 continue
             if side.action == "attach":
                 data = stream.data if side.kind == "attachment" else _first_packet(container, stream)
@@ -826,7 +839,7 @@ def concat_chunks(
             if rotation:
                 video_out.set_display_rotation(rotation)
             copies, reencode = _add_audio_streams(out, audio_source, suffix) if audio_source else ({}, [])
-            sides = _add_side_streams(out, source, suffix) if source else {}
+            sides = _add_side_streams(out, video_out, source, suffix, audio_window is not None) if source else {}
             out.metadata["comment"] = synthetic_tag()
             video_packets = _restamped(
                 (p for chunk in chunks for p in _packets(chunk, "video", {video_in.index: video_out})), pts, time_base,
