@@ -28,6 +28,7 @@ from apple_video.media.video import (
     VideoWriter,
     announce_output,
     check_encoder,
+    concat_chunks,
     decode_frames,
     probe,
 )
@@ -195,6 +196,24 @@ def test_mp4_keeps_the_subtitle_and_names_what_it_drops(tmp_path: Path, source_p
     assert shown == [b"\x00\x0bHello there", b"\x00\x0bSecond line"]
     dropped = [r.getMessage() for r in caplog.records if "dropped" in r.getMessage()]
     assert len(dropped) == 1 and "font.ttf" in dropped[0]
+
+
+def _rewrap(source: Path, output: Path) -> Path:
+    """The media layer alone (no swap): one chunk re-encoded and joined with the source's other streams."""
+    info = probe(source)
+    part = output.with_name(f"part{output.suffix}")
+    with VideoWriter(part, info, EncodeSettings(), tag=False) as writer:
+        for frame in decode_frames(info, ahead=0):
+            writer.write(frame.rgb, frame.pts)
+    return concat_chunks([part], output, source if info.audio else None, info.pts, info.time_base, source=source)
+
+
+def test_mov_text_and_cover_come_back_into_matroska(tmp_path: Path, extras_clip: Path) -> None:
+    mp4 = _rewrap(extras_clip, tmp_path / "a.mp4")
+    mkv = _rewrap(mp4, tmp_path / "b.mkv")
+    streams = _streams(mkv)
+    assert streams["subtitle"] == ["srt"] and streams["cover"] == ["mjpeg"]
+    assert streams["texts"] == [b"Hello there", b"Second line"]
 
 
 # -- 3. frame timing --

@@ -663,7 +663,7 @@ class SideStream:
     kind: str  # "subtitle", "attachment", "cover", "timecode", "data"
     codec: str
     label: str  # for messages: "subtitle #2 (subrip, eng)"
-    action: str  # "copy", "mov_text" (SubRip converted), "attach" (a Matroska attachment), "tag" (timecode), "drop"
+    action: str  # "copy", "mov_text"/"subrip" (converted), "attach" (a Matroska attachment), "tag" (timecode), "drop"
     timecode: str | None = None
 
 
@@ -671,7 +671,7 @@ def _action(kind: str, codec: str, suffix: str, trimmed: bool) -> str:
     if kind == "timecode":  # the muxer writes its own timecode track (mov, mp4) or tag (mkv) from the video's tag
         return "tag" if suffix in (*_MP4_LIKE, ".mkv") and not trimmed else "drop"
     if suffix == ".mkv":
-        return {"subtitle": "copy" if codec != "mov_text" else "drop", "attachment": "attach",
+        return {"subtitle": "copy" if codec != "mov_text" else "subrip", "attachment": "attach",
                 "cover": "attach"}.get(kind, "drop")
     if suffix in _MP4_LIKE:
         if kind == "subtitle" and codec in _TEXT_SUBTITLES:
@@ -719,15 +719,18 @@ def announce_output(info: VideoInfo, settings: EncodeSettings, output: Path, tri
                        "beforehand for progressive output)", info.path.name)
 
 
-def _mov_text(packet: av.Packet) -> bytes:
-    """A SubRip packet as mov_text: the UTF-8 text after its 16-bit length."""
-    text = bytes(packet)
-    return struct.pack(">H", len(text)) + text
+def _converted(packet: av.Packet, to: str) -> bytes:
+    """A SubRip packet as mov_text (the UTF-8 text after its 16-bit length), or a mov_text one as SubRip."""
+    data = bytes(packet)
+    if to == "mov_text":
+        return struct.pack(">H", len(data)) + data
+    (length,) = struct.unpack(">H", data[:2]) if len(data) >= 2 else (0,)
+    return data[2 : 2 + length]
 
 
 def _add_side_streams(out: av.container.OutputContainer, video: av.stream.Stream, source: Path, suffix: str,
                       trimmed: bool) -> dict[int, tuple]:
-    """Add the kept side streams to `out`; returns input index -> (output stream, mov_text?) for those whose
+    """Add the kept side streams to `out`; returns input index -> (output stream, conversion) for those whose
     packets follow (attachments are written whole, now; a timecode becomes the output video's tag)."""
     plan = {s.index: s for s in side_streams(source, suffix, trimmed) if s.action != "drop"}
     for side in plan.values():
@@ -743,17 +746,19 @@ def _add_side_streams(out: av.container.OutputContainer, video: av.stream.Stream
                 continue
             if side.action == "attach":
                 data = stream.data if side.kind == "attachment" else _first_packet(container, stream)
-                out.add_attachment(stream.metadata.get("filename") or f"attachment-{stream.index}",
-                                   stream.metadata.get("mimetype") or "application/octet-stream", bytes(data or b""))
-            elif side.action == "mov_text":
-                target = out.add_mux_stream("mov_text")
+                picture = {"mjpeg": ("cover.jpg", "image/jpeg"), "png": ("cover.png", "image/png")}.get(side.codec)
+                name, mimetype = picture or (f"attachment-{stream.index}", "application/octet-stream")
+                out.add_attachment(stream.metadata.get("filename") or name, stream.metadata.get("mimetype") or mimetype,
+                                   bytes(data or b""))
+            elif side.action in ("mov_text", "subrip"):
+                target = out.add_mux_stream(side.action)
                 target.time_base = stream.time_base
-                targets[stream.index] = (target, True)
+                targets[stream.index] = (target, side.action)
             else:
                 target = out.add_stream_from_template(stream)
                 if side.kind == "cover":
                     target.disposition = av.stream.Disposition.attached_pic
-                targets[stream.index] = (target, False)
+                targets[stream.index] = (target, None)
             if side.kind == "subtitle" and stream.language and stream.index in targets:
                 targets[stream.index][0].metadata["language"] = stream.language
     return targets
@@ -782,9 +787,14 @@ def _side_packets(source: Path, targets: dict[int, tuple], window: tuple[float, 
             if stamp is None and not cover:
                 continue
             seconds = float((stamp or 0) * packet.time_base)
-            out = av.Packet(_mov_text(packet)) if convert else packet
             if convert:
+                data = _converted(packet, convert)
+                if convert == "subrip" and not data:
+                    continue  # mp4's empty samples between two lines: no event in Matroska
+                out = av.Packet(data)
                 out.pts, out.dts, out.duration = packet.pts, packet.dts, packet.duration
+            else:
+                out = packet
             out.time_base = packet.time_base
             if cover:
                 out.pts = out.dts = 0
