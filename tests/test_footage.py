@@ -398,3 +398,20 @@ def test_a_timecode_track_is_kept_and_a_trim_says_it_drops_it(tmp_path: Path, so
         _run_timing(source, trimmed, source_photo, trim_start=2)
     assert timecodes(trimmed) == []
     assert len([r for r in caplog.records if "timecode" in r.getMessage() and "dropped" in r.getMessage()]) == 1
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_sigterm_and_sighup_exit_like_ctrl_c_with_their_own_code(signum: int, code: int,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    import cli
+
+    with pytest.raises(SystemExit) as done:
+        with cli._signals_stop_like_ctrl_c():
+            try:
+                os.kill(os.getpid(), signum)
+                time.sleep(5)  # the handler raises in this thread before the sleep ends
+            except KeyboardInterrupt as error:
+                cli._interrupted(error)
+    assert done.value.code == code
+    assert capsys.readouterr().err.strip() == "interrupted: run the same command again to resume"
+    assert signal.getsignal(signum) is signal.SIG_DFL  # restored after the command
