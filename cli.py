@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -511,17 +514,54 @@ def _globals_first(argv: list[str]) -> list[str]:
     return flags + [a for a in head if a not in GLOBAL_FLAGS] + tail
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (schedulers, `docker stop`) or SIGHUP (a closed terminal): stopped like Ctrl-C, exit 128 + signal."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.exit_code = 128 + signum
+
+
+def _stop_like_ctrl_c(signum: int, _frame: object) -> None:
+    raise Terminated(signum)
+
+
+def _interrupted(error: BaseException | None) -> None:
+    """One line, the finished chunks kept: 130 for Ctrl-C, 143 for SIGTERM, 129 for SIGHUP."""
+    click.echo("interrupted: run the same command again to resume", err=True)
+    sys.exit(error.exit_code if isinstance(error, Terminated) else 130)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = _expand_nargs(_globals_first(list(sys.argv[1:] if argv is None else argv)))
     debug = "--debug" in argv
+    with _signals_stop_like_ctrl_c():
+        _main(argv, debug)
+
+
+@contextlib.contextmanager
+def _signals_stop_like_ctrl_c():
+    """SIGTERM and SIGHUP raise like Ctrl-C for the length of the command (handlers restored after: tests call
+    `main` in-process; only the main thread may set them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, _stop_like_ctrl_c) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _main(argv: list[str], debug: bool) -> None:
     try:
         cli.main(args=argv, standalone_mode=False)
     except click.exceptions.Exit as done:
         sys.exit(done.exit_code)
     except click.exceptions.Abort as error:  # click turns KeyboardInterrupt and EOFError into Abort
         if isinstance(error.__cause__, KeyboardInterrupt) or error.__cause__ is None:
-            click.echo("interrupted: run the same command again to resume", err=True)
-            sys.exit(130)
+            _interrupted(error.__cause__)
         if debug:
             traceback.print_exception(error.__cause__)
         cause = error.__cause__
@@ -540,9 +580,8 @@ def main(argv: list[str] | None = None) -> None:
             traceback.print_exc()
         click.echo(f"error: {error}", err=True)
         sys.exit(error.exit_code)
-    except KeyboardInterrupt:
-        click.echo("interrupted: run the same command again to resume", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as error:
+        _interrupted(error)
     except Exception as error:  # noqa: BLE001 - the last line of defence: one line, exit 1
         if debug:
             traceback.print_exc()

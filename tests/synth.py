@@ -168,3 +168,82 @@ def changed_within_face(before: np.ndarray, after: np.ndarray, margin: float = 0
     ys, xs = np.nonzero(changed)
     inside = (xs >= x0 - grow) & (xs <= x1 + grow) & (ys >= y0 - grow) & (ys <= y1 + grow)
     return int(changed.sum()), float(inside.mean()) if len(xs) else 0.0
+
+
+# --- footage as cameras, phones and editors make it: deep pixels, HDR metadata, side streams, GIFs ---
+
+HDR_MASTERING = "G(13250,34500)B(7500,3000)R(34000,16000)WP(15635,16450)L(10000000,50)"  # P3 D65, 1000 nits
+HDR_LIGHT = (1000, 400)  # MaxCLL, MaxFALL
+TRANSFER = {"pq": 16, "hlg": 18}  # FFmpeg's AVColorTransferCharacteristic
+
+
+def deepen(frame: np.ndarray, seed: int = 0) -> np.ndarray:
+    """A 16-bit frame with detail below the 8-bit step: the frame's levels plus a fine diagonal ramp."""
+    height, width = frame.shape[:2]
+    yy, xx = np.mgrid[0:height, 0:width]
+    ramp = ((xx * 7 + yy * 3 + seed * 11) % 256).astype(np.int32)[..., None]  # 0..255 of a 65535 scale: sub-8-bit
+    return np.clip(frame.astype(np.int32) * 257 - 128 + ramp, 0, 65535).astype(np.uint16)
+
+
+def write_deep_clip(path: Path, frames: list[np.ndarray], fps: int = 10, codec: str = "libx265",
+                    pix_fmt: str = "yuv420p10le", transfer: str | None = "hlg", hdr: bool = True) -> Path:
+    """10-bit frames (uint16 RGB) as a phone or an editor writes them: BT.2020 tags with an HLG or PQ transfer and
+    (hdr) mastering-display and light-level metadata (libx265), or ProRes 4:2:2 (prores_ks, pix_fmt yuv422p10le)."""
+    height, width = frames[0].shape[:2]
+    with av.open(str(path), "w") as out:
+        stream = out.add_stream(codec, rate=fps)
+        stream.width, stream.height, stream.pix_fmt = width, height, pix_fmt
+        if codec == "libx265":
+            params = ["log-level=error", "keyint=5"]
+            if hdr:
+                params += [f"master-display={HDR_MASTERING}", f"max-cll={HDR_LIGHT[0]},{HDR_LIGHT[1]}"]
+            stream.options = {"crf": "8", "preset": "ultrafast", "x265-params": ":".join(params)}
+        elif codec == "prores_ks":
+            stream.options = {"profile": "3"}
+        ctx = stream.codec_context
+        if transfer:
+            ctx.color_primaries, ctx.colorspace, ctx.color_trc = 9, 9, TRANSFER[transfer]
+        ctx.color_range = 1
+        for i, rgb in enumerate(frames):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb48le")
+            frame.pts = i
+            out.mux(stream.encode(frame))
+        out.mux(stream.encode(None))
+    return path
+
+
+def write_gif(path: Path, frames: list[np.ndarray], delay_ms: int = 80) -> Path:
+    """An animated GIF (what the web hands out): `delay_ms` per frame, looping."""
+    from PIL import Image
+
+    pictures = [Image.fromarray(f).convert("P", palette=Image.ADAPTIVE) for f in frames]
+    pictures[0].save(path, save_all=True, append_images=pictures[1:], duration=delay_ms, loop=0)
+    return path
+
+
+SUBTITLES = "1\n00:00:00,000 --> 00:00:00,500\nHello there\n\n2\n00:00:00,600 --> 00:00:00,900\nSecond line\n"
+FONT = b"\x00\x01\x00\x00" + bytes(range(256))  # an attachment's bytes: carried, never parsed
+
+
+def with_side_streams(clip: Path, path: Path, folder: Path) -> Path:
+    """`clip` remuxed into a Matroska file with a SubRip subtitle, an attached font and a cover picture."""
+    from PIL import Image
+
+    srt, cover = folder / "subtitles.srt", folder / "cover.jpg"
+    srt.write_text(SUBTITLES)
+    Image.new("RGB", (64, 64), (200, 40, 40)).save(cover, "JPEG")
+    with av.open(str(clip)) as source, av.open(str(srt)) as text, av.open(str(path), "w") as out:
+        copies = {s.index: out.add_stream_from_template(s) for s in (*source.streams.video, *source.streams.audio)}
+        subtitle = out.add_stream_from_template(text.streams.subtitles[0])
+        subtitle.metadata["language"] = "eng"
+        out.add_attachment("font.ttf", "application/x-truetype-font", FONT)
+        out.add_attachment("cover.jpg", "image/jpeg", cover.read_bytes())
+        for packet in source.demux():
+            if packet.size and packet.stream.index in copies:
+                packet.stream = copies[packet.stream.index]
+                out.mux(packet)
+        for packet in text.demux(text.streams.subtitles[0]):
+            if packet.size:
+                packet.stream = subtitle
+                out.mux(packet)
+    return path

@@ -226,3 +226,24 @@ def test_sixteen_bit_png_keeps_its_depth(tmp_path: Path, astronaut: np.ndarray) 
     assert np.array_equal(back[untouched], deep[untouched])
     assert (back[10:20, 10:20] == 0).all()
     assert is_synthetic_tag(Image.open(tmp_path / "out.png").text.get("Comment"))
+
+
+def test_a_clip_cut_short_fails_with_the_same_words_from_a_file_and_from_packets(face_clip: Path) -> None:
+    """The decode window is one generator: a clip that ends before its listed frames names the frame it stopped at,
+    in the same sentence whether the frames come from the file or from a worker's packets (not a tuple)."""
+    from dataclasses import replace
+
+    from apple_video.errors import DecodeError
+    from apple_video.media.video import decode_packets, read_packets
+
+    info = probe(face_clip)
+    step = info.pts[1] - info.pts[0]
+    longer = replace(info, pts=info.pts + tuple(info.pts[-1] + step * k for k in (1, 2, 3)))
+    with pytest.raises(DecodeError) as from_file:
+        list(decode_frames(longer, 40, ahead=0))
+    packets = read_packets(info, 40, info.frame_count)
+    packets = replace(packets, pts=longer.pts[40:], stop_pts=None)
+    with pytest.raises(DecodeError) as from_packets:
+        list(decode_packets(packets))
+    expected = f"face.mp4: video is truncated or corrupt: decoding stopped at frame {info.frame_count} of {longer.frame_count}"
+    assert str(from_file.value) == str(from_packets.value) == expected

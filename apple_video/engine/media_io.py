@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from apple_video.media.images import ImageData, list_frames, read_image, write_image
+from apple_video.media.images import ImageData, frame_size, list_frames, read_image, write_image
 from apple_video.media.paths import temp_path_for
-from apple_video.media.video import VideoInfo, decode_frames, probe, to_display
+from apple_video.media.video import VideoInfo, probe
 
 
 @dataclass(frozen=True)
@@ -23,27 +22,20 @@ class VideoMedia:
     def frame_count(self) -> int:
         return self.info.frame_count
 
-    @property
-    def fps(self) -> float:
-        return float(self.info.fps)
-
-    def frames(self, start: int, stop: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        for frame in decode_frames(self.info, start, stop):
-            yield frame.index, frame.pts, to_display(frame.rgb, self.info.rotation)
-
 
 @dataclass(frozen=True)
 class FolderMedia:
     paths: tuple[Path, ...]
-    fps: float = 25.0
+    sizes: tuple[tuple[int, int], ...] = ()  # (width, height) of each frame as shown
 
     @property
     def frame_count(self) -> int:
         return len(self.paths)
 
-    def frames(self, start: int, stop: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        for index in range(start, min(stop, len(self.paths))):
-            yield index, index, read_image(self.paths[index]).rgb
+    @property
+    def size_changes(self) -> frozenset[int]:
+        """Frames whose size differs from the one before: no face track may cross them (another geometry)."""
+        return frozenset(i for i in range(1, len(self.sizes)) if self.sizes[i] != self.sizes[i - 1])
 
 
 def open_video(path: Path) -> VideoMedia:
@@ -51,7 +43,9 @@ def open_video(path: Path) -> VideoMedia:
 
 
 def open_folder(path: Path) -> FolderMedia:
-    return FolderMedia(tuple(list_frames(path)))
+    """The folder's frames, each one's header read (a broken frame is refused now, before any work)."""
+    paths = tuple(list_frames(path))
+    return FolderMedia(paths, tuple(frame_size(p) for p in paths))
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -78,6 +72,3 @@ class FolderSink:
             return
         data: ImageData = read_image(source)
         write_image(target, data, rgb)
-
-    def close(self) -> None:
-        pass

@@ -51,7 +51,7 @@ from apple_video.faces.track import find_cuts
 from apple_video.faces.types import FaceTarget
 from apple_video.media.images import list_frames, read_image, write_image
 from apple_video.media.kinds import InputKind, input_kind
-from apple_video.media.video import VideoInfo, concat_chunks, read_packets, trim
+from apple_video.media.video import VideoInfo, announce_output, concat_chunks, read_packets, trim
 from apple_video.progress import progress
 from apple_video.settings import SwapSettings, output_record
 from apple_video.swappers.factory import announce_swapper, crop_size_for, tracking_for
@@ -145,6 +145,7 @@ def lock_path_for(output: Path) -> Path:
 def job_lock(output: Path):
     """One job per output: a second run on the same output refuses at once instead of redoing the work."""
     path = lock_path_for(output)
+    made = not path.parent.exists()  # a frame folder's output: removed again if the job leaves it empty
     path.parent.mkdir(parents=True, exist_ok=True)
     handle = open(path, "a+")  # noqa: SIM115 - held for the whole job
     try:
@@ -163,6 +164,9 @@ def job_lock(output: Path):
     finally:
         handle.close()
         path.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()
 
 
 _DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
@@ -225,6 +229,7 @@ class ClipPlan:
     frame_count: int
     fps: float
     keyframes: tuple[int, ...]
+    cuts: frozenset[int] = frozenset()  # frames no face track crosses (a frame folder's size changes)
 
 
 @dataclass(frozen=True)
@@ -297,7 +302,7 @@ class ClipJob:
                 detections[int(index)] = [face_from_dict(f) for f in faces]
             for index, signature in analysis["signatures"].items():
                 signatures[int(index)] = np.asarray(signature, np.float32)
-        cuts = find_cuts(signatures, settings.tracking.cut_threshold)
+        cuts = find_cuts(signatures, settings.tracking.cut_threshold) | self.plan.cuts
         selection = select_targets(detections, self.plan.fps, settings.selector, tracking_for(settings), cuts)
         self.summary.small_faces_skipped = selection.skipped_small
         if not any(selection.targets.values()) and not settings.allow_no_faces:
@@ -348,7 +353,8 @@ class ClipJob:
                 start_s = float(info.pts[0] * info.time_base)
                 window = (start_s, start_s + info.duration)
             concat_chunks([spec.chunk_file(c) for c in range(len(self.chunks))], spec.output,
-                          info.path if info.audio else None, pts, info.time_base, info.rotation, window, rate=info.fps)
+                          info.path if info.audio else None, pts, info.time_base, info.rotation, window, rate=info.fps,
+                          last_duration=info.frame_duration, source=info.path)
         stats = self.manifest["stats"].values()
         summary.frames_swapped = sum(s["swapped_frames"] for s in stats)
         summary.faces_swapped = sum(s["faces_swapped"] for s in stats)
@@ -488,6 +494,7 @@ def video_plan(source_paths: list[Path], input_path: Path, output: Path, setting
     if settings.trimmed:
         info = trim(info, settings.trim_start, settings.trim_end)
     settings = for_rotation(settings, info.rotation)
+    announce_output(info, settings.encode, output, settings.trimmed)
     spec = JobSpec("video", input_path, output, job_dir_for(output), settings, info=info)
     return ClipPlan(spec, source_paths, info.frame_count, float(info.fps), info.keyframes)
 
@@ -497,7 +504,7 @@ def folder_plan(source_paths: list[Path], input_path: Path, output: Path, settin
     media = open_folder(input_path)
     output.mkdir(parents=True, exist_ok=True)
     spec = JobSpec("folder", input_path, output, job_dir_for(output), settings, frame_paths=media.paths)
-    return ClipPlan(spec, source_paths, media.frame_count, fps, (0,))
+    return ClipPlan(spec, source_paths, media.frame_count, fps, (0,), media.size_changes)
 
 
 def for_rotation(settings: SwapSettings, rotation: int) -> SwapSettings:

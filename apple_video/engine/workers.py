@@ -21,6 +21,7 @@ from apple_video.media.video import (
     ChunkPackets,
     VideoInfo,
     decode_packets,
+    deepen,
     encode_chunk,
     from_display,
     to_display,
@@ -46,12 +47,15 @@ class ChunkInput:
     rotation: int = 0
     images: tuple[tuple[int, np.ndarray], ...] = ()  # (frame index, rgb) of a frame folder
 
-    def frames(self) -> Frames:
+    def frames(self, deep: dict[int, np.ndarray] | None = None) -> Frames:
+        """8-bit frames; a clip's 16-bit pixels (deeper than 8 bits), display-oriented, go into `deep` by index."""
         if self.packets is None:
             for index, rgb in self.images:
                 yield index, index, rgb
             return
         for frame in decode_packets(self.packets):
+            if deep is not None and frame.deep is not None:
+                deep[frame.index] = to_display(frame.deep, self.rotation)
             yield frame.index, frame.pts, to_display(frame.rgb, self.rotation)
 
 
@@ -152,16 +156,17 @@ class RenderWorker:
     def render(self, task: RenderTask, sources: list[SourceFace]) -> RenderResult:
         started = time.perf_counter()
         renderer = self._renderer(task, sources)
-        rendered = self._render_chunk(renderer, task.media.frames(), task.targets)
+        deep: dict[int, np.ndarray] = {}
+        rendered = self._render_chunk(renderer, task.media.frames(deep), task.targets)
         stats = RenderStats()
         encoded, swapped = None, []
         if task.info is not None:
             rotation = task.media.rotation
 
             def stored() -> Iterator[tuple[np.ndarray, int]]:
-                for _, pts, rgb, _, part in rendered:
+                for index, pts, rgb, _, part in rendered:
                     stats.add(part)
-                    yield from_display(rgb, rotation), pts
+                    yield from_display(deepen(deep.pop(index, None), rgb), rotation), pts
 
             encoded = encode_chunk(stored(), task.info, task.settings.encode, task.suffix)
         else:

@@ -39,6 +39,11 @@ def is_image_path(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
+def is_frame_file(path: Path) -> bool:
+    """An image file of a frame folder; hidden files (macOS `._name` AppleDouble, `.DS_Store`...) are not frames."""
+    return not path.name.startswith(".") and is_image_path(path) and path.is_file()
+
+
 def _to_uint8(array: np.ndarray) -> np.ndarray:
     if array.dtype == np.uint8:
         return array
@@ -214,12 +219,27 @@ def _natural_key(name: str) -> list:
     return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", name)]
 
 
+def frame_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a frame as it is shown (EXIF rotation applied), from its header; an unreadable frame is
+    refused here, before any work."""
+    if path.stat().st_size == 0:
+        raise InputError(f"frame {path} is empty (0 bytes)")
+    check_pixels(path)
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+        raise InputError(f"cannot read frame {path}: {error.__class__.__name__}: not a supported or intact image") from None
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
 def list_frames(folder: str | Path) -> list[Path]:
-    """Image files of a frame folder in natural sort order (frame2 before frame10)."""
+    """Image files of a frame folder in natural sort order (frame2 before frame10), hidden files left out."""
     folder = Path(folder)
     if not folder.is_dir():
         raise InputError(f"not a folder: {folder}")
-    frames = [p for p in folder.iterdir() if p.is_file() and is_image_path(p)]
+    frames = [p for p in folder.iterdir() if is_frame_file(p)]
     if not frames:
         raise InputError(f"no image frames (png/jpg/webp/tiff) in folder: {folder}")
     return sorted(frames, key=lambda p: _natural_key(p.name))

@@ -15,7 +15,7 @@ InputKind = Literal["video", "folder", "image", "batch"]
 def input_kind(path: Path) -> InputKind:
     """A folder of videos (and no images) or a .txt list is a batch; any other folder is a folder of frames."""
     if path.is_dir():
-        entries = [p for p in path.iterdir() if p.is_file()]
+        entries = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
         if any(is_video_path(p) for p in entries) and not any(is_image_path(p) for p in entries):
             return "batch"
         return "folder"

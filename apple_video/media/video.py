@@ -8,6 +8,7 @@ import io
 import logging
 import os
 import queue
+import struct
 import tempfile
 import threading
 from collections.abc import Iterator, Sequence
@@ -26,7 +27,7 @@ from apple_video.settings import EncodeSettings
 logger = logging.getLogger(__name__)
 
 VIDEO_EXTENSIONS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".mpg", ".mpeg", ".ts", ".mxf", ".wmv", ".gif")
-VIDEO_CODECS = ("libx264", "libx264rgb", "libx265", "libvpx-vp9", "h264_nvenc", "hevc_nvenc", "ffv1")
+VIDEO_CODECS = ("libx264", "libx264rgb", "libx265", "libvpx-vp9", "h264_nvenc", "hevc_nvenc", "ffv1", "prores_ks")
 _AUDIO_OK = {
     ".mp4": {"aac", "mp3", "ac3", "eac3", "alac", "flac", "opus"},
     ".m4v": {"aac", "mp3", "ac3", "eac3", "alac"},
@@ -41,6 +42,64 @@ class AudioInfo:
     codec: str
     sample_rate: int
     channels: int
+
+
+@dataclass(frozen=True)
+class HdrInfo:
+    """HDR static metadata of a clip, in the units x264/x265 take: chromaticities in 0.00002, luminance in 0.0001
+    cd/m2 (mastering display: G, B, R, white point, max and min luminance), light level in cd/m2 (MaxCLL, MaxFALL)."""
+
+    mastering: tuple[int, ...] | None = None  # gx, gy, bx, by, rx, ry, wx, wy, max_l, min_l
+    light: tuple[int, int] | None = None
+
+    def encoder_params(self, codec: str) -> str:
+        """The metadata as x264-params / x265-params (the two name the same things differently)."""
+        x265 = codec == "libx265"
+        parts = []
+        if self.mastering:
+            gx, gy, bx, by, rx, ry, wx, wy, high, low = self.mastering
+            name = "master-display" if x265 else "mastering-display"
+            parts.append(f"{name}=G({gx},{gy})B({bx},{by})R({rx},{ry})WP({wx},{wy})L({high},{low})")
+        if self.light:
+            parts.append(f"{'max-cll' if x265 else 'cll'}={self.light[0]},{self.light[1]}")
+        if x265:
+            parts.append("hdr10-opt=0:repeat-headers=1")
+        return ":".join(parts)
+
+
+def _rational(num: int, den: int, unit: float) -> int:
+    return round(num / den / unit) if den else 0
+
+
+def hdr_of(frame: av.VideoFrame) -> HdrInfo | None:
+    """Mastering display and content light level side data of a decoded frame (FFmpeg's structs, read raw)."""
+    mastering = light = None
+    for item in frame.side_data:
+        raw = bytes(item)
+        if item.type == av.sidedata.sidedata.Type.MASTERING_DISPLAY_METADATA and len(raw) >= 88:
+            values = struct.unpack("<20i2i", raw[:88])
+            rationals = list(zip(values[0:20:2], values[1:20:2], strict=True))
+            (rx, ry), (gx, gy), (bx, by), (wx, wy) = [rationals[i:i + 2] for i in (0, 2, 4, 6)]
+            if values[20]:  # has_primaries
+                chroma = [_rational(*r, 0.00002) for r in (gx, gy, bx, by, rx, ry, wx, wy)]
+                luminance = [_rational(*rationals[9], 0.0001), _rational(*rationals[8], 0.0001)]
+                mastering = (*chroma, *luminance)
+        elif item.type == av.sidedata.sidedata.Type.CONTENT_LIGHT_LEVEL and len(raw) >= 8:
+            light = struct.unpack("<2I", raw[:8])
+    return HdrInfo(mastering, light) if mastering or light else None
+
+
+def pixel_depth(pix_fmt: str) -> int:
+    try:
+        return max(c.bits for c in av.VideoFormat(pix_fmt).components)
+    except (ValueError, TypeError):
+        return 8
+
+
+def chroma_of(pix_fmt: str) -> str:
+    if pix_fmt.startswith(("rgb", "bgr", "gbr", "argb", "abgr", "rgba", "bgra", "yuv444", "yuva444", "yuvj444")):
+        return "444"
+    return "422" if "422" in pix_fmt else "420"
 
 
 @dataclass(frozen=True)
@@ -59,17 +118,34 @@ class VideoInfo:
     rotation: int
     audio: tuple[AudioInfo, ...]
     color: dict = field(default_factory=dict)
+    depth: int = 8  # bits per component of the stored pixels
+    chroma: str = "420"  # "420", "422" or "444" (RGB formats count as 444)
+    hdr: HdrInfo | None = None
+    field_order: int = 0  # FFmpeg's AVFieldOrder of an interlaced clip (2 top first, 3 bottom first...), else 0
+    last_duration: int = 0  # the last frame's duration in time_base units (0: unknown, one frame at fps)
 
     @property
     def frame_count(self) -> int:
         return len(self.pts)
 
     @property
+    def interlaced(self) -> bool:
+        return self.field_order > 1
+
+    @property
+    def frame_duration(self) -> int:
+        """The last frame's duration in time_base units: the container's own, else one frame at the clip's rate."""
+        if self.last_duration > 0:
+            return self.last_duration
+        if len(self.pts) > 1 and not self.fps:
+            return self.pts[-1] - self.pts[-2]
+        return max(1, round(1 / (self.fps * self.time_base))) if self.fps else 1
+
+    @property
     def duration(self) -> float:
         if not self.pts:
             return 0.0
-        step = 1 / float(self.fps) if self.fps else 0.0
-        return float((self.pts[-1] - self.pts[0]) * self.time_base) + step
+        return float((self.pts[-1] - self.pts[0] + self.frame_duration) * self.time_base)
 
     @property
     def vfr(self) -> bool:
@@ -101,22 +177,35 @@ def _color_of(stream: av.video.stream.VideoStream) -> dict:
     return color
 
 
+def is_cover(stream: av.stream.Stream) -> bool:
+    """A still picture stored as a video stream (cover art, a Matroska image attachment)."""
+    return bool(int(stream.disposition) & int(av.stream.Disposition.attached_pic))
+
+
+def main_video(container: av.container.InputContainer) -> av.video.stream.VideoStream:
+    """The clip's moving picture: the first video stream that is not cover art."""
+    for stream in container.streams.video:
+        if not is_cover(stream):
+            return stream
+    raise InputError(f"no video stream in {container.name}")
+
+
 def probe(path: str | Path) -> VideoInfo:
     """Demux every video packet (no decoding) for an exact frame count, timestamps and keyframes."""
     path = Path(path)
     with _open(path) as container:
         if not container.streams.video:
             raise InputError(f"no video stream in {path}")
-        stream = container.streams.video[0]
+        stream = main_video(container)
         ctx = stream.codec_context
         time_base = stream.time_base or Fraction(1, 90000)
-        entries: list[tuple[int, bool]] = []
+        entries: list[tuple[int, bool, int]] = []
         try:
             for packet in container.demux(stream):
                 ts = packet.pts if packet.pts is not None else packet.dts
                 if ts is None or packet.size == 0:
                     continue
-                entries.append((ts, packet.is_keyframe))
+                entries.append((ts, packet.is_keyframe, packet.duration or 0))
         except av.FFmpegError as error:
             logger.warning("demuxing %s stopped early: %s", path, error)
         if not entries:
@@ -126,46 +215,61 @@ def probe(path: str | Path) -> VideoInfo:
         if declared > len(entries):
             logger.warning("%s is truncated: its header lists %d frames but only %d are there; the output will end "
                            "at frame %d", path, declared, len(entries), len(entries))
-        pts = tuple(ts for ts, _ in entries)
-        keyframes = tuple(i for i, (_, key) in enumerate(entries) if key) or (0,)
+        pts = tuple(ts for ts, _, _ in entries)
+        keyframes = tuple(i for i, (_, key, _) in enumerate(entries) if key) or (0,)
         rate = stream.average_rate or stream.guessed_rate or Fraction(25)
-        rotation = _first_frame_rotation(container)
+        first = _first_frame(container, stream)
         audio = tuple(
             AudioInfo(a.index, a.codec_context.name, a.codec_context.sample_rate or 0, a.codec_context.channels or 0)
             for a in container.streams.audio
         )
+        pix_fmt = ctx.pix_fmt or "yuv420p"
+        field_order = int(getattr(ctx, "field_order", 0) or 0)  # FFmpeg's AVFieldOrder: 0 unknown, 1 progressive
         return VideoInfo(
             path=path,
             width=ctx.width,
             height=ctx.height,
             codec=ctx.name,
-            pix_fmt=ctx.pix_fmt or "yuv420p",
+            pix_fmt=pix_fmt,
             time_base=Fraction(time_base),
             fps=Fraction(rate),
             pts=pts,
             keyframes=keyframes,
-            rotation=rotation,
+            rotation=first.rotation,
             audio=audio,
             color=_color_of(stream),
+            depth=pixel_depth(pix_fmt),
+            chroma=chroma_of(pix_fmt),
+            hdr=first.hdr,
+            field_order=field_order if field_order > 1 else (2 if first.interlaced else 0),
+            last_duration=entries[-1][2],
         )
 
 
-def _first_frame_rotation(container: av.container.InputContainer) -> int:
-    """Display rotation in degrees (counter-clockwise), read off the first decoded frame."""
+@dataclass(frozen=True)
+class _FirstFrame:
+    rotation: int = 0  # display rotation in degrees (counter-clockwise)
+    hdr: HdrInfo | None = None
+    interlaced: bool = False
+
+
+def _first_frame(container: av.container.InputContainer, stream: av.video.stream.VideoStream) -> _FirstFrame:
+    """What only a decoded frame tells: display rotation, HDR side data, interlacing."""
     try:
         container.seek(0)
-        for frame in container.decode(video=0):
-            return int(round(frame.rotation or 0)) % 360
+        for frame in container.decode(stream):
+            return _FirstFrame(int(round(frame.rotation or 0)) % 360, hdr_of(frame), bool(frame.interlaced_frame))
     except av.FFmpegError:
-        return 0
-    return 0
+        return _FirstFrame()
+    return _FirstFrame()
 
 
 @dataclass
 class DecodedFrame:
     index: int
     pts: int
-    rgb: np.ndarray  # stored orientation; see `to_display`
+    rgb: np.ndarray  # uint8, stored orientation; see `to_display`
+    deep: np.ndarray | None = None  # uint16 RGB of a clip deeper than 8 bits (rgb is its rounded 8-bit view)
 
 
 def trim(info: VideoInfo, start: int | None, end: int | None) -> VideoInfo:
@@ -175,7 +279,8 @@ def trim(info: VideoInfo, start: int | None, end: int | None) -> VideoInfo:
     if first >= last:
         raise InputError(f"trim range [{first}, {last}) holds no frames (the clip has {info.frame_count})")
     keys = tuple(k - first for k in info.keyframes if first <= k < last)
-    return replace(info, pts=info.pts[first:last], keyframes=keys or (0,))
+    duration = info.pts[last] - info.pts[last - 1] if last < info.frame_count else info.last_duration
+    return replace(info, pts=info.pts[first:last], keyframes=keys or (0,), last_duration=duration)
 
 
 def to_display(rgb: np.ndarray, rotation: int) -> np.ndarray:
@@ -236,31 +341,67 @@ def _decode_frames(info: VideoInfo, start: int, stop: int | None) -> Iterator[De
     stop = info.frame_count if stop is None else min(stop, info.frame_count)
     if start >= stop:
         return
-    start_pts = info.pts[start]
     stop_pts = info.pts[stop] if stop < info.frame_count else None
-    index = start
     with _open(info.path) as container:
-        stream = container.streams.video[0]
+        stream = main_video(container)
         stream.thread_type = "AUTO"
-        try:
+
+        def frames() -> Iterator[av.VideoFrame]:
             if start > 0:
-                container.seek(start_pts, stream=stream, backward=True, any_frame=False)
+                container.seek(info.pts[start], stream=stream, backward=True, any_frame=False)
             for packet in container.demux(stream):
-                for frame in packet.decode():
-                    pts = frame.pts if frame.pts is not None else info.pts[min(index, stop - 1)]
-                    if pts < start_pts:
-                        continue
-                    if stop_pts is not None and pts >= stop_pts:
-                        return
-                    # rows of widths like 854 are padded by FFmpeg: hand out contiguous arrays (dlib, OpenCV need them)
-                    yield DecodedFrame(index, pts, np.ascontiguousarray(frame.to_ndarray(format="rgb24")))
-                    index += 1
-                    if index >= stop:
-                        return
-        except av.FFmpegError as error:
-            raise DecodeError(f"{info.path}: decoding failed at frame {index}: {error}") from None
+                yield from packet.decode()
+
+        yield from _window(frames(), info.path.name, start, info.pts[start:stop], stop_pts, info.depth)
+
+
+def _window(frames: Iterator[av.VideoFrame], name: str, start: int, pts: Sequence[int], stop_pts: int | None,
+            depth: int) -> Iterator[DecodedFrame]:
+    """The frames numbered [start, start + len(pts)) out of a decoder that began at the keyframe before them: the
+    one place where decoding is windowed, so a file and a chunk's packets fail with the same words."""
+    stop = start + len(pts)
+    index = start
+    try:
+        for frame in frames:
+            stamp = frame.pts if frame.pts is not None else pts[min(index - start, len(pts) - 1)]
+            if stamp < pts[0]:
+                continue
+            if stop_pts is not None and stamp >= stop_pts:
+                return
+            yield _decoded(frame, index, stamp, depth)
+            index += 1
+            if index >= stop:
+                return
+    except av.FFmpegError as error:
+        raise DecodeError(f"{name}: decoding failed at frame {index}: {error}") from None
     if index < stop:
-        raise DecodeError(f"{info.path}: video is truncated or corrupt: decoding stopped at frame {index} of {stop}")
+        raise DecodeError(f"{name}: video is truncated or corrupt: decoding stopped at frame {index} of {stop}")
+
+
+def _decoded(frame: av.VideoFrame, index: int, stamp: int, depth: int) -> DecodedFrame:
+    """8-bit RGB for face work; past 8 bits also the 16-bit RGB the output is composited and encoded from."""
+    if depth <= 8:
+        # rows of widths like 854 are padded by FFmpeg: hand out contiguous arrays (dlib, OpenCV need them)
+        return DecodedFrame(index, stamp, np.ascontiguousarray(frame.to_ndarray(format="rgb24")))
+    deep = np.ascontiguousarray(frame.to_ndarray(format="rgb48le"))
+    return DecodedFrame(index, stamp, narrow(deep), deep)
+
+
+def narrow(deep: np.ndarray) -> np.ndarray:
+    """16-bit RGB to 8-bit, rounded (65535 -> 255)."""
+    return ((deep.astype(np.uint32) + 128) // 257).astype(np.uint8)
+
+
+def deepen(deep: np.ndarray | None, rgb: np.ndarray) -> np.ndarray:
+    """The rendered 8-bit frame `rgb` back at the decoded frame's 16 bits: each pixel is the decoded one plus what
+    the render changed of its 8-bit view, so pixels outside the face mask come back exactly as decoded and the
+    mask's feathered edge keeps the background's fine levels. None (an 8-bit clip): `rgb` as it is."""
+    if deep is None:
+        return rgb
+    change = rgb.astype(np.int32) - narrow(deep)
+    if not change.any():
+        return deep
+    return np.clip(deep.astype(np.int32) + change * 257, 0, 65535).astype(np.uint16)
 
 
 X264_PRESETS = ("ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow", "placebo")
@@ -269,12 +410,16 @@ CONTAINER_CODECS = {
     ".webm": ("libvpx-vp9",),
     ".mp4": ("libx264", "libx265", "libvpx-vp9", "h264_nvenc", "hevc_nvenc"),
     ".m4v": ("libx264", "libx265", "h264_nvenc", "hevc_nvenc"),
-    ".mov": ("libx264", "libx264rgb", "libx265", "h264_nvenc", "hevc_nvenc", "ffv1"),
+    ".mov": ("libx264", "libx264rgb", "libx265", "h264_nvenc", "hevc_nvenc", "ffv1", "prores_ks"),
 }
+GIF_REFUSAL = ("GIF output is not supported: a GIF holds 256 colours per frame, which bands every swapped face; "
+               "write .mp4 or .webm (and make the GIF from it if you need one)")
 
 
 def check_encoder(settings: EncodeSettings, suffix: str) -> None:
     """Refuse an encoder, preset or container pairing that cannot work, by encoding a tiny clip with it."""
+    if suffix == ".gif":
+        raise OutputError(GIF_REFUSAL)
     allowed = CONTAINER_CODECS.get(suffix)
     if allowed is not None and settings.codec not in allowed:
         raise OutputError(f"{suffix} files cannot hold {settings.codec} video: use --output-video-encoder "
@@ -311,31 +456,82 @@ def default_codec_for(path: Path) -> str:
     return "libvpx-vp9" if path.suffix.lower() == ".webm" else "libx264"
 
 
-def _pix_fmt(settings: EncodeSettings, width: int, height: int) -> str:
+_LOSSLESS_RGB = {8: "bgr0", 10: "gbrp10le", 12: "gbrp12le"}
+
+
+def _supports(codec: str, pix_fmt: str) -> bool:
+    try:
+        formats = av.codec.Codec(codec, "w").video_formats or ()
+    except (ValueError, av.FFmpegError):
+        return False
+    return pix_fmt in {f.name for f in formats}
+
+
+def _pix_fmt(settings: EncodeSettings, width: int, height: int, depth: int = 8, chroma: str = "420") -> str:
+    """The encoder's pixel format: the input's depth and chroma layout where the encoder (in this build) holds
+    them, else the nearest it does (4:4:4 for odd sizes, which 4:2:x cannot hold)."""
     if settings.pix_fmt:
         return settings.pix_fmt
-    if settings.codec == "libx264rgb":
+    codec = settings.codec
+    if codec == "libx264rgb":
         return "rgb24"
-    if settings.codec == "ffv1":
-        return "bgr0"
-    odd = width % 2 or height % 2
-    if settings.codec in ("h264_nvenc", "hevc_nvenc", "libsvtav1"):
+    if codec == "ffv1":
+        return _LOSSLESS_RGB.get(depth, "gbrp16le") if depth > 8 else "bgr0"
+    if codec in ("h264_nvenc", "hevc_nvenc"):
         return "yuv420p"
-    return "yuv444p" if odd else "yuv420p"
+    layout = "444" if width % 2 or height % 2 else chroma
+    if codec == "prores_ks":
+        return "yuv444p10le" if layout == "444" else "yuv422p10le"
+    for bits in (b for b in (12, 10) if b <= depth):
+        if _supports(codec, f"yuv{layout}p{bits}le"):
+            return f"yuv{layout}p{bits}le"
+    return f"yuv{layout}p" if _supports(codec, f"yuv{layout}p") else "yuv420p"
 
 
-def _codec_options(settings: EncodeSettings) -> dict[str, str]:
+def output_pix_fmt(settings: EncodeSettings, info: VideoInfo) -> str:
+    return _pix_fmt(settings, info.width, info.height, info.depth, info.chroma)
+
+
+_HDR_WRITERS = ("libx264", "libx265")
+
+
+def what_is_lost(settings: EncodeSettings, info: VideoInfo) -> str | None:
+    """One sentence on what the chosen encoder cannot hold of the input's picture (depth, chroma, HDR metadata)."""
+    pix_fmt = output_pix_fmt(settings, info)
+    depth, chroma = pixel_depth(pix_fmt), chroma_of(pix_fmt)
+    lost = []
+    if depth < info.depth:
+        lost.append(f"{info.depth}-bit pixels are cut to {depth} bits")
+    if int(chroma) < int(info.chroma):
+        lost.append(f"{info.chroma[0]}:{info.chroma[1]}:{info.chroma[2]} chroma becomes "
+                    f"{chroma[0]}:{chroma[1]}:{chroma[2]}")
+    if info.hdr is not None and settings.codec not in _HDR_WRITERS:
+        lost.append("the HDR mastering-display and light-level metadata are dropped")
+    if not lost:
+        return None
+    return (f"{settings.codec} ({pix_fmt}) cannot hold all of {info.path.name}: {'; '.join(lost)} "
+            f"(the default encoder keeps them)")
+
+
+def _codec_options(settings: EncodeSettings, info: VideoInfo | None = None) -> dict[str, str]:
     crf = str(settings.crf)
+    hdr = info.hdr if info is not None else None
+    interlaced = info is not None and info.interlaced
     if settings.codec in ("libx264", "libx264rgb"):
-        return {"crf": crf, "preset": settings.preset}
+        params = [hdr.encoder_params("libx264")] if hdr else []
+        if interlaced:
+            params.append("bff=1" if info.field_order in (3, 5) else "tff=1")
+        options = {"crf": crf, "preset": settings.preset}
+        return {**options, "x264-params": ":".join(params)} if params else options
     if settings.codec == "libx265":
-        return {"crf": crf, "preset": settings.preset, "x265-params": "log-level=error"}
+        params = ["log-level=error", *([hdr.encoder_params("libx265")] if hdr else [])]
+        return {"crf": crf, "preset": settings.preset, "x265-params": ":".join(params)}
     if settings.codec == "libvpx-vp9":
         return {"crf": crf, "b": "0", "deadline": "good", "cpu-used": "8", "row-mt": "1"}
-    if settings.codec == "libsvtav1":
-        return {"crf": crf, "preset": "10"}
     if settings.codec in ("h264_nvenc", "hevc_nvenc"):
         return {"cq": crf, "preset": "p4"}
+    if settings.codec == "prores_ks":
+        return {"profile": "4" if output_pix_fmt(settings, info).startswith("yuv444") else "3"} if info else {}
     return {}
 
 
@@ -351,16 +547,15 @@ class VideoWriter:
         self.container = av.open(target, "w", format=container_format)
         stream = self.container.add_stream(settings.codec, rate=info.fps)
         stream.width, stream.height = info.width, info.height
-        stream.pix_fmt = _pix_fmt(settings, info.width, info.height)
+        stream.pix_fmt = output_pix_fmt(settings, info)
         stream.time_base = info.time_base
         stream.codec_context.time_base = info.time_base
         stream.codec_context.max_b_frames = 0  # chunks are concatenated: keep dts == pts
-        stream.options = _codec_options(settings)
-        for name, value in info.color.items():
-            try:
+        stream.options = _codec_options(settings, info)
+        tags = {**info.color, **({"field_order": info.field_order} if info.interlaced else {})}
+        for name, value in tags.items():
+            with contextlib.suppress(AttributeError, TypeError, ValueError):
                 setattr(stream.codec_context, name, value)
-            except (AttributeError, TypeError, ValueError):
-                pass
         if info.rotation:
             stream.set_display_rotation(info.rotation)
         if tag:
@@ -369,7 +564,8 @@ class VideoWriter:
         self.time_base = info.time_base
 
     def write(self, rgb: np.ndarray, pts: int) -> None:
-        frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+        """`rgb`: uint8, or uint16 for a clip deeper than 8 bits."""
+        frame = av.VideoFrame.from_ndarray(rgb, format="rgb48le" if rgb.dtype == np.uint16 else "rgb24")
         frame.pts = pts
         frame.time_base = self.time_base
         self.container.mux(self.stream.encode(frame))
@@ -455,24 +651,192 @@ def _reencoded_audio(source: Path, targets: list[tuple[int, av.stream.Stream]],
                     yield float(out_packet.dts * out_packet.time_base), id(target), out_packet
 
 
-def _restamped(packets: Iterator[tuple[float, int, av.Packet]], pts: Sequence[int], time_base: Fraction):
-    """Give video packets the input's exact timestamps (containers round them, e.g. mp4 edit lists)."""
-    for (_, key, packet), stamp in zip(packets, pts, strict=False):
+_TEXT_SUBTITLES = ("subrip", "srt", "text", "mov_text")
+_MP4_LIKE = (".mp4", ".m4v", ".mov")
+
+
+@dataclass(frozen=True)
+class SideStream:
+    """An input stream that is not the swapped video or audio, and what the output does with it."""
+
+    index: int
+    kind: str  # "subtitle", "attachment", "cover", "timecode", "data"
+    codec: str
+    label: str  # for messages: "subtitle #2 (subrip, eng)"
+    action: str  # "copy", "mov_text"/"subrip" (converted), "attach" (a Matroska attachment), "tag" (timecode), "drop"
+    timecode: str | None = None
+
+
+def _action(kind: str, codec: str, suffix: str, trimmed: bool) -> str:
+    if kind == "timecode":  # the muxer writes its own timecode track (mov, mp4) or tag (mkv) from the video's tag
+        return "tag" if suffix in (*_MP4_LIKE, ".mkv") and not trimmed else "drop"
+    if suffix == ".mkv":
+        return {"subtitle": "copy" if codec != "mov_text" else "subrip", "attachment": "attach",
+                "cover": "attach"}.get(kind, "drop")
+    if suffix in _MP4_LIKE:
+        if kind == "subtitle" and codec in _TEXT_SUBTITLES:
+            return "copy" if codec == "mov_text" else "mov_text"
+        if kind == "cover" and codec in ("mjpeg", "png"):
+            return "copy"
+    if suffix == ".webm" and kind == "subtitle" and codec == "webvtt":
+        return "copy"
+    return "drop"
+
+
+def side_streams(path: Path, suffix: str, trimmed: bool = False) -> list[SideStream]:
+    """Subtitles, attachments, cover art, timecode and data tracks of `path`, each with what a `suffix` output keeps
+    of it (a timecode starts at the clip's first frame: a trimmed output drops it)."""
+    found = []
+    with _open(path) as container:
+        for stream in container.streams:
+            if stream.type == "audio" or (stream.type == "video" and not is_cover(stream)):
+                continue
+            kind = "cover" if stream.type == "video" else stream.type
+            timecode = stream.metadata.get("timecode") if kind == "data" else None
+            if timecode:
+                kind = "timecode"
+            elif kind not in ("subtitle", "attachment", "cover"):
+                kind = "data"
+            codec = stream.codec_context.name if stream.type != "attachment" and stream.codec_context else ""
+            name = stream.metadata.get("filename") or stream.metadata.get("language") or ""
+            details = ", ".join(x for x in (codec, name) if x)
+            label = f"{kind} #{stream.index}{f' ({details})' if details else ''}"
+            found.append(SideStream(stream.index, kind, codec, label, _action(kind, codec, suffix, trimmed), timecode))
+    return found
+
+
+def announce_output(info: VideoInfo, settings: EncodeSettings, output: Path, trimmed: bool = False) -> None:
+    """Before work: one warning line for what the output cannot keep of the input, one note for interlacing."""
+    dropped = [s.label for s in side_streams(info.path, output.suffix.lower(), trimmed) if s.action == "drop"]
+    if dropped:
+        logger.warning("%s cannot hold %s of %s: %s dropped", output.suffix, ", ".join(dropped), info.path.name,
+                       "it is" if len(dropped) == 1 else "they are")
+    lost = what_is_lost(settings, info)
+    if lost:
+        logger.warning("%s", lost)
+    if info.interlaced:
+        logger.warning("%s is interlaced: the output is encoded and flagged interlaced too (deinterlace it "
+                       "beforehand for progressive output)", info.path.name)
+
+
+def _converted(packet: av.Packet, to: str) -> bytes:
+    """A SubRip packet as mov_text (the UTF-8 text after its 16-bit length), or a mov_text one as SubRip."""
+    data = bytes(packet)
+    if to == "mov_text":
+        return struct.pack(">H", len(data)) + data
+    (length,) = struct.unpack(">H", data[:2]) if len(data) >= 2 else (0,)
+    return data[2 : 2 + length]
+
+
+def _add_side_streams(out: av.container.OutputContainer, video: av.stream.Stream, source: Path, suffix: str,
+                      trimmed: bool) -> dict[int, tuple]:
+    """Add the kept side streams to `out`; returns input index -> (output stream, conversion) for those whose
+    packets follow (attachments are written whole, now; a timecode becomes the output video's tag)."""
+    plan = {s.index: s for s in side_streams(source, suffix, trimmed) if s.action != "drop"}
+    for side in plan.values():
+        if side.action == "tag":
+            video.metadata["timecode"] = side.timecode
+    targets: dict[int, tuple] = {}
+    with av.open(str(source)) as container:
+        for stream in container.streams:
+            side = plan.get(stream.index)
+            if side is None:
+                continue
+            if side.action == "tag":
+                continue
+            if side.action == "attach":
+                data = stream.data if side.kind == "attachment" else _first_packet(container, stream)
+                picture = {"mjpeg": ("cover.jpg", "image/jpeg"), "png": ("cover.png", "image/png")}.get(side.codec)
+                name, mimetype = picture or (f"attachment-{stream.index}", "application/octet-stream")
+                out.add_attachment(stream.metadata.get("filename") or name, stream.metadata.get("mimetype") or mimetype,
+                                   bytes(data or b""))
+            elif side.action in ("mov_text", "subrip"):
+                target = out.add_mux_stream(side.action)
+                target.time_base = stream.time_base
+                targets[stream.index] = (target, side.action)
+            else:
+                target = out.add_stream_from_template(stream)
+                if side.kind == "cover":
+                    target.disposition = av.stream.Disposition.attached_pic
+                targets[stream.index] = (target, None)
+            if side.kind == "subtitle" and stream.language and stream.index in targets:
+                targets[stream.index][0].metadata["language"] = stream.language
+    return targets
+
+
+def _first_packet(container: av.container.InputContainer, stream: av.stream.Stream) -> bytes:
+    for packet in container.demux(stream):
+        if packet.size:
+            return bytes(packet)
+    return b""
+
+
+def _side_packets(source: Path, targets: dict[int, tuple], window: tuple[float, float] | None,
+                  ) -> Iterator[tuple[float, int, av.Packet]]:
+    """Packets of the kept subtitle and cover streams, in the trim window (shifted like the audio)."""
+    if not targets:
+        return
+    with av.open(str(source)) as container:
+        streams = [s for s in container.streams if s.index in targets]
+        for packet in container.demux(streams):
+            if packet.size == 0:
+                continue
+            target, convert = targets[packet.stream.index]
+            stamp = packet.pts if packet.pts is not None else packet.dts
+            cover = is_cover(packet.stream)
+            if stamp is None and not cover:
+                continue
+            seconds = float((stamp or 0) * packet.time_base)
+            if convert:
+                data = _converted(packet, convert)
+                if convert == "subrip" and not data:
+                    continue  # mp4's empty samples between two lines: no event in Matroska
+                out = av.Packet(data)
+                out.pts, out.dts, out.duration = packet.pts, packet.dts, packet.duration
+            else:
+                out = packet
+            out.time_base = packet.time_base
+            if cover:
+                out.pts = out.dts = 0
+                seconds = 0.0
+            elif window is not None:
+                if not window[0] <= seconds < window[1]:
+                    continue
+                shift = int(round(window[0] / packet.time_base))
+                out.pts -= shift
+                out.dts = out.pts
+                seconds -= window[0]
+            out.stream = target
+            yield seconds, id(target), out
+
+
+def _restamped(packets: Iterator[tuple[float, int, av.Packet]], pts: Sequence[int], time_base: Fraction,
+               last_duration: int) -> Iterator[tuple[float, int, av.Packet]]:
+    """Give video packets the input's exact timestamps and durations (containers round them, e.g. mp4 edit lists;
+    a chunk's own durations are in its container's time base)."""
+    durations = [*np.diff(np.asarray(pts, dtype=np.int64)).tolist(), last_duration]
+    for (_, key, packet), stamp, duration in zip(packets, pts, durations, strict=False):
         packet.pts = packet.dts = stamp
+        packet.duration = int(duration)
         packet.time_base = time_base
         yield float(stamp * time_base), key, packet
 
 
 def concat_chunks(
     chunks: list[Path], output: Path, audio_source: Path | None, pts: Sequence[int], time_base: Fraction, rotation: int = 0,
-    audio_window: tuple[float, float] | None = None, rate: Fraction | None = None,
+    audio_window: tuple[float, float] | None = None, rate: Fraction | None = None, last_duration: int | None = None,
+    source: Path | None = None,
 ) -> Path:
-    """Join chunk files into `output` (temp file + rename), muxing the audio of `audio_source` beside them.
+    """Join chunk files into `output` (temp file + rename), muxing the audio of `audio_source` beside them and the
+    subtitles, attachments and cover art of `source` that the output's container holds.
 
-    Chunks hold frames in display order without B-frames, so packet k is frame k and gets `pts[k]`.
+    Chunks hold frames in display order without B-frames, so packet k is frame k and gets `pts[k]`; the last frame
+    lasts `last_duration` (default: as long as the one before it, or one frame at `rate`).
     """
     if not chunks:
         raise OutputError("nothing to write: no chunks were rendered")
+    if last_duration is None:
+        last_duration = pts[-1] - pts[-2] if len(pts) > 1 else max(1, round(1 / ((rate or 25) * time_base)))
     tmp = temp_path_for(output)
     suffix = output.suffix.lower()
     try:
@@ -485,13 +849,16 @@ def concat_chunks(
             if rotation:
                 video_out.set_display_rotation(rotation)
             copies, reencode = _add_audio_streams(out, audio_source, suffix) if audio_source else ({}, [])
+            sides = _add_side_streams(out, video_out, source, suffix, audio_window is not None) if source else {}
             out.metadata["comment"] = synthetic_tag()
             video_packets = _restamped(
-                (p for chunk in chunks for p in _packets(chunk, "video", {video_in.index: video_out})), pts, time_base
+                (p for chunk in chunks for p in _packets(chunk, "video", {video_in.index: video_out})), pts, time_base,
+                last_duration,
             )
             audio_packets = _packets(audio_source, "audio", copies, audio_window) if copies else iter(())
             encoded = _reencoded_audio(audio_source, reencode, audio_window) if reencode else iter(())
-            for _, _, packet in heapq.merge(video_packets, audio_packets, encoded, key=lambda item: item[0]):
+            side_packets = _side_packets(source, sides, audio_window) if sides else iter(())
+            for _, _, packet in heapq.merge(video_packets, audio_packets, encoded, side_packets, key=lambda item: item[0]):
                 out.mux(packet)
             for _, stream in reencode:
                 out.mux(stream.encode(None))
@@ -543,7 +910,7 @@ def read_packets(info: VideoInfo, start: int, stop: int) -> ChunkPackets:
     stop_pts = info.pts[stop] if stop < info.frame_count else None
     packets: list[tuple[bytes, int | None, int | None]] = []
     with _open(info.path) as container:
-        stream = container.streams.video[0]
+        stream = main_video(container)
         ctx = stream.codec_context
         params = StreamParams(ctx.name, bytes(ctx.extradata) if ctx.extradata else None, ctx.width, ctx.height,
                               ctx.pix_fmt or "yuv420p", Fraction(stream.time_base or info.time_base))
@@ -567,7 +934,7 @@ def read_packets(info: VideoInfo, start: int, stop: int) -> ChunkPackets:
                                 break
                 packets.append((bytes(packet), packet.pts, packet.dts))
         except av.FFmpegError as error:
-            raise DecodeError(f"{info.path}: reading packets failed near frame {start}: {error}", start) from None
+            raise DecodeError(f"{info.path.name}: reading packets failed near frame {start}: {error}") from None
     return ChunkPackets(info.path.name, params, tuple(packets), start, tuple(info.pts[start:stop]), stop_pts)
 
 
@@ -581,32 +948,15 @@ def decode_packets(chunk: ChunkPackets) -> Iterator[DecodedFrame]:
     with contextlib.suppress(AttributeError, TypeError, ValueError):
         ctx.pix_fmt = params.pix_fmt
     # no frame threads: a worker decodes one chunk, and a frame-threaded context left mid-stream can hang on close
-    start_pts, stop = chunk.pts[0], chunk.stop
-    index = chunk.start
 
-    def packets() -> Iterator[av.Packet | None]:
+    def frames() -> Iterator[av.VideoFrame]:
         for data, pts, dts in chunk.packets:
             packet = av.Packet(data)
             packet.pts, packet.dts, packet.time_base = pts, dts, params.time_base
-            yield packet
-        yield None  # flush: the frames the decoder still holds
+            yield from ctx.decode(packet)
+        yield from ctx.decode(None)  # flush: the frames the decoder still holds
 
-    try:
-        for packet in packets():
-            for frame in ctx.decode(packet):
-                pts = frame.pts if frame.pts is not None else chunk.pts[min(index - chunk.start, len(chunk.pts) - 1)]
-                if pts < start_pts:
-                    continue
-                if chunk.stop_pts is not None and pts >= chunk.stop_pts:
-                    return
-                yield DecodedFrame(index, pts, np.ascontiguousarray(frame.to_ndarray(format="rgb24")))
-                index += 1
-                if index >= stop:
-                    return
-    except av.FFmpegError as error:
-        raise DecodeError(f"{chunk.name}: decoding failed at frame {index}: {error}", index) from None
-    if index < stop:
-        raise DecodeError(f"{chunk.name}: video is truncated or corrupt: decoding stopped at frame {index} of {stop}", index)
+    return _window(frames(), chunk.name, chunk.start, chunk.pts, chunk.stop_pts, pixel_depth(params.pix_fmt))
 
 
 _MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".mkv": "matroska", ".webm": "webm", ".avi": "avi",
