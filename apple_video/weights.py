@@ -30,6 +30,7 @@ from typing import Literal
 from urllib.parse import urlparse
 
 from apple_video.errors import UserError, WeightsError
+from apple_video.media.paths import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -441,11 +442,9 @@ def _fetch_zip_member(entry: WeightFile, target: Path, timeout: float) -> Path:
         names = [n for n in handle.namelist() if Path(n).name == entry.member]
         if not names:
             raise WeightsError(f"{archive.name} has no {entry.member}")
-        tmp = target.with_name(f"{target.name}.part")
-        with handle.open(names[0]) as src, tmp.open("wb") as out:
+        with atomic_write(target) as tmp, handle.open(names[0]) as src, tmp.open("wb") as out:
             for block in iter(lambda: src.read(CHUNK), b""):
                 out.write(block)
-    os.replace(tmp, target)
     archive.unlink()
     return target
 

@@ -20,6 +20,7 @@ from apple_video.faces.occlusion import OcclusionMasker, create_occlusion
 from apple_video.faces.parsing import FaceParser, create_parser
 from apple_video.faces.paste import paste_back
 from apple_video.faces.types import Face, FaceTarget
+from apple_video.media.paths import atomic_write
 from apple_video.settings import SwapSettings
 from apple_video.swappers.base import CropJob, SourceFace, Swapper, crop_matrix
 
@@ -251,6 +252,5 @@ class Renderer:
 
 
 def write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data))

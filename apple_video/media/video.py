@@ -6,7 +6,6 @@ import contextlib
 import heapq
 import io
 import logging
-import os
 import queue
 import tempfile
 import threading
@@ -20,7 +19,7 @@ import numpy as np
 
 from apple_video.errors import DecodeError, InputError, OutputError
 from apple_video.media.metadata import synthetic_tag
-from apple_video.media.paths import check_input, temp_path_for
+from apple_video.media.paths import atomic_write, check_input
 from apple_video.settings import EncodeSettings
 
 logger = logging.getLogger(__name__)
@@ -473,9 +472,8 @@ def concat_chunks(
     """
     if not chunks:
         raise OutputError("nothing to write: no chunks were rendered")
-    tmp = temp_path_for(output)
     suffix = output.suffix.lower()
-    try:
+    with atomic_write(output) as tmp:
         with av.open(str(chunks[0])) as first, av.open(str(tmp), "w") as out:
             video_in = first.streams.video[0]
             video_out = out.add_stream_from_template(video_in)
@@ -495,9 +493,6 @@ def concat_chunks(
                 out.mux(packet)
             for _, stream in reencode:
                 out.mux(stream.encode(None))
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return output
 
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from apple_video.errors import InputError, WeightsError
+from apple_video.media.paths import atomic_write
 
 # OminiControl's target modules (x_embedder, double-block image-side modules, single-block modules).
 LORA_TARGETS = (
@@ -53,11 +54,10 @@ def save_lora(transformer, path: Path, adapter: str = ADAPTER) -> Path:
     """Write the LoRA; its metadata records whether it was trained with independent_condition (which lets
     inference cache the condition K/V)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     independent = "true" if transformer.config.independent_condition else "false"
-    save_file(lora_state_dict(transformer, adapter), str(tmp),
-              metadata={"format": "pt", "apple_video": "condition-lora", INDEPENDENT_KEY: independent})
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        save_file(lora_state_dict(transformer, adapter), str(tmp),
+                  metadata={"format": "pt", "apple_video": "condition-lora", INDEPENDENT_KEY: independent})
     return path
 
 
