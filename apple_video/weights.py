@@ -23,10 +23,11 @@ import socket
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from apple_video.errors import UserError, WeightsError
@@ -286,6 +287,41 @@ def require(name: str) -> Path:
 
 def is_present(name: str) -> bool:
     return status(lookup(name))[0] == "present"
+
+
+# -- reading a checkpoint --------------------------------------------------------------------------------------------
+Errors = type[BaseException] | tuple[type[BaseException], ...]
+
+
+def error_name(error: BaseException) -> str:
+    return error.__class__.__name__
+
+
+@contextmanager
+def refused_as(message: str, *, hint: str = "", errors: Errors = Exception,
+               detail: Callable[[BaseException], str] = error_name) -> Iterator[None]:
+    """An error of the block becomes one WeightsError, `message (detail)hint`: torch, safetensors and
+    load_state_dict raise many types for a truncated or foreign file, none of them a user's sentence."""
+    try:
+        yield
+    except errors as error:
+        raise WeightsError(f"{message} ({detail(error)}){hint}") from None
+
+
+def load_checkpoint(path: Path, unreadable: str, *, hint: str = "", errors: Errors = Exception,
+                    detail: Callable[[BaseException], str] = error_name, weights_only: bool = True,
+                    pickle_module: Any = None) -> Any:
+    """A checkpoint's contents on the CPU (safetensors by the suffix, else torch.load); a file that does not read
+    is one WeightsError `unreadable (ErrorType)hint` (see refused_as)."""
+    with refused_as(unreadable, hint=hint, errors=errors, detail=detail):
+        if Path(path).suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        import torch
+
+        extra = {} if pickle_module is None else {"pickle_module": pickle_module}
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only, **extra)
 
 
 # -- download ------------------------------------------------------------------------------------------------------

@@ -203,18 +203,15 @@ def _read_checkpoint(path) -> dict:
     """The state dict of an mmseg checkpoint ({'meta', 'state_dict', 'optimizer'}) or of a bare state dict. Tensors
     only (weights_only); should a file's meta hold other objects, it is unpickled in full only when its sha256 is
     the catalogue's."""
-    import torch
-
+    unreadable = {"unreadable": f"{path} is not a readable checkpoint", "hint": "; delete it and download again",
+                  "errors": (RuntimeError, OSError, EOFError)}
     try:
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=True)
+        checkpoint = weights.load_checkpoint(path, **unreadable)
     except pickle.UnpicklingError:
         if weights.check_file(weights.lookup(OCCLUSION_WEIGHTS), path, verify_hash=True) != "present":
             raise WeightsError(f"{path} holds more than tensors and is not the catalogued "
                                "deeplabv3_iter_27600.pth (sha256 differs)") from None
-        checkpoint = torch.load(str(path), map_location="cpu", weights_only=False)
-    except (RuntimeError, OSError, EOFError) as error:
-        raise WeightsError(f"{path} is not a readable checkpoint ({error.__class__.__name__}); delete it and "
-                           "download again") from None
+        checkpoint = weights.load_checkpoint(path, **unreadable, weights_only=False)
     if not isinstance(checkpoint, dict):
         raise WeightsError(f"{path} is not an mmsegmentation checkpoint")
     state = checkpoint.get("state_dict", checkpoint)
@@ -225,11 +222,10 @@ def load_occlusion_net(path=None, device: str = "cpu"):
     """The occlusion network from the catalogue's file (or `path`), its shape read from the file."""
     path = weights.require(OCCLUSION_WEIGHTS) if path is None else Path(path)
     state = _read_checkpoint(path)
-    try:
+    with weights.refused_as(f"{path} is not the APPLE DeepLabV3+ occlusion checkpoint",
+                            errors=(KeyError, RuntimeError, ValueError)):
         model = build_occlusion_net(config_from_state(state))
         model.load_state_dict(state, strict=True)
-    except (KeyError, RuntimeError, ValueError) as error:
-        raise WeightsError(f"{path} is not the APPLE DeepLabV3+ occlusion checkpoint ({error.__class__.__name__})") from None
     return model.to(device).eval()
 
 

@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from apple_video import weights
 from apple_video.errors import InputError, WeightsError
 from apple_video.media.paths import atomic_write
 
@@ -81,10 +82,7 @@ def load_lora(transformer, path: Path, adapter: str = ADAPTER) -> None:
     """Load an APPLE teacher/student LoRA (`default.safetensors`, diffusers keys) into `adapter`."""
     if not path.is_file():
         raise InputError(f"LoRA file not found: {path}")
-    try:
-        raw = load_file(str(path))
-    except Exception as error:  # safetensors raises several types for truncated files
-        raise WeightsError(f"LoRA file corrupt or unreadable: {path} ({error.__class__.__name__})") from None
+    raw = weights.load_checkpoint(path, f"LoRA file corrupt or unreadable: {path}")
     state = {key.removeprefix(PREFIX): value for key, value in raw.items()}
     if trained_independent(path) and not transformer.config.independent_condition:
         # condition tokens were trained to attend to themselves only; the model must be built that way
