@@ -246,7 +246,7 @@ def test_truncated_video_gives_the_frames_that_are_there(tmp_path: Path, source_
 def test_prefetch_keeps_order_stops_early_and_reports_errors() -> None:
     import threading
 
-    from apple_video.engine.stages import prefetch
+    from apple_video.prefetch import prefetch
 
     assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
     produced = []
