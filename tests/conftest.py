@@ -8,8 +8,9 @@ import matplotlib.cbook
 import numpy as np
 import pytest
 import skimage.data
-import synth
 from PIL import Image
+
+from tests import synth
 
 HOPPER_FACE_BOX = (161, 137, 376, 352)
 CLIP_SIZE = (480, 360)

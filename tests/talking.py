@@ -8,9 +8,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import synth
 
 from apple_video.swappers.classic import delaunay, triangle_maps
+from tests import synth
 
 
 def turned(photo: np.ndarray, landmarks: np.ndarray, degrees: float) -> np.ndarray:

@@ -13,7 +13,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import synth
 from PIL import Image
 
 from apple_video.engine.batch import swap_batch
@@ -21,6 +20,7 @@ from apple_video.engine.run import job_dir_for, plan_chunks, swap_folder, swap_i
 from apple_video.media.metadata import comment_of, is_synthetic_tag
 from apple_video.media.video import EncodeSettings, decode_frames, probe
 from apple_video.settings import SwapSettings
+from tests import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 LOSSLESS = EncodeSettings(codec="ffv1")

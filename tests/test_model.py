@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
-from oracle import oracle_files, oracle_models
 from safetensors.torch import save_file
 
 from apple_video import weights
@@ -17,6 +16,7 @@ from apple_video.models.lora import add_condition_lora, load_lora, save_lora
 from apple_video.models.pipeline import build_tiny, load_transformer
 from apple_video.models.pulid import IDFormer
 from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache, TransformerInputs
+from tests.oracle import oracle_files, oracle_models
 
 
 @pytest.fixture(scope="module")

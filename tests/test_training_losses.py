@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import synth
 import torch
 import torchvision
 
 from apple_video.errors import WeightsError
 from apple_video.faces.detect import DetectorSettings, create_detector
+from tests import synth
 from training import loop
 from training.config import load_train_config
 from training.deblur import teacher_condition

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import synth
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -19,6 +18,7 @@ from PIL import Image
 from apple_video.errors import WeightsError
 from apple_video.faces.align import alignment_matrix, warp_crop
 from apple_video.faces.detect import DetectorSettings, create_detector
+from tests import synth
 from training import arcface, iris
 from training.aesthetic import AestheticHead, AestheticScorer, clip_preprocess, load_clip_vision, load_head
 from training.arcface import NETARC_INPUT, IdentityNet, NetArc, identity_net, load_netarc, netarc_shape
