@@ -95,7 +95,7 @@ def tiny_pipeline():
 
 
 def _crops(astronaut: np.ndarray, n: int) -> np.ndarray:
-    from synth import ASTRONAUT_FACE_BOX
+    from tests.synth import ASTRONAUT_FACE_BOX
 
     x0, y0, x1, y1 = ASTRONAUT_FACE_BOX
     base = astronaut[y0 - 20 : y1 + 20, x0 - 20 : x1 + 20]

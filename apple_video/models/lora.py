@@ -35,7 +35,6 @@ def add_condition_lora(transformer, rank: int, adapter: str = ADAPTER, init: str
     """Inject an (unfused) LoRA on the condition-branch modules; r == alpha as OminiControl recommends."""
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=init, target_modules=LORA_TARGETS),
                             adapter_name=adapter)
-    transformer.refresh_lora_layers()
 
 
 def fresh_condition_lora(transformer, rank: int, adapter: str = ADAPTER) -> None:
