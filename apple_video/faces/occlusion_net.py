@@ -4,14 +4,23 @@ imports this module only when occlusion masks are asked for: torch loads here)."
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-if TYPE_CHECKING:
-    from apple_video.faces.occlusion import OcclusionConfig
+
+class OcclusionConfig(Protocol):
+    """The network's shape (`faces.occlusion.OcclusionConfig`, which holds the official defaults)."""
+
+    blocks: tuple[int, int, int, int]
+    stem_channels: int
+    base_channels: int
+    channels: int
+    c1_channels: int
+    dilations: tuple[int, ...]
+    num_classes: int
 
 
 class ConvModule(nn.Module):
