@@ -90,7 +90,9 @@ def _add_swap_options(func, leave_out: tuple[str, ...]):
     # from the settings records, not faces/: importing OpenCV here would load it before its logging is set
     from apple_video.media.video import VIDEO_CODECS
     from apple_video.settings import (
+        BLEND_CHOICES,
         DETECTOR_CHOICES,
+        EXECUTOR_CHOICES,
         MASK_REGIONS,
         MASK_TYPES,
         PARSER_CHOICES,
@@ -112,7 +114,7 @@ def _add_swap_options(func, leave_out: tuple[str, ...]):
         click.option("--force", is_flag=True, help="Overwrite the output and start the job over (no resume)."),
         click.option("--swapper", type=click.Choice(SWAPPER_CHOICES), default="auto", show_default=True,
                      help="auto: APPLE when its weights (or --preset) are available, else classic."),
-        click.option("--classic-blend", type=click.Choice(["feather", "poisson"]), default="feather", show_default=True,
+        click.option("--classic-blend", type=click.Choice(BLEND_CHOICES), default="feather", show_default=True,
                      help="Classic swapper: two-band blend of the inner face, faded in (feather), or blend its gradients (poisson)."),
         click.option("--preset", default=None, help="Model preset: krea-512 (real weights) or tiny (random, for tests)."),
         click.option("--steps", type=click.IntRange(1, 1000), default=None, help="Inversion and sampling steps."),
@@ -172,7 +174,7 @@ def _add_swap_options(func, leave_out: tuple[str, ...]):
         click.option("--output-video-quality", type=click.IntRange(0, 100), default=80, show_default=True, help=QUALITY_HELP),
         click.option("--output-video-preset", default="veryfast", show_default=True,
                      help="x264/x265 speed preset: ultrafast .. veryslow."),
-        click.option("--executor", type=click.Choice(["local", "ray"]), default=None,
+        click.option("--executor", type=click.Choice(EXECUTOR_CHOICES), default=None,
                      help="local (in-process) or ray (Ray actors). Default: ray when --ray-address is given."),
         click.option("--ray-address", default=None, help="Ray cluster address ('auto' for a running cluster)."),
         click.option("--num-gpus", type=click.FloatRange(0), default=None,

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from dataclasses import MISSING, dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 # A field's scope: any of these; a field with none of them changes the output whatever the swapper or input.
 APPLE = "apple"  # read only by the APPLE swapper (named when given with --swapper classic)
@@ -105,7 +105,7 @@ def video_only_options(record: type | None = None) -> tuple[str, ...]:
 
 
 DetectorName = Literal["auto", "dlib", "dlib-cnn", "insightface"]
-DETECTOR_CHOICES: tuple[str, ...] = ("auto", "dlib", "dlib-cnn", "insightface")
+DETECTOR_CHOICES: tuple[str, ...] = get_args(DetectorName)
 
 
 @dataclass(frozen=True)
@@ -117,35 +117,38 @@ class DetectorSettings:
     embeddings: bool = True
 
 
-MASK_REGIONS = ("skin", "left-eyebrow", "right-eyebrow", "left-eye", "right-eye", "glasses", "nose", "mouth",
-                "upper-lip", "lower-lip")
+MaskRegion = Literal["skin", "left-eyebrow", "right-eyebrow", "left-eye", "right-eye", "glasses", "nose", "mouth",
+                     "upper-lip", "lower-lip"]
+MASK_REGIONS: tuple[str, ...] = get_args(MaskRegion)
 # CelebAMask-HQ labels produced by BiSeNet (facexlib) for each region name.
 REGION_LABELS = {"skin": [1], "left-eyebrow": [3], "right-eyebrow": [2], "left-eye": [5], "right-eye": [4],
                  "glasses": [6], "nose": [10], "mouth": [11], "upper-lip": [12], "lower-lip": [13]}
 
 
-PARSER_CHOICES: tuple[str, ...] = ("auto", "bisenet", "landmarks")
+ParserName = Literal["auto", "bisenet", "landmarks"]
+PARSER_CHOICES: tuple[str, ...] = get_args(ParserName)
 # FaceFusion's --face-mask-types: box (landmark hull), region (--face-mask-regions, parsed when BiSeNet is present),
 # occlusion (APPLE's DeepLabV3+: what covers the face stays the target's). Several are intersected.
-MASK_TYPES: tuple[str, ...] = ("box", "occlusion", "region")
+MaskType = Literal["box", "occlusion", "region"]
+MASK_TYPES: tuple[str, ...] = get_args(MaskType)
 
 
 @dataclass(frozen=True)
 class MaskSettings:
-    parser: str = setting("auto", options=("face_parser",))  # auto | bisenet | landmarks
-    regions: tuple[str, ...] = setting(MASK_REGIONS, options=("face_mask_regions",))
+    parser: ParserName = setting("auto", options=("face_parser",))
+    regions: tuple[MaskRegion, ...] = setting(MASK_REGIONS, options=("face_mask_regions",))
     # fraction of the feather width relative to the face size
     blur: float = setting(0.3, options=("face_mask_blur",))
     # top, right, bottom, left, percent of crop size
     padding: tuple[int, int, int, int] = setting((0, 0, 0, 0), options=("face_mask_padding",))
-    # of MASK_TYPES; occlusion only where its model file is present
-    types: tuple[str, ...] = setting(("region", "occlusion"), options=("face_mask_types",))
+    # occlusion only where its model file is present
+    types: tuple[MaskType, ...] = setting(("region", "occlusion"), options=("face_mask_types",))
 
 
 SelectorMode = Literal["reference", "one", "many"]
-SELECTOR_MODES: tuple[str, ...] = ("reference", "one", "many")
+SELECTOR_MODES: tuple[str, ...] = get_args(SelectorMode)
 SelectorOrder = Literal["large-small", "small-large", "left-right", "right-left", "top-bottom", "bottom-top"]
-SELECTOR_ORDERS: tuple[str, ...] = ("large-small", "small-large", "left-right", "right-left", "top-bottom", "bottom-top")
+SELECTOR_ORDERS: tuple[str, ...] = get_args(SelectorOrder)
 
 
 @dataclass(frozen=True)
@@ -178,14 +181,17 @@ class EncodeSettings:
 
 
 RecipeName = Literal["student", "inversion"]
-RECIPES: tuple[str, ...] = ("student", "inversion")
+RECIPES: tuple[str, ...] = get_args(RecipeName)
 BatchSize = int | Literal["auto"]
 
 SwapperName = Literal["auto", "apple", "classic"]
-SWAPPER_CHOICES: tuple[str, ...] = ("auto", "apple", "classic")
+SWAPPER_CHOICES: tuple[str, ...] = get_args(SwapperName)
 ExecutorName = Literal["local", "ray"]
+EXECUTOR_CHOICES: tuple[str, ...] = get_args(ExecutorName)
 QualityName = Literal["fast", "balanced", "paper"]
-QUALITY_CHOICES: tuple[str, ...] = ("fast", "balanced", "paper")
+QUALITY_CHOICES: tuple[str, ...] = get_args(QualityName)
+BlendName = Literal["feather", "poisson"]
+BLEND_CHOICES: tuple[str, ...] = get_args(BlendName)
 
 
 @dataclass(frozen=True)
@@ -213,7 +219,7 @@ class SwapSettings:
     mask) change the output whatever the swapper; `tracking` and a few other fields have no option (not offered)."""
 
     swapper: SwapperName = setting("auto", options=("swapper",))
-    classic_blend: Literal["feather", "poisson"] = setting("feather", scope=(CLASSIC,), options=("classic_blend",))
+    classic_blend: BlendName = setting("feather", scope=(CLASSIC,), options=("classic_blend",))
     model: ModelOptions = setting(default_factory=ModelOptions)
     detector: DetectorSettings = field(default_factory=DetectorSettings)
     selector: SelectorSettings = field(default_factory=SelectorSettings)
@@ -240,7 +246,7 @@ class SwapSettings:
 
 
 IdentityModelName = Literal["auto", "dlib", "insightface"]
-IDENTITY_MODEL_CHOICES: tuple[str, ...] = ("auto", "dlib", "insightface")
+IDENTITY_MODEL_CHOICES: tuple[str, ...] = get_args(IdentityModelName)
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,15 @@ import socket
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlparse
 
 from apple_video.errors import UserError, WeightsError
+from apple_video.media.paths import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -296,6 +298,41 @@ def is_present(name: str) -> bool:
     return status(lookup(name))[0] == "present"
 
 
+# -- reading a checkpoint --------------------------------------------------------------------------------------------
+Errors = type[BaseException] | tuple[type[BaseException], ...]
+
+
+def error_name(error: BaseException) -> str:
+    return error.__class__.__name__
+
+
+@contextmanager
+def refused_as(message: str, *, hint: str = "", errors: Errors = Exception,
+               detail: Callable[[BaseException], str] = error_name) -> Iterator[None]:
+    """An error of the block becomes one WeightsError, `message (detail)hint`: torch, safetensors and
+    load_state_dict raise many types for a truncated or foreign file, none of them a user's sentence."""
+    try:
+        yield
+    except errors as error:
+        raise WeightsError(f"{message} ({detail(error)}){hint}") from None
+
+
+def load_checkpoint(path: Path, unreadable: str, *, hint: str = "", errors: Errors = Exception,
+                    detail: Callable[[BaseException], str] = error_name, weights_only: bool = True,
+                    pickle_module: Any = None) -> Any:
+    """A checkpoint's contents on the CPU (safetensors by the suffix, else torch.load); a file that does not read
+    is one WeightsError `unreadable (ErrorType)hint` (see refused_as)."""
+    with refused_as(unreadable, hint=hint, errors=errors, detail=detail):
+        if Path(path).suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path))
+        import torch
+
+        extra = {} if pickle_module is None else {"pickle_module": pickle_module}
+        return torch.load(str(path), map_location="cpu", weights_only=weights_only, **extra)
+
+
 # -- download ------------------------------------------------------------------------------------------------------
 def _rebase(url: str) -> str:
     base = os.environ.get(BASE_ENV)
@@ -450,11 +487,9 @@ def _fetch_zip_member(entry: WeightFile, target: Path, timeout: float) -> Path:
         names = [n for n in handle.namelist() if Path(n).name == entry.member]
         if not names:
             raise WeightsError(f"{archive.name} has no {entry.member}")
-        tmp = target.with_name(f"{target.name}.part")
-        with handle.open(names[0]) as src, tmp.open("wb") as out:
+        with atomic_write(target) as tmp, handle.open(names[0]) as src, tmp.open("wb") as out:
             for block in iter(lambda: src.read(CHUNK), b""):
                 out.write(block)
-    os.replace(tmp, target)
     archive.unlink()
     return target
 

@@ -3,14 +3,11 @@
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from apple_video.media.video import probe  # noqa: E402
-from benchmarks.common import ROOT, face_clip, run_cli  # noqa: E402
+from apple_video.media.video import probe
+from benchmarks.common import ROOT, face_clip, run_cli
 
 
 def main(seconds: float = 10.0) -> None:

@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import skimage.data
 
 from tests import synth
@@ -45,6 +44,3 @@ def run_cli(args: list[str]) -> tuple[float, int]:
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return elapsed, max(peak, before)
 
-
-def array_digest(frames: list[np.ndarray]) -> int:
-    return int(sum(int(f.sum()) for f in frames))

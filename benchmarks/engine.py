@@ -19,18 +19,16 @@ from pathlib import Path
 
 import psutil
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from apple_video.engine.batch import run_batch  # noqa: E402
-from apple_video.engine.run import load_sources, swap_video  # noqa: E402
-from apple_video.engine.stages import Analyzer  # noqa: E402
-from apple_video.faces.align import alignment_matrix, warp_crop  # noqa: E402
-from apple_video.media.video import decode_frames, probe  # noqa: E402
-from apple_video.settings import ModelOptions, SwapSettings  # noqa: E402
-from apple_video.swappers.base import CropJob  # noqa: E402
-from apple_video.swappers.factory import create_swapper  # noqa: E402
-from benchmarks.common import ROOT, face_clip, timed  # noqa: E402
-from benchmarks.transcode import plain  # noqa: E402
+from apple_video.engine.batch import run_batch
+from apple_video.engine.run import load_sources, swap_video
+from apple_video.engine.stages import Analyzer
+from apple_video.faces.align import alignment_matrix, warp_crop
+from apple_video.media.video import decode_frames, probe
+from apple_video.settings import ModelOptions, SwapSettings
+from apple_video.swappers.base import CropJob
+from apple_video.swappers.factory import create_swapper
+from benchmarks.common import ROOT, face_clip, timed
+from benchmarks.transcode import plain
 
 SOURCE = ROOT / "examples" / "source.jpg"
 

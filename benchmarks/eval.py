@@ -5,24 +5,21 @@ the analyze stage's seconds from the job summary, then times `evaluate_clip` on 
 Goal: `eval/analyze time ratio` <= 1.5 (eval detects the original once, fits the swapped face's landmarks in
 the same box and embeds identities every 8th frame, as the analyze stage does).
 
-    python benchmarks/eval.py [--seconds 10] [--width 1280 --height 720]
+    python -m benchmarks.eval [--seconds 10] [--width 1280 --height 720]
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from apple_video.engine.run import swap_video  # noqa: E402
-from apple_video.evaluate.clip import evaluate_clip  # noqa: E402
-from apple_video.settings import DetectorSettings, EvalSettings, SwapSettings  # noqa: E402
-from benchmarks.common import ROOT, face_clip  # noqa: E402
+from apple_video.engine.run import swap_video
+from apple_video.evaluate.clip import evaluate_clip
+from apple_video.settings import DetectorSettings, EvalSettings, SwapSettings
+from benchmarks.common import ROOT, face_clip
 
 SOURCE = ROOT / "examples" / "source.jpg"
 

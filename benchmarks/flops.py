@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from apple_video.config import QUALITY_SETTINGS, SamplingSettings, load_preset
 from apple_video.models.lora import add_condition_lora
 from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache, TransformerInputs
+from tests.oracle_reference import reference_forward
 
 CROP, TEXT_TOKENS, ID_TOKENS = 512, 512, 32
 RECIPES = ("inversion", "student")
@@ -83,8 +84,7 @@ def forward_costs() -> tuple[ForwardCost, float]:
     cache = ConditionKVCache()
     full = count_flops(lambda: model(x, cache))
     cached = count_flops(lambda: model(x, cache))
-    model.packed = False
-    return ForwardCost(full, cached), count_flops(lambda: model(x))
+    return ForwardCost(full, cached), count_flops(lambda: reference_forward(model, x))
 
 
 @torch.no_grad()
@@ -107,8 +107,7 @@ def host_ops() -> dict[str, int]:
     cache = ConditionKVCache()
     model(x, cache)  # fills the cache and the RoPE / time-embedding memo
     ops = {"packed": count_ops(lambda: model(x)), "packed, condition cache read": count_ops(lambda: model(x, cache))}
-    model.packed = False
-    ops["reference (per-branch, peft LoRA on every branch)"] = count_ops(lambda: model(x))
+    ops["reference (per-branch, peft LoRA on every branch)"] = count_ops(lambda: reference_forward(model, x))
     return ops
 
 

@@ -15,7 +15,7 @@ closes the run. Under 8 minutes on one H200. Phases:
 VAE encode is counted once per face-frame (it is part of `swap_latents`), decode once.
 Without CUDA it refuses in one line (exit 2); `--smoke` runs every phase at toy size on the CPU (for the tests).
 
-    python benchmarks/gpu.py [--out gpu-acceptance.jsonl] [--only build,forward,...]
+    python -m benchmarks.gpu [--out gpu-acceptance.jsonl] [--only build,forward,...]
 """
 
 from __future__ import annotations
@@ -32,16 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from diffusers import AutoencoderKL
 from torch.utils._python_dispatch import TorchDispatchMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from diffusers import AutoencoderKL  # noqa: E402
-
-from apple_video.config import Preset, load_preset, with_overrides, with_quality  # noqa: E402
-from apple_video.models.lora import add_condition_lora  # noqa: E402
-from apple_video.models.pipeline import ApplePipeline, PromptEmbeddings  # noqa: E402
-from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache, TransformerInputs  # noqa: E402
+from apple_video.config import Preset, load_preset, with_overrides, with_quality
+from apple_video.models.lora import add_condition_lora
+from apple_video.models.pipeline import ApplePipeline, PromptEmbeddings
+from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache, TransformerInputs
 
 CEILING_TFLOPS = 790.0  # bf16 8192^3 matmul measured on the project's H200s (the datasheet's 989 is not reached)
 CROP = 512

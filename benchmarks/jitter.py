@@ -4,19 +4,14 @@ frame shift that best aligns the smoothed track with the truth. Prints `jitter r
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import numpy as np
 import skimage.data
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from apple_video.faces.align import kps_from_68  # noqa: E402
-from apple_video.faces.detect import DetectorSettings, create_detector  # noqa: E402
-from apple_video.faces.track import TrackSettings, smooth_track  # noqa: E402
-from apple_video.faces.types import Track  # noqa: E402
-from tests import synth  # noqa: E402
+from apple_video.faces.align import kps_from_68
+from apple_video.faces.detect import DetectorSettings, create_detector
+from apple_video.faces.track import TrackSettings, smooth_track
+from apple_video.faces.types import Track
+from tests import synth
 
 
 def main(frames: int = 90, fps: float = 15.0, noise: float = 8.0) -> None:

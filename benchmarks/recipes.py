@@ -10,28 +10,25 @@ and the crops are aligned as the engine aligns them. For each recipe:
   random weights do not reconstruct anything;
 - steps: model calls per face-frame.
 
-    python benchmarks/recipes.py [frames] [steps]
+    python -m benchmarks.recipes [frames] [steps]
 """
 
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import skimage.data
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from apple_video.config import load_preset, with_overrides  # noqa: E402
-from apple_video.engine.stages import track_seed  # noqa: E402
-from apple_video.faces.align import alignment_matrix, warp_crop  # noqa: E402
-from apple_video.faces.detect import create_detector  # noqa: E402
-from apple_video.models import latents as L  # noqa: E402
-from apple_video.models.pipeline import ApplePipeline  # noqa: E402
-from apple_video.settings import DetectorSettings  # noqa: E402
-from tests import synth  # noqa: E402
+from apple_video.config import load_preset, with_overrides
+from apple_video.engine.stages import track_seed
+from apple_video.faces.align import alignment_matrix, warp_crop
+from apple_video.faces.detect import create_detector
+from apple_video.models import latents as L
+from apple_video.models.pipeline import ApplePipeline
+from apple_video.settings import DetectorSettings
+from tests import synth
 
 
 def track_crops(frames: int, size: int) -> np.ndarray:

@@ -4,18 +4,15 @@ Prints `transcode ratio: X.XX` (ours / plain; goal <= 1.1)."""
 
 from __future__ import annotations
 
-import sys
 import tempfile
 from pathlib import Path
 
 import av
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from apple_video.engine.run import plan_chunks  # noqa: E402
-from apple_video.media.video import EncodeSettings, VideoWriter, concat_chunks, decode_frames, probe  # noqa: E402
-from apple_video.settings import SwapSettings  # noqa: E402
-from benchmarks.common import face_clip, timed  # noqa: E402
+from apple_video.engine.run import plan_chunks
+from apple_video.media.video import EncodeSettings, VideoWriter, concat_chunks, decode_frames, probe
+from apple_video.settings import SwapSettings
+from benchmarks.common import face_clip, timed
 
 
 def plain(src: Path, dst: Path) -> None:

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.cbook
 import numpy as np
 import pytest
 import skimage.data
-import synth
 from PIL import Image
+
+from apple_video import weights
+from tests import synth
 
 HOPPER_FACE_BOX = (161, 137, 376, 352)
 CLIP_SIZE = (480, 360)
@@ -92,3 +96,16 @@ def two_person_frames(astronaut_patch: np.ndarray, hopper: np.ndarray) -> list[n
 @pytest.fixture(scope="session")
 def two_person_clip(media_dir: Path, two_person_frames: list[np.ndarray]) -> Path:
     return synth.write_clip(media_dir / "two.mp4", two_person_frames, fps=12)
+
+
+@pytest.fixture
+def standin_entry(monkeypatch: pytest.MonkeyPatch) -> Callable[..., weights.WeightFile]:
+    """Use a small stand-in in a model file's official layout: its catalogue entry keeps the path and drops the
+    pinned size and hash (the real entry refuses any other file, tested in test_weights_download)."""
+
+    def use(name: str, min_bytes: int = 1) -> weights.WeightFile:
+        entry = dataclasses.replace(weights.lookup(name), size=None, sha256=None, min_bytes=min_bytes)
+        monkeypatch.setattr(weights, "REGISTRY", tuple(entry if e.name == name else e for e in weights.REGISTRY))
+        return entry
+
+    return use

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import synth
 
 from apple_video.swappers.classic import delaunay, triangle_maps
+from tests import synth
 
 
 def turned(photo: np.ndarray, landmarks: np.ndarray, degrees: float) -> np.ndarray:
@@ -64,29 +64,48 @@ TALKS = (
 )
 
 
+@dataclass(frozen=True)
+class JawRig:
+    """A face photo's control points for opening its jaw: the 68 landmarks and the border (kept still), their
+    triangles, and how far each point follows the jaw down (lower lip and chin 1, mouth corners 0.6)."""
+
+    points: np.ndarray
+    triangles: np.ndarray
+    weight: np.ndarray
+
+
+def jaw_rig(landmarks: np.ndarray, w: int, h: int) -> JawRig:
+    corners = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1], [w / 2, 0], [w / 2, h - 1], [0, h / 2],
+                        [w - 1, h / 2]])
+    points = np.concatenate([np.asarray(landmarks, np.float64), corners])
+    weight = np.zeros(len(points))
+    weight[[56, 57, 58, 65, 66, 67]] = 1.0
+    weight[[55, 59]] = 0.6
+    weight[5:12] = [0.4, 0.7, 0.9, 1.0, 0.9, 0.7, 0.4]
+    return JawRig(points, delaunay(points), weight)
+
+
+def open_jaw(image: np.ndarray, rig: JawRig, open_px: float, amount: float) -> np.ndarray:
+    """`image` with its jaw and lower lip pulled down by `open_px * amount` (piecewise-affine warp)."""
+    h, w = image.shape[:2]
+    moved = rig.points.copy()
+    moved[:, 1] += rig.weight * open_px * amount
+    map_x, map_y, _ = triangle_maps(rig.points, moved, rig.triangles, max(w, h))
+    return cv2.remap(image, map_x[:h, :w], map_y[:h, :w], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
+
+
 def talking_frames(patch: np.ndarray, landmarks: np.ndarray, talk: Talk, count: int = 36) -> list[np.ndarray]:
     """Frames of `talk`: the patch's jaw and lower lip pulled down by a speech envelope (syllables of uneven
     strength), the head swaying and nodding, over a textured background."""
     rng = np.random.default_rng(talk.seed)
     h, w = patch.shape[:2]
-    lm = np.asarray(landmarks, np.float64)
-    corners = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1], [w / 2, 0], [w / 2, h - 1], [0, h / 2],
-                        [w - 1, h / 2]])
-    points = np.concatenate([lm, corners])
-    triangles = delaunay(points)
-    weight = np.zeros(len(points))
-    weight[[56, 57, 58, 65, 66, 67]] = 1.0
-    weight[[55, 59]] = 0.6
-    weight[5:12] = [0.4, 0.7, 0.9, 1.0, 0.9, 0.7, 0.4]
+    rig = jaw_rig(landmarks, w, h)
     strength = rng.uniform(0.4, 1.0, count)
     background = synth.background(*talk.size, seed=talk.seed)
     frames = []
     for t in range(count):
         speech = strength[int(t // talk.syllable) % count] * 0.5 * (1 - np.cos(2 * np.pi * t / talk.syllable))
-        moved = points.copy()
-        moved[:, 1] += weight * talk.open_px * speech
-        map_x, map_y, _ = triangle_maps(points, moved, triangles, max(w, h))
-        face = cv2.remap(patch, map_x[:h, :w], map_y[:h, :w], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
+        face = open_jaw(patch, rig, talk.open_px, speech)
         if talk.nod:
             tilt = cv2.getRotationMatrix2D((w / 2, h / 2), talk.nod * np.sin(2 * np.pi * t / 30), 1.0)
             face = cv2.warpAffine(face, tilt, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)

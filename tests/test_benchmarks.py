@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA: the benchmark would run")
 def test_gpu_benchmark_refuses_without_cuda() -> None:
-    result = subprocess.run([sys.executable, "benchmarks/gpu.py"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert result.stdout == "" and len(result.stderr.strip().splitlines()) == 1
     assert "needs a CUDA GPU" in result.stderr
@@ -42,7 +42,7 @@ def test_gpu_acceptance_phases_run_at_toy_size_on_the_cpu(tmp_path: Path) -> Non
     import json
 
     out = tmp_path / "acceptance.jsonl"
-    result = subprocess.run([sys.executable, "benchmarks/gpu.py", "--smoke", "--out", str(out), "--only",
+    result = subprocess.run([sys.executable, "-m", "benchmarks.gpu", "--smoke", "--out", str(out), "--only",
                              "guard,compile,offload,train"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["phase"] for r in records] == ["build", "guard", "compile", "offload", "train"]

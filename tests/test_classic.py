@@ -7,7 +7,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import synth
 from PIL import Image
 
 from apple_video.engine.run import swap_video
@@ -16,8 +15,10 @@ from apple_video.faces.mask import face_height
 from apple_video.media.video import decode_frames, probe
 from apple_video.settings import SwapSettings
 from apple_video.swappers.base import CropJob
-from apple_video.swappers.classic import ClassicSwapper, delaunay, triangle_maps
+from apple_video.swappers.classic import ClassicSwapper
 from apple_video.swappers.classic_masks import mouth_interior_mask
+from tests import synth
+from tests.talking import jaw_rig, open_jaw
 
 FLICKER_BOUND = 1.2  # issue 17; measured: eval (DIS) flicker 1.18 (1.99 before), frame difference 1.01 (1.14)
 
@@ -107,21 +108,8 @@ def region_flicker(before: list[np.ndarray], after: list[np.ndarray], region: np
 def talking_frames(face: np.ndarray, detector, count: int = 36, open_px: float = 9.0) -> tuple[list[np.ndarray], np.ndarray]:
     """A still head whose jaw and lower lip open and close every 12 frames (piecewise-affine warp of a photo)."""
     lm = detector.detect(face)[0].landmarks
-    h, w = face.shape[:2]
-    corners = np.array([[0, 0], [w - 1, 0], [0, h - 1], [w - 1, h - 1], [w / 2, 0], [w / 2, h - 1], [0, h / 2], [w - 1, h / 2]])
-    points = np.concatenate([lm, corners])
-    triangles = delaunay(points)
-    weight = np.zeros(len(points))
-    weight[[56, 57, 58, 65, 66, 67]] = 1.0
-    weight[[55, 59]] = 0.6
-    weight[5:12] = [0.4, 0.7, 0.9, 1.0, 0.9, 0.7, 0.4]
-    frames = []
-    for t in range(count):
-        moved = points.copy()
-        moved[:, 1] += weight * open_px * 0.5 * (1 - np.cos(2 * np.pi * t / 12))
-        map_x, map_y, _ = triangle_maps(points, moved, triangles, max(w, h))
-        frames.append(cv2.remap(face, map_x[:h, :w], map_y[:h, :w], cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101))
-    return frames, lm
+    rig = jaw_rig(lm, face.shape[1], face.shape[0])
+    return [open_jaw(face, rig, open_px, 0.5 * (1 - np.cos(2 * np.pi * t / 12))) for t in range(count)], lm
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import synth
 
 from apple_video.engine.batch import run_batch
 from apple_video.engine.executors import plan_actors, worker_error
 from apple_video.errors import DeviceError, InputError, WorkerError
 from apple_video.media.video import probe
 from apple_video.settings import ModelOptions, SwapSettings
+from tests import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-c", "from cli import main; main()"]

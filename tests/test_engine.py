@@ -13,7 +13,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import synth
 from PIL import Image
 
 from apple_video.engine.batch import swap_batch
@@ -21,6 +20,7 @@ from apple_video.engine.run import job_dir_for, plan_chunks, swap_folder, swap_i
 from apple_video.media.metadata import comment_of, is_synthetic_tag
 from apple_video.media.video import EncodeSettings, decode_frames, probe
 from apple_video.settings import SwapSettings
+from tests import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 LOSSLESS = EncodeSettings(codec="ffv1")
@@ -246,7 +246,7 @@ def test_truncated_video_gives_the_frames_that_are_there(tmp_path: Path, source_
 def test_prefetch_keeps_order_stops_early_and_reports_errors() -> None:
     import threading
 
-    from apple_video.engine.stages import prefetch
+    from apple_video.prefetch import prefetch
 
     assert list(prefetch(iter(range(50)), depth=2)) == list(range(50))
     produced = []

@@ -16,7 +16,6 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-import talking
 import torch
 
 from apple_video import weights
@@ -41,6 +40,7 @@ from apple_video.evaluate.pose import (
 )
 from apple_video.evaluate.report import compare_table, markdown, read_json, write_all
 from apple_video.settings import EvalSettings
+from tests import talking
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (480, 640)

@@ -180,9 +180,8 @@ def test_fixture_clip_has_audio_and_a_detectable_face(detector, face_clip) -> No
 
 
 def test_tracks_split_at_cuts(detector, astronaut_patch) -> None:
-    import synth
-
     from apple_video.faces.track import build_tracks, find_cuts, frame_signature
+    from tests import synth
 
     a = synth.paste_patch(synth.background(480, 360, seed=1), astronaut_patch, synth.Placement(240, 180, 1.0))
     dark = (synth.background(480, 360, seed=2) * 0.3).astype(np.uint8)

@@ -18,7 +18,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import synth
 from PIL import Image
 
 from apple_video.engine.run import job_dir_for, swap_any, swap_video
@@ -33,6 +32,7 @@ from apple_video.media.video import (
     probe,
 )
 from apple_video.settings import SwapSettings
+from tests import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (320, 240)

@@ -8,7 +8,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import synth
 from PIL import Image
 
 from apple_video.errors import InputError, OutputError
@@ -16,6 +15,7 @@ from apple_video.media.images import list_frames, read_image, write_image
 from apple_video.media.metadata import comment_of, is_synthetic_tag
 from apple_video.media.paths import check_output
 from apple_video.media.video import EncodeSettings, VideoWriter, concat_chunks, decode_frames, probe
+from tests import synth
 
 
 def _frames(n: int, size: tuple[int, int]) -> list[np.ndarray]:

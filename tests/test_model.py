@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import FluxTransformer2DModel
-from oracle import oracle_files, oracle_models
 from safetensors.torch import save_file
 
 from apple_video import weights
@@ -17,6 +16,8 @@ from apple_video.models.lora import add_condition_lora, load_lora, save_lora
 from apple_video.models.pipeline import build_tiny, load_transformer
 from apple_video.models.pulid import IDFormer
 from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache, TransformerInputs
+from tests.oracle import oracle_files, oracle_models
+from tests.oracle_reference import reference_forward
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +274,7 @@ def test_packed_forward_equals_reference_and_lora_sees_only_condition_rows() -> 
             rows.clear()
             fast = transformer(inputs)
             fast_rows = list(rows)
-            transformer.packed = False
-            reference = transformer(inputs)
-            transformer.packed = True
+            reference = reference_forward(transformer, inputs)
         assert (fast - reference).abs().max() < 1e-5, condition
         # 3-D inputs of the LoRA are condition tokens only (64 of them); -1 marks the adaLN rows of the condition
         assert set(fast_rows) <= {64, -1} and (len(fast_rows) > 0) == condition

@@ -115,13 +115,8 @@ def test_without_the_file_one_line_says_occlusion_is_off(home: Path, caplog) -> 
 
 
 def test_what_covers_the_face_stays_the_targets(home: Path, hopper: np.ndarray, astronaut: np.ndarray,
-                                                monkeypatch) -> None:
-    # the tiny network is a stand-in in the official layout, not the published file: its entry keeps the path
-    # and drops the pinned size and hash (the real entry refuses any other file, tested in test_weights_download)
-    import dataclasses
-
-    standin = dataclasses.replace(weights.lookup("occlusion-deeplabv3"), size=None, sha256=None, min_bytes=1)
-    monkeypatch.setattr(weights, "REGISTRY", tuple(standin if e.name == standin.name else e for e in weights.REGISTRY))
+                                                standin_entry) -> None:
+    standin_entry("occlusion-deeplabv3")  # the tiny network is a stand-in in the official layout
     detector = create_detector(DetectorSettings(name="dlib"))
     face = detector.detect(astronaut)[0]
     target, occluder = _occluded_target(astronaut, face.landmarks)

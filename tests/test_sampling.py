@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from oracle import oracle_files, oracle_models
 from PIL import Image
 
 from apple_video.config import load_preset, with_overrides
@@ -19,6 +18,7 @@ from apple_video.models import latents as L
 from apple_video.models.pipeline import ApplePipeline
 from apple_video.sampling.flow import FlowCondition, invert, sample
 from apple_video.sampling.schedule import flux_schedule
+from tests.oracle import oracle_files, oracle_models
 
 ROOT = Path(__file__).resolve().parent.parent
 log = logging.getLogger(__name__)
@@ -95,7 +95,7 @@ def tiny_pipeline():
 
 
 def _crops(astronaut: np.ndarray, n: int) -> np.ndarray:
-    from synth import ASTRONAUT_FACE_BOX
+    from tests.synth import ASTRONAUT_FACE_BOX
 
     x0, y0, x1, y1 = ASTRONAUT_FACE_BOX
     base = astronaut[y0 - 20 : y1 + 20, x0 - 20 : x1 + 20]

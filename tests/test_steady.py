@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
-import synth
 from PIL import Image
 
 from apple_video.faces.align import alignment_matrix, invert, matrix_scale, transform_points, warp_crop
 from apple_video.faces.detect import DetectorSettings, ScaleSearch, create_detector
 from apple_video.faces.track import one_euro, smooth_zero_phase
 from apple_video.settings import ModelOptions, SwapSettings, TrackSettings
-
-sys.path.insert(0, str(Path(__file__).parent))
-import talking  # noqa: E402  (the generated faces of this issue, beside the tests)
+from tests import synth, talking
 
 STILL_FRAMES = 30  # chunk of 28: frames 0, 23, 24 (the fine probe), 25, 27 of one chunk and 0, 1 of the next
 
@@ -182,9 +178,8 @@ def test_turned_face_takes_nothing_from_the_source_backdrop(detector, astronaut,
 def test_turned_face_swap(tmp_path: Path, detector, astronaut, hopper, degrees) -> None:
     """A turned target swapped with a source on a vivid backdrop: no face pixel takes the backdrop's colour, the
     seam is as quiet as on frontal faces, and the far side changes less than the near side (the target's own skin)."""
-    from test_classic import seam_score
-
     from apple_video.engine.run import swap_image
+    from tests.test_classic import seam_score
 
     Image.fromarray(talking.on_backdrop(hopper, detector.detect(hopper)[0].landmarks, BLUE)).save(tmp_path / "s.png")
     target = talking.turned(astronaut, detector.detect(astronaut)[0].landmarks, degrees)

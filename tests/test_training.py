@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import synth
 import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests import synth
 from training.config import load_train_config
 from training.data import FaceData, prepare_data
 from training.deblur import deblur_condition, downsample_blur

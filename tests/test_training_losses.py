@@ -7,16 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import synth
 import torch
 import torchvision
 
 from apple_video.errors import WeightsError
 from apple_video.faces.detect import DetectorSettings, create_detector
+from tests.training_data import FixedSampler, aligned_faces
 from training import loop
 from training.config import load_train_config
-from training.deblur import teacher_condition
-from training.loop import Batch, IdentityImage, Trainer, fp32_lora_params
+from training.loop import Trainer, fp32_lora_params
 from training.losses import load_lpips, vgg_features_to_lpips
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -25,25 +24,7 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def faces(astronaut: np.ndarray) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Aligned 128 crops of real face variants with their dlib landmarks and embeddings."""
-    from apple_video.faces.align import alignment_matrix, transform_points, warp_crop
-
-    detector = create_detector(DetectorSettings(name="dlib"))
-    out = []
-    for image in synth.face_variants(astronaut, synth.ASTRONAUT_FACE_BOX, 4, seed=3):
-        face = detector.detect(image)[0]
-        matrix = alignment_matrix(face.kps, 128)
-        out.append((warp_crop(image, matrix, 128), transform_points(face.landmarks, matrix), face.embedding))
-    return out
-
-
-class FixedBatch:
-    def __init__(self, faces) -> None:
-        self.faces = faces
-
-    def batch(self, rng, size: int) -> Batch:
-        items = self.faces[:size]
-        return Batch(np.stack([c for c, _, _ in items]), np.stack([teacher_condition(c, lm) for c, lm, _ in items]),
-                     [IdentityImage(c, lm, e, i) for i, (c, lm, e) in enumerate(items)])
+    return aligned_faces(astronaut, create_detector(DetectorSettings(name="dlib")), 4)
 
 
 def _config(tmp_path: Path, **overrides):
@@ -58,7 +39,7 @@ def _lora(trainer: Trainer, part: str) -> list[torch.Tensor]:
 def test_teacher_starts_from_a_fresh_lora_without_any_lora_file(tmp_path, monkeypatch, faces) -> None:
     monkeypatch.setenv("APPLE_VIDEO_HOME", str(tmp_path / "no_weights"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "no_hf"))
-    trainer = Trainer(_config(tmp_path, steps=2, sample_every=100, lpips_weight=0.0), FixedBatch(faces))
+    trainer = Trainer(_config(tmp_path, steps=2, sample_every=100, lpips_weight=0.0), FixedSampler(faces))
     b, a = _lora(trainer, "B"), _lora(trainer, "A")
     assert b and all(torch.count_nonzero(p) == 0 for p in b)  # the LoRA starts as a no-op
     assert all(p.std() > 0 for p in a)
@@ -68,7 +49,7 @@ def test_teacher_starts_from_a_fresh_lora_without_any_lora_file(tmp_path, monkey
 
 
 def test_lora_master_weights_stay_fp32_in_a_bf16_model(tmp_path, faces) -> None:
-    trainer = Trainer(_config(tmp_path, steps=1, lpips_weight=0.0), FixedBatch(faces))
+    trainer = Trainer(_config(tmp_path, steps=1, lpips_weight=0.0), FixedSampler(faces))
     model = trainer.transformer.to(torch.bfloat16)
     params = fp32_lora_params(model)
     assert params and all(p.dtype == torch.float32 and p.requires_grad for p in params)
@@ -82,7 +63,7 @@ def test_lora_master_weights_stay_fp32_in_a_bf16_model(tmp_path, faces) -> None:
 def test_id_loss_is_averaged_over_the_samples_it_applies_to(tmp_path, faces, monkeypatch) -> None:
     cfg = _config(tmp_path, id_loss_start=0, id_loss_weight=0.5, id_loss_max_t=0.5, lpips_weight=0.0, drop_condition=0.0,
                   drop_id=0.0, drop_text=0.0)
-    trainer = Trainer(cfg, FixedBatch(faces))
+    trainer = Trainer(cfg, FixedSampler(faces))
     seen: list[torch.Tensor] = []
     real = loop.identity_loss
 
@@ -92,7 +73,7 @@ def test_id_loss_is_averaged_over_the_samples_it_applies_to(tmp_path, faces, mon
         return values
 
     monkeypatch.setattr(loop, "identity_loss", spy)
-    batch = FixedBatch(faces).batch(None, 4)
+    batch = FixedSampler(faces).batch(None, 4)
     for seed in range(50):  # a draw where some, not all, samples have t <= 0.5
         gen = torch.Generator().manual_seed(seed)
         t = torch.sigmoid(torch.randn(4, generator=torch.Generator().manual_seed(seed)))
@@ -106,11 +87,11 @@ def test_id_loss_is_averaged_over_the_samples_it_applies_to(tmp_path, faces, mon
 
 def test_text_drop_feeds_the_empty_prompt(tmp_path, faces) -> None:
     cfg = _config(tmp_path, lpips_weight=0.0, id_loss_weight=0.0, drop_condition=0.0, drop_id=0.0, drop_text=1.0)
-    trainer = Trainer(cfg, FixedBatch(faces))
+    trainer = Trainer(cfg, FixedSampler(faces))
     prompts = []
     model = trainer.model
     trainer.model = lambda inputs: prompts.append(inputs.prompt_embeds) or model(inputs)
-    batch = FixedBatch(faces).batch(None, 2)
+    batch = FixedSampler(faces).batch(None, 2)
     trainer.loss(batch, 0, np.random.default_rng(0), torch.Generator().manual_seed(0))
     assert torch.equal(prompts[0], trainer.empty_prompt.prompt_embeds.expand(2, -1, -1))
     assert not torch.equal(prompts[0][0], trainer.pipe.prompt.prompt_embeds[0])
@@ -121,8 +102,8 @@ def test_text_drop_feeds_the_empty_prompt(tmp_path, faces) -> None:
 
 def test_lpips_term_with_a_random_backbone(tmp_path, faces) -> None:
     cfg = _config(tmp_path, lpips_weight=2.0, lpips_max_t=1.0, id_loss_weight=0.0, id_loss_start=0)
-    trainer = Trainer(cfg, FixedBatch(faces))
-    total, stats = trainer.loss(FixedBatch(faces).batch(None, 2), 0, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    trainer = Trainer(cfg, FixedSampler(faces))
+    total, stats = trainer.loss(FixedSampler(faces).batch(None, 2), 0, np.random.default_rng(0), torch.Generator().manual_seed(0))
     assert stats["lpips"] > 0
     assert float(total.detach()) == pytest.approx(float(stats["mse"] + 2.0 * stats["lpips"]), rel=1e-5)
     total.backward()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import synth
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -19,6 +18,7 @@ from PIL import Image
 from apple_video.errors import WeightsError
 from apple_video.faces.align import alignment_matrix, warp_crop
 from apple_video.faces.detect import DetectorSettings, create_detector
+from tests.training_data import FixedSampler, aligned_faces
 from training import arcface, iris
 from training.aesthetic import AestheticHead, AestheticScorer, clip_preprocess, load_clip_vision, load_head
 from training.arcface import NETARC_INPUT, IdentityNet, NetArc, identity_net, load_netarc, netarc_shape
@@ -115,15 +115,8 @@ def test_netarc_preprocessing_as_the_official_trainer() -> None:
     assert net(images).shape == (2, 3, 112, 112)
 
 
-def test_identity_net_default_and_its_missing_files(no_weights, tmp_path, monkeypatch) -> None:
-    import dataclasses
-
-    from apple_video import weights as weights_module
-
-    # the narrow netarc below stands in for the published file: its entry keeps the path, not the pinned size/hash
-    standin = dataclasses.replace(weights_module.lookup("apple-arcface"), size=None, sha256=None, min_bytes=1_000_000)
-    monkeypatch.setattr(weights_module, "REGISTRY",
-                        tuple(standin if e.name == standin.name else e for e in weights_module.REGISTRY))
+def test_identity_net_default_and_its_missing_files(no_weights, tmp_path, standin_entry) -> None:
+    standin_entry("apple-arcface", min_bytes=1_000_000)  # the narrow netarc below stands in for the published file
     with pytest.raises(WeightsError, match="apple-arcface"):
         identity_net("netarc")
     with pytest.raises(WeightsError, match="arcface-r50"):  # auto without the official file: the fallback
@@ -141,8 +134,8 @@ def test_identity_net_default_and_its_missing_files(no_weights, tmp_path, monkey
 def test_lpips_and_id_loss_start_together(tmp_path, faces) -> None:
     cfg = load_train_config(ROOT / "configs" / "train" / "tiny_teacher.yaml", data=tmp_path, output=tmp_path / "run",
                             id_loss_start=5, lpips_weight=1.0, lpips_max_t=1.0, id_loss_max_t=1.0, drop_id=0.0)
-    trainer = Trainer(cfg, _Fixed(faces))
-    batch = _Fixed(faces).batch(None, 2)
+    trainer = Trainer(cfg, FixedSampler(faces))
+    batch = FixedSampler(faces).batch(None, 2)
     _, before = trainer.loss(batch, 4, np.random.default_rng(0), torch.Generator().manual_seed(0))
     assert set(before) == {"mse"}
     _, after = trainer.loss(batch, 5, np.random.default_rng(0), torch.Generator().manual_seed(0))
@@ -482,11 +475,11 @@ def test_identity_cache_is_bounded_and_computes_once(tmp_path, faces) -> None:
     assert calls == [0, 1, 0] and len(memory_only) == 1
     cfg = load_train_config(ROOT / "configs" / "train" / "tiny_teacher.yaml", data=tmp_path, output=tmp_path / "run",
                             id_cache_size=2)
-    trainer = Trainer(cfg, _Fixed(faces))
+    trainer = Trainer(cfg, FixedSampler(faces))
     seen = []
     identity = trainer.pipe.identity
     trainer.pipe.identity = lambda source: seen.append(1) or identity(source)
-    items = _Fixed(faces).batch(None, 3).identity
+    items = FixedSampler(faces).batch(None, 3).identity
     first = trainer._id_tokens(items[:2])
     again = trainer._id_tokens(items[:2])
     assert len(seen) == 2 and torch.equal(first, again)  # no EVA/ArcFace/parsing for a seen image
@@ -494,7 +487,7 @@ def test_identity_cache_is_bounded_and_computes_once(tmp_path, faces) -> None:
     assert len(trainer.id_cache) == 2 and len(seen) == 3
     trainer._id_tokens(items)  # the evicted one is read back, not recomputed
     assert len(seen) == 3 and (tmp_path / "run" / "id_tokens").is_dir()
-    resumed = Trainer(cfg, _Fixed(faces))  # a new run over the same output: the spilled tokens are read back
+    resumed = Trainer(cfg, FixedSampler(faces))  # a new run over the same output: the spilled tokens are read back
     assert resumed.null_id is None
     spilled = int(sorted((tmp_path / "run" / "id_tokens").glob("*.pt"))[0].stem)
     tokens = resumed._id_tokens([items[spilled]])
@@ -505,23 +498,4 @@ def test_identity_cache_is_bounded_and_computes_once(tmp_path, faces) -> None:
 # -- shared fixtures -----------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def faces(astronaut, dlib) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    from apple_video.faces.align import transform_points
-
-    out = []
-    for image in synth.face_variants(astronaut, synth.ASTRONAUT_FACE_BOX, 3, seed=3):
-        face = dlib.detect(image)[0]
-        matrix = alignment_matrix(face.kps, 128)
-        out.append((warp_crop(image, matrix, 128), transform_points(face.landmarks, matrix), face.embedding))
-    return out
-
-
-class _Fixed:
-    def __init__(self, faces) -> None:
-        self.faces = faces
-
-    def batch(self, rng, size: int):
-        from training.loop import Batch
-
-        items = [self.faces[i % len(self.faces)] for i in range(size)]
-        return Batch(np.stack([c for c, _, _ in items]), np.stack([teacher_condition(c, lm) for c, lm, _ in items]),
-                     [IdentityImage(c, lm, e, i) for i, (c, lm, e) in enumerate(items)])
+    return aligned_faces(astronaut, dlib, 3)

@@ -19,7 +19,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import synth
 from PIL import Image
 
 from apple_video.engine.run import lock_path_for, swap_video
@@ -28,6 +27,7 @@ from apple_video.faces.detect import create_detector, detect_faces
 from apple_video.media.images import read_image
 from apple_video.media.video import probe
 from apple_video.settings import DetectorSettings, SwapSettings
+from tests import synth
 
 EXE = [sys.executable, "-c", "from cli import main; main()"]
 ROOT = Path(__file__).resolve().parent.parent

@@ -81,14 +81,12 @@ def load_clip_vision(path: Path, config) -> nn.Module:
     from transformers import CLIPVisionModelWithProjection
 
     model = CLIPVisionModelWithProjection(config)
-    try:
+    # reads the vision weights only; truncated files, foreign formats, wrong shapes all end in one WeightsError
+    with weights.refused_as(f"{path} is not openai/clip-vit-large-patch14's model.safetensors"):
         with safe_open(str(path), framework="pt") as handle:
             state = {k: handle.get_tensor(k) for k in handle.keys() if k.startswith(VISION_PREFIXES)}
         model.load_state_dict(state, strict=False)
         missing = set(model.state_dict()) - set(state)
-    except Exception as error:  # truncated files, foreign formats, wrong shapes
-        raise WeightsError(f"{path} is not openai/clip-vit-large-patch14's model.safetensors "
-                           f"({error.__class__.__name__})") from None
     if missing - {"vision_model.embeddings.position_ids"}:
         raise WeightsError(f"{path} is not a CLIP model file ({len(missing)} vision weights missing)")
     return model
@@ -96,8 +94,8 @@ def load_clip_vision(path: Path, config) -> nn.Module:
 
 def load_head(path: Path) -> AestheticHead:
     head = AestheticHead()
-    try:
-        head.load_state_dict(torch.load(str(path), map_location="cpu", weights_only=True), strict=True)
-    except Exception as error:
-        raise WeightsError(f"{path} is not the improved-aesthetic-predictor MLP ({error.__class__.__name__})") from None
+    refused = f"{path} is not the improved-aesthetic-predictor MLP"
+    state = weights.load_checkpoint(path, refused)
+    with weights.refused_as(refused):
+        head.load_state_dict(state, strict=True)
     return head

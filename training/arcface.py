@@ -104,10 +104,7 @@ def load_arcface(path: Path, arch: str = "iresnet50") -> IResNet:
     model = {"iresnet50": iresnet50, "iresnet100": iresnet100}[arch]()
     if not path.is_file():
         raise WeightsError(f"ArcFace checkpoint missing: {path}")
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # several types for truncated or foreign files
-        raise WeightsError(f"ArcFace checkpoint unreadable: {path} ({error.__class__.__name__})") from None
+    state = weights.load_checkpoint(path, f"ArcFace checkpoint unreadable: {path}")
     missing, _ = model.load_state_dict(state, strict=False)
     if missing:
         raise WeightsError(f"{path} is not an arcface_torch {arch} checkpoint ({len(missing)} missing keys)")
@@ -233,14 +230,17 @@ def netarc_shape(state: dict[str, torch.Tensor]) -> dict:
             "use_se": any(".se." in k for k in state)}
 
 
+def _brief(error: BaseException) -> str:
+    return f"{error.__class__.__name__}: {str(error)[:80]}"
+
+
 def load_netarc(path: Path) -> NetArc:
     """The official `arcface_checkpoint.tar` -> NetArc with its weights, in eval mode."""
-    try:
-        state = _unwrap(torch.load(str(path), map_location="cpu", pickle_module=_pickle_module(), weights_only=False))
+    refused = f"{path} is not the official SimSwap arcface_checkpoint.tar"
+    checkpoint = weights.load_checkpoint(path, refused, detail=_brief, weights_only=False, pickle_module=_pickle_module())
+    with weights.refused_as(refused, detail=_brief):  # a foreign layout
+        state = _unwrap(checkpoint)
         model = NetArc(**netarc_shape(state))
-    except Exception as error:  # unpickling, a foreign layout or a truncated file all end here
-        raise WeightsError(f"{path} is not the official SimSwap arcface_checkpoint.tar "
-                           f"({error.__class__.__name__}: {str(error)[:80]})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("num_batches_tracked")]
     if missing or unexpected:

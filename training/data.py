@@ -14,8 +14,6 @@ import csv
 import json
 import logging
 import multiprocessing
-import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +31,7 @@ from apple_video.faces.parsing import create_parser
 from apple_video.faces.select import sort_faces
 from apple_video.faces.sources import presize_source
 from apple_video.media.images import is_image_path, read_image
+from apple_video.media.paths import atomic_write
 from training.aesthetic import AestheticScorer
 from training.deblur import blur_region, hull_labels, irises_from_eyes, parse_official, teacher_condition
 from training.iris import IrisSource, create_iris_model, iris_points
@@ -206,13 +205,10 @@ OPTIONAL_KEYS = ("irises", "kps", "eva_kps", "regions")  # newer shards; regions
 def write_shard(path: Path, arrays: dict[str, np.ndarray]) -> None:
     """A shard is a folder of .npy files (memory-mappable: training reads single samples, not whole shards),
     written under a temporary name and renamed when complete."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for key, value in arrays.items():
-        np.save(tmp / f"{key}.npy", value)
-    shutil.rmtree(path, ignore_errors=True)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.mkdir(parents=True)
+        for key, value in arrays.items():
+            np.save(tmp / f"{key}.npy", value)
 
 
 def _write_shard(path: Path, records: list[dict]) -> None:
@@ -303,9 +299,8 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
                     for record in records:
                         manifest["framed"][record["framing"]] += 1
                 manifest["skipped"].extend(skipped)
-                tmp = manifest_path.with_name(".manifest.tmp")
-                tmp.write_text(json.dumps(manifest, indent=1))
-                tmp.replace(manifest_path)
+                with atomic_write(manifest_path) as tmp:
+                    tmp.write_text(json.dumps(manifest, indent=1))
                 bar.update(len(group))
     finally:
         if pool:

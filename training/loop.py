@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from tqdm import tqdm
 from apple_video import weights
 from apple_video.config import Preset, load_preset
 from apple_video.faces.types import Face
+from apple_video.media.paths import atomic_write
 from apple_video.models import latents as L
 from apple_video.models.lora import ADAPTER, PREFIX, save_lora
 from apple_video.models.pipeline import ApplePipeline, PromptEmbeddings, load_prompt_embeddings
@@ -101,9 +101,8 @@ class IdentityCache:
         if self.folder is None or self._path(key).is_file():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / f".{key}.{os.getpid()}.tmp"
-        torch.save(value.cpu(), tmp)
-        os.replace(tmp, self._path(key))
+        with atomic_write(self._path(key)) as tmp:
+            torch.save(value.cpu(), tmp)
 
     def get(self, key: int, compute) -> torch.Tensor:
         if key in self.tokens:
@@ -251,14 +250,11 @@ class Trainer:
 
     def save(self, step: int, history: list[float]) -> Path:
         folder = self.cfg.output / f"checkpoint-{step}"
-        tmp = self.cfg.output / f".checkpoint-{step}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_lora(self.accelerator.unwrap_model(self.model), tmp / f"{ADAPTER}.safetensors")
-        torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "losses": history}))
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        with atomic_write(folder) as tmp:
+            tmp.mkdir(parents=True)
+            save_lora(self.accelerator.unwrap_model(self.model), tmp / f"{ADAPTER}.safetensors")
+            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
+            (tmp / "state.json").write_text(json.dumps({"step": step, "losses": history}))
         for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return folder

@@ -41,10 +41,7 @@ def load_lpips(backbone: LpipsBackbone, device: torch.device) -> torch.nn.Module
         model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     if backbone == "vgg16":
         path = weights.require("vgg16-lpips")
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
-        except Exception as error:  # torch raises several types for truncated or foreign files
-            raise WeightsError(f"VGG16 file unreadable: {path} ({error.__class__.__name__})") from None
+        state = weights.load_checkpoint(path, f"VGG16 file unreadable: {path}")
         mapped = vgg_features_to_lpips(state)
         missing, _ = model.net.load_state_dict(mapped, strict=False)
         if missing or not mapped:

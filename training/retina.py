@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from apple_video import weights
-from apple_video.errors import WeightsError
 
 THRESHOLD = 0.97
 
@@ -25,11 +24,10 @@ def load_retinaface(path: Path, device: torch.device | str = "cpu") -> torch.nn.
     with warnings.catch_warnings():  # facexlib still passes torchvision's deprecated `pretrained=`
         warnings.simplefilter("ignore", UserWarning)
         model = RetinaFace(network_name="resnet50", half=False, device=device)
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    refused = f"{path} is not facexlib's detection_Resnet50_Final.pth"
+    state = weights.load_checkpoint(path, refused)
+    with weights.refused_as(refused):  # foreign layouts
         model.load_state_dict({k.removeprefix("module."): v for k, v in state.items()}, strict=True)
-    except Exception as error:  # truncated files, foreign layouts
-        raise WeightsError(f"{path} is not facexlib's detection_Resnet50_Final.pth ({error.__class__.__name__})") from None
     return model.eval().to(device)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from apple_video.media.images import ImageData, frame_size, list_frames, read_image, write_image
-from apple_video.media.paths import temp_path_for
+from apple_video.media.paths import atomic_write
 from apple_video.media.video import VideoInfo, probe
 
 
@@ -50,9 +49,8 @@ def open_folder(path: Path) -> FolderMedia:
 
 def write_atomic(path: Path, data: bytes) -> None:
     """A chunk file the driver got from a worker (temp + rename, so a killed job never leaves half a chunk)."""
-    tmp = temp_path_for(path)
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
 
 
 class FolderSink:
@@ -66,9 +64,8 @@ class FolderSink:
         source = self.media.paths[index]
         target = self.output / source.name
         if not swapped:
-            tmp = temp_path_for(target)
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, target)
+            with atomic_write(target) as tmp:
+                shutil.copyfile(source, tmp)
             return
         data: ImageData = read_image(source)
         write_image(target, data, rgb)

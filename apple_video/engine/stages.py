@@ -4,23 +4,20 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
-import threading
-from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
 from apple_video.faces.align import transform_points, warp_crop
 from apple_video.faces.detect import ScaleSearch, create_detector
-from apple_video.faces.mask import MASK_REGIONS, feather, hull_mask, oval_mask, pad_mask, parsing_mask
+from apple_video.faces.mask import feather, hull_mask, oval_mask, pad_mask, parsing_mask
 from apple_video.faces.occlusion import OcclusionMasker, create_occlusion
 from apple_video.faces.parsing import FaceParser, create_parser
 from apple_video.faces.paste import paste_back
 from apple_video.faces.types import Face, FaceTarget
-from apple_video.settings import SwapSettings
+from apple_video.media.paths import atomic_write
+from apple_video.settings import MASK_REGIONS, SwapSettings
 from apple_video.swappers.base import CropJob, SourceFace, Swapper, crop_matrix
 
 logger = logging.getLogger(__name__)
@@ -57,49 +54,6 @@ def track_seed(seed: int, track: int) -> int:
     """The noise seed of every face of one track: the same at every frame (the official student draws seed 0 for
     every image; a per-frame seed would make a still face flicker). Job seed 0, track 0 is the official seed 0."""
     return (seed * 1_000_003 + track) & 0x7FFFFFFF
-
-
-T = TypeVar("T")
-
-
-def prefetch(items: Iterable[T], depth: int = 1) -> Iterator[T]:
-    """Yield `items` in order while a thread computes up to `depth` of them ahead (decode and crop the next group
-    while the model runs on this one). The thread stops when the consumer does; its errors surface here."""
-    slots: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def put(entry) -> bool:
-        while not stop.is_set():
-            try:
-                slots.put(entry, timeout=0.05)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((item, None)):
-                    return
-            put((done, None))
-        except BaseException as error:  # handed to the consumer, raised there
-            put((done, error))
-
-    thread = threading.Thread(target=produce, name="prefetch", daemon=True)
-    thread.start()
-    try:
-        while True:
-            item, error = slots.get()
-            if item is done:
-                if error is not None:
-                    raise error
-                return
-            yield item
-    finally:
-        stop.set()
-        thread.join()
 
 
 @dataclass
@@ -251,6 +205,5 @@ class Renderer:
 
 
 def write_json(path: Path, data: object) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data))
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        tmp.write_text(json.dumps(data))

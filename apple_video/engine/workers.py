@@ -14,7 +14,7 @@ from itertools import islice
 
 import numpy as np
 
-from apple_video.engine.stages import Analyzer, Renderer, RenderGroup, RenderStats, face_to_dict, prefetch
+from apple_video.engine.stages import Analyzer, Renderer, RenderGroup, RenderStats, face_to_dict
 from apple_video.faces.track import frame_signature
 from apple_video.faces.types import FaceTarget, SourceFace
 from apple_video.media.video import (
@@ -26,6 +26,7 @@ from apple_video.media.video import (
     from_display,
     to_display,
 )
+from apple_video.prefetch import prefetch
 from apple_video.settings import SwapSettings
 from apple_video.swappers.factory import create_swapper
 

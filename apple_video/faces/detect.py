@@ -16,7 +16,7 @@ from apple_video.errors import WeightsError
 from apple_video.faces.align import kps_from_68
 from apple_video.faces.dlib_models import dlib_model_path
 from apple_video.faces.types import Face
-from apple_video.settings import DETECTOR_CHOICES, DetectorName, DetectorSettings  # noqa: F401 (re-exported)
+from apple_video.settings import DetectorSettings
 
 logger = logging.getLogger(__name__)
 

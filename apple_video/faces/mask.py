@@ -7,7 +7,7 @@ import cv2
 import numpy as np
 
 from apple_video.faces.align import template
-from apple_video.settings import MASK_REGIONS, PARSER_CHOICES, REGION_LABELS, MaskSettings  # noqa: F401
+from apple_video.settings import MASK_REGIONS, REGION_LABELS
 
 
 def face_height(landmarks: np.ndarray) -> np.ndarray:

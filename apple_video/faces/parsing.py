@@ -9,7 +9,6 @@ import cv2
 import numpy as np
 
 from apple_video import weights
-from apple_video.errors import WeightsError
 
 if TYPE_CHECKING:  # torch and facexlib load only when parsing is used (classic runs stay light)
     import torch
@@ -32,16 +31,14 @@ class FaceParser:
 
     @classmethod
     def from_weights(cls, device: torch.device | str = "cpu") -> FaceParser:
-        import torch
         from facexlib.parsing.bisenet import BiSeNet
 
         path = weights.require("bisenet-parsing")
         model = BiSeNet(num_class=19)
-        try:
-            state = torch.load(str(path), map_location="cpu", weights_only=True)
+        refused = f"{path} is not a facexlib parsing_bisenet.pth"
+        state = weights.load_checkpoint(path, refused)
+        with weights.refused_as(refused, errors=(RuntimeError, ValueError)):
             model.load_state_dict(state, strict=True)
-        except (RuntimeError, OSError, ValueError) as error:
-            raise WeightsError(f"{path} is not a facexlib parsing_bisenet.pth ({error.__class__.__name__})") from None
         return cls(model, device)
 
     def labels(self, crop: np.ndarray) -> np.ndarray:

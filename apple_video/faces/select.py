@@ -10,7 +10,7 @@ import numpy as np
 from apple_video.faces.align import kps_from_68
 from apple_video.faces.track import TrackSettings, build_tracks, smooth_track
 from apple_video.faces.types import Face, FaceTarget, Track
-from apple_video.settings import SELECTOR_MODES, SELECTOR_ORDERS, SelectorSettings  # noqa: F401
+from apple_video.settings import SelectorSettings
 
 logger = logging.getLogger(__name__)
 

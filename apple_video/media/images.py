@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import struct
 import warnings
@@ -16,7 +15,7 @@ from PIL import Image, ImageOps, PngImagePlugin, UnidentifiedImageError
 
 from apple_video.errors import InputError, OutputError
 from apple_video.media.metadata import synthetic_tag
-from apple_video.media.paths import temp_path_for
+from apple_video.media.paths import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".tif", ".tiff", ".bmp")
 MAX_PIXELS = 120_000_000  # ~11000 x 11000: larger images are refused from their header, before decoding
@@ -193,25 +192,17 @@ def write_image(path: str | Path, data: ImageData, rgb: np.ndarray | None = None
     path = Path(path)
     suffix = path.suffix.lower()
     if data.deep is not None and suffix == ".png":
-        tmp = temp_path_for(path)
-        try:
+        with atomic_write(path) as tmp:
             tmp.write_bytes(_deep_png_bytes(data, data.rgb if rgb is None else rgb))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
     if suffix not in IMAGE_EXTENSIONS:
         raise OutputError(f"unsupported output image type '{path.suffix}' (use one of {', '.join(IMAGE_EXTENSIONS)})")
     image = to_pil(data, rgb)
     if suffix in (".jpg", ".jpeg", ".bmp") and image.mode == "RGBA":
         image = image.convert("RGB")
-    tmp = temp_path_for(path)
     fmt = Image.registered_extensions()[suffix]
-    try:
+    with atomic_write(path) as tmp:
         image.save(tmp, format=fmt, **_save_kwargs(image, suffix, synthetic_tag()))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 

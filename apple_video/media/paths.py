@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from apple_video.errors import InputError, OutputError
@@ -12,6 +15,30 @@ from apple_video.errors import InputError, OutputError
 def temp_path_for(path: Path) -> Path:
     """A hidden sibling used while writing, so a crash never leaves a half-written output."""
     return path.with_name(f".{path.stem}.partial-{os.getpid()}{path.suffix}")
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_write(path: Path) -> Iterator[Path]:
+    """Yield the temp path to write `path` through (a file, or a folder the caller makes); it takes `path`'s place
+    in one rename when the block ends, and is removed when the block raises (the old `path` stays as it was).
+    A folder replaces an existing folder of the same name (removed just before the rename)."""
+    path = Path(path)
+    tmp = temp_path_for(path)
+    try:
+        yield tmp
+        if tmp.is_dir() and path.is_dir():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def check_input(path: Path) -> Path:

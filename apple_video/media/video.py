@@ -6,11 +6,8 @@ import contextlib
 import heapq
 import io
 import logging
-import os
-import queue
 import struct
 import tempfile
-import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from fractions import Fraction
@@ -21,7 +18,8 @@ import numpy as np
 
 from apple_video.errors import DecodeError, InputError, OutputError
 from apple_video.media.metadata import synthetic_tag
-from apple_video.media.paths import check_input, temp_path_for
+from apple_video.media.paths import atomic_write, check_input
+from apple_video.prefetch import prefetch
 from apple_video.settings import EncodeSettings
 
 logger = logging.getLogger(__name__)
@@ -292,42 +290,6 @@ def to_display(rgb: np.ndarray, rotation: int) -> np.ndarray:
 def from_display(rgb: np.ndarray, rotation: int) -> np.ndarray:
     k = (rotation // 90) % 4
     return np.ascontiguousarray(np.rot90(rgb, -k)) if k else rgb
-
-
-def prefetch(items: Iterator, depth: int = 8) -> Iterator:
-    """Run a producer iterator in a thread, `depth` items ahead (PyAV decodes without the GIL), re-raising its errors."""
-    buffer: queue.Queue = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-    done = object()
-
-    def produce() -> None:
-        try:
-            for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
-                    return
-            buffer.put(done)
-        except BaseException as error:  # handed to the consumer
-            buffer.put(error)
-
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
-    try:
-        while True:
-            item = buffer.get()
-            if item is done:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 def decode_frames(info: VideoInfo, start: int = 0, stop: int | None = None, ahead: int = 8) -> Iterator[DecodedFrame]:
@@ -837,9 +799,8 @@ def concat_chunks(
         raise OutputError("nothing to write: no chunks were rendered")
     if last_duration is None:
         last_duration = pts[-1] - pts[-2] if len(pts) > 1 else max(1, round(1 / ((rate or 25) * time_base)))
-    tmp = temp_path_for(output)
     suffix = output.suffix.lower()
-    try:
+    with atomic_write(output) as tmp:
         with av.open(str(chunks[0])) as first, av.open(str(tmp), "w") as out:
             video_in = first.streams.video[0]
             video_out = out.add_stream_from_template(video_in)
@@ -862,9 +823,6 @@ def concat_chunks(
                 out.mux(packet)
             for _, stream in reencode:
                 out.mux(stream.encode(None))
-        os.replace(tmp, output)
-    finally:
-        tmp.unlink(missing_ok=True)
     return output
 
 

@@ -8,9 +8,11 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
+from apple_video import weights
 from apple_video.errors import InputError, WeightsError
+from apple_video.media.paths import atomic_write
 
 # OminiControl's target modules (x_embedder, double-block image-side modules, single-block modules).
 LORA_TARGETS = (
@@ -33,7 +35,6 @@ def add_condition_lora(transformer, rank: int, adapter: str = ADAPTER, init: str
     """Inject an (unfused) LoRA on the condition-branch modules; r == alpha as OminiControl recommends."""
     transformer.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights=init, target_modules=LORA_TARGETS),
                             adapter_name=adapter)
-    transformer.refresh_lora_layers()
 
 
 def fresh_condition_lora(transformer, rank: int, adapter: str = ADAPTER) -> None:
@@ -53,11 +54,10 @@ def save_lora(transformer, path: Path, adapter: str = ADAPTER) -> Path:
     """Write the LoRA; its metadata records whether it was trained with independent_condition (which lets
     inference cache the condition K/V)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
     independent = "true" if transformer.config.independent_condition else "false"
-    save_file(lora_state_dict(transformer, adapter), str(tmp),
-              metadata={"format": "pt", "apple_video": "condition-lora", INDEPENDENT_KEY: independent})
-    tmp.replace(path)
+    with atomic_write(path) as tmp:
+        save_file(lora_state_dict(transformer, adapter), str(tmp),
+                  metadata={"format": "pt", "apple_video": "condition-lora", INDEPENDENT_KEY: independent})
     return path
 
 
@@ -81,10 +81,7 @@ def load_lora(transformer, path: Path, adapter: str = ADAPTER) -> None:
     """Load an APPLE teacher/student LoRA (`default.safetensors`, diffusers keys) into `adapter`."""
     if not path.is_file():
         raise InputError(f"LoRA file not found: {path}")
-    try:
-        raw = load_file(str(path))
-    except Exception as error:  # safetensors raises several types for truncated files
-        raise WeightsError(f"LoRA file corrupt or unreadable: {path} ({error.__class__.__name__})") from None
+    raw = weights.load_checkpoint(path, f"LoRA file corrupt or unreadable: {path}")
     state = {key.removeprefix(PREFIX): value for key, value in raw.items()}
     if trained_independent(path) and not transformer.config.independent_condition:
         # condition tokens were trained to attend to themselves only; the model must be built that way

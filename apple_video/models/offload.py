@@ -98,7 +98,3 @@ class BlockOffloader:
         finally:
             for store, name, host in self.slots[i]:
                 store[name] = host
-
-    def forget(self) -> None:
-        """Drop prefetched copies (after the host weights change, e.g. a LoRA loaded)."""
-        self._ahead = {}

@@ -30,10 +30,7 @@ def load_eva_clip(path, device: torch.device) -> torch.nn.Module:
     import timm
     from timm.models.eva import checkpoint_filter_fn
 
-    try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:  # torch raises several types for truncated or foreign files
-        raise WeightsError(f"EVA-CLIP file unreadable: {path} ({error.__class__.__name__})") from None
+    state = weights.load_checkpoint(path, f"EVA-CLIP file unreadable: {path}")
     state = {k: v for k, v in state.items() if k.startswith("visual.")} or state
     try:
         dims = eva_dims({k.removeprefix("visual."): v for k, v in state.items()})

@@ -12,10 +12,10 @@ Semantics follow the official APPLE code (OminiControl's multi-branch forward + 
   condition queries attend only to condition keys. Then condition K/V are the same at every step and a
   `ConditionKVCache` computes them once.
 
-Two forwards compute this: the packed one (default, `models/packed.py`: tokens that share weights share one
-linear, the LoRA delta only on condition rows, RoPE and time embeddings reused across calls, optionally one
-compiled graph per block kind) and the per-branch reference (`packed = False`), which mirrors the official
-code line by line and serves as the check of the packed one.
+The forward is packed (`models/packed.py`): tokens that share weights share one linear, the LoRA delta only on
+condition rows, RoPE and time embeddings reused across calls, optionally one compiled graph per block kind. Its
+check, the per-branch reference that mirrors the official code line by line, lives beside the oracle tests
+(`tests/oracle_reference.py`).
 """
 
 from __future__ import annotations
@@ -24,14 +24,11 @@ import logging
 import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from diffusers import FluxTransformer2DModel
 from diffusers.configuration_utils import register_to_config
-from diffusers.models.embeddings import apply_rotary_emb
-from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from apple_video.errors import UserError
@@ -86,20 +83,6 @@ def speed_up(transformer: AppleFluxTransformer, compile_blocks: bool, fp8: bool,
         transformer.compile_blocks(True)
 
 
-@contextmanager
-def lora_scope(layers: list[LoraLayer], adapter: str | None) -> Iterator[None]:
-    """Within the block, only `adapter` is on, at scale exactly 1 (the official switch; alpha/r is ignored)."""
-    saved = [dict(layer.scaling) for layer in layers]
-    for layer in layers:
-        for name in layer.scaling:
-            layer.scaling[name] = 1.0 if name == adapter else 0.0
-    try:
-        yield
-    finally:
-        for layer, scales in zip(layers, saved, strict=True):
-            layer.scaling.update(scales)
-
-
 class _Memo:
     """Values computed from a few input tensors, reused while those very tensors are alive and unmodified
     (RoPE tables per crop size, time embeddings per schedule time). Small and per model: no global state."""
@@ -122,17 +105,6 @@ class _Memo:
             self._items.pop(next(iter(self._items)))
         self._items[key] = ([weakref.ref(t) for t in tensors], versions, value)
         return value
-
-
-@dataclass
-class Branch:
-    """One token branch of a forward call."""
-
-    hidden: torch.Tensor  # (B, N, inner_dim)
-    temb: torch.Tensor  # (B, inner_dim)
-    rope: tuple[torch.Tensor, torch.Tensor]
-    adapter: str | None
-    kind: str  # "text" | "image" | "condition"
 
 
 class AppleFluxTransformer(FluxTransformer2DModel):
@@ -174,8 +146,6 @@ class AppleFluxTransformer(FluxTransformer2DModel):
             for _ in range(count)
         )
         self.pulid_encoder = IDFormer(**idformer) if idformer is not None else None
-        self._block_loras: dict[int, list[LoraLayer]] = {}
-        self.packed = True  # False: the reference per-branch forward (peft scales switched per branch)
         self._compiled: dict[Callable, Callable] = {}
         self._memo = _Memo()
         self.stream_device: torch.device | None = None  # set by stream_blocks(): blocks live on the host
@@ -216,16 +186,6 @@ class AppleFluxTransformer(FluxTransformer2DModel):
         return bool(self._compiled)
 
     # -- helpers -------------------------------------------------------------------------------------------------
-    def refresh_lora_layers(self) -> None:
-        """Forget the cached LoRA layer lists (call after adding or removing adapters)."""
-        self._block_loras = {}
-
-    def _loras(self, module: nn.Module) -> list[LoraLayer]:
-        key = id(module)
-        if key not in self._block_loras:
-            self._block_loras[key] = [m for m in module.modules() if isinstance(m, LoraLayer)]
-        return self._block_loras[key]
-
     def _temb(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
         dtype = pooled.dtype
         timestep = timestep.to(dtype) * 1000
@@ -234,107 +194,7 @@ class AppleFluxTransformer(FluxTransformer2DModel):
             return self.time_text_embed(timestep, guidance, pooled)
         return self.time_text_embed(timestep, pooled)
 
-    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
-        b, n, _ = x.shape
-        return x.view(b, n, heads, -1).transpose(1, 2)
-
-    def _attend(self, qkv: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], kinds: list[str], layer: int,
-                cache: ConditionKVCache | None, reading: bool) -> list[torch.Tensor]:
-        """Joint attention over branches, honouring independent_condition and the condition K/V cache."""
-        independent = self.config.independent_condition
-        keys = [k for _, k, _ in qkv]
-        values = [v for _, _, v in qkv]
-        if cache is not None and reading:
-            cached_k, cached_v = cache.keys[layer]
-            keys, values = [*keys, cached_k], [*values, cached_v]
-        elif cache is not None:
-            cond = [i for i, kind in enumerate(kinds) if kind == "condition"]
-            cache.keys[layer] = (torch.cat([keys[i] for i in cond], 2), torch.cat([values[i] for i in cond], 2))
-        main = [i for i, kind in enumerate(kinds) if not (independent and kind == "condition")]
-        outputs: dict[int, torch.Tensor] = {}
-        if main:
-            q = torch.cat([qkv[i][0] for i in main], dim=2)
-            out = F.scaled_dot_product_attention(q, torch.cat(keys, 2), torch.cat(values, 2))
-            for i, piece in zip(main, out.split([qkv[i][0].shape[2] for i in main], dim=2), strict=True):
-                outputs[i] = piece
-        for i in range(len(kinds)):
-            if i not in outputs:  # independent condition: attends only to condition keys
-                cond = [j for j, other in enumerate(kinds) if other == "condition"]
-                outputs[i] = F.scaled_dot_product_attention(
-                    qkv[i][0], torch.cat([qkv[j][1] for j in cond], 2), torch.cat([qkv[j][2] for j in cond], 2))
-        b = qkv[0][0].shape[0]
-        return [outputs[i].transpose(1, 2).reshape(b, outputs[i].shape[2], -1) for i in range(len(kinds))]
-
-    def _qkv(self, attn, h: torch.Tensor, rope, text: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if text:
-            q, k, v = attn.add_q_proj(h), attn.add_k_proj(h), attn.add_v_proj(h)
-            norm_q, norm_k = attn.norm_added_q, attn.norm_added_k
-        else:
-            q, k, v = attn.to_q(h), attn.to_k(h), attn.to_v(h)
-            norm_q, norm_k = attn.norm_q, attn.norm_k
-        q, k, v = (self._heads(t, attn.heads) for t in (q, k, v))
-        q, k = norm_q(q), norm_k(k)
-        return apply_rotary_emb(q, rope), apply_rotary_emb(k, rope), v
-
-    def _double_block(self, block, branches: list[Branch], layer: int, cache: ConditionKVCache | None,
-                      reading: bool) -> None:
-        loras = self._loras(block)
-        mods, qkv = [], []
-        for br in branches:
-            with lora_scope(loras, br.adapter):
-                if br.kind == "text":
-                    normed, *mod = block.norm1_context(br.hidden, emb=br.temb)
-                else:
-                    normed, *mod = block.norm1(br.hidden, emb=br.temb)
-                mods.append(mod)
-                qkv.append(self._qkv(block.attn, normed, br.rope, text=br.kind == "text"))
-        attn_out = self._attend(qkv, [br.kind for br in branches], layer, cache, reading)
-        for br, (gate_msa, shift_mlp, scale_mlp, gate_mlp), out in zip(branches, mods, attn_out, strict=True):
-            with lora_scope(loras, br.adapter):
-                if br.kind == "text":
-                    h = br.hidden + block.attn.to_add_out(out) * gate_msa.unsqueeze(1)
-                    normed = block.norm2_context(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-                    h = h + block.ff_context(normed) * gate_mlp.unsqueeze(1)
-                else:
-                    h = br.hidden + block.attn.to_out[0](out) * gate_msa.unsqueeze(1)
-                    normed = block.norm2(h) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-                    h = h + block.ff(normed) * gate_mlp.unsqueeze(1)
-            br.hidden = h
-
-    def _single_block(self, block, branches: list[Branch], layer: int, cache: ConditionKVCache | None,
-                      reading: bool) -> None:
-        loras = self._loras(block)
-        gates, mlps, qkv = [], [], []
-        for br in branches:
-            with lora_scope(loras, br.adapter):
-                normed, gate = block.norm(br.hidden, emb=br.temb)
-                mlps.append(block.act_mlp(block.proj_mlp(normed)))
-                gates.append(gate)
-                qkv.append(self._qkv(block.attn, normed, br.rope, text=False))
-        attn_out = self._attend(qkv, [br.kind for br in branches], layer, cache, reading)
-        for br, gate, mlp, out in zip(branches, gates, mlps, attn_out, strict=True):
-            with lora_scope(loras, br.adapter):
-                br.hidden = gate.unsqueeze(1) * block.proj_out(torch.cat([out, mlp], dim=2)) + br.hidden
-
-    def _run_block(self, fn, block, branches: list[Branch], layer: int, cache: ConditionKVCache | None,
-                   reading: bool) -> None:
-        """Run one block, recomputing its activations in the backward pass when gradient checkpointing is on."""
-        if not (self.gradient_checkpointing and torch.is_grad_enabled() and cache is None):
-            with self._resident(block):
-                fn(block, branches, layer, cache, reading)
-            return
-
-        def run(*hiddens: torch.Tensor) -> tuple[torch.Tensor, ...]:
-            for branch, hidden in zip(branches, hiddens, strict=True):
-                branch.hidden = hidden
-            fn(block, branches, layer, None, False)
-            return tuple(branch.hidden for branch in branches)
-
-        outputs = torch.utils.checkpoint.checkpoint(run, *[br.hidden for br in branches], use_reentrant=False)
-        for branch, hidden in zip(branches, outputs, strict=True):
-            branch.hidden = hidden
-
-    # -- packed forward (default) ---------------------------------------------------------------------------------
+    # -- forward ---------------------------------------------------------------------------------------------------
     def _time_rows(self, x: TransformerInputs, with_condition: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """(temb of the image branch (B, D), silu(temb) rows (nseg * B, D): image branch[, condition branch])."""
         timestep = x.timestep
@@ -368,7 +228,11 @@ class AppleFluxTransformer(FluxTransformer2DModel):
         image = hidden[:, start : start + count]
         return hidden.slice_scatter(image + x.id_weight * self.pulid_ca[k](x.id_embed, image), 1, start, start + count)
 
-    def _forward_packed(self, x: TransformerInputs, cache: ConditionKVCache | None) -> torch.Tensor:
+    def forward(self, inputs: TransformerInputs, cache: ConditionKVCache | None = None) -> torch.Tensor:  # type: ignore[override]
+        """Velocity for the image tokens, (B, N, C)."""
+        if cache is not None and not self.config.independent_condition:
+            raise ValueError("the condition K/V cache is exact only with independent_condition=True")
+        x = inputs
         reading = cache is not None and cache.filled
         with_condition = x.condition is not None and not reading
         writing = cache is not None and with_condition
@@ -413,47 +277,3 @@ class AppleFluxTransformer(FluxTransformer2DModel):
                 ca += 1
         return self.proj_out(self.norm_out(hidden[:, t : t + n], temb))
 
-    # -- forward -------------------------------------------------------------------------------------------------
-    def forward(self, inputs: TransformerInputs, cache: ConditionKVCache | None = None) -> torch.Tensor:  # type: ignore[override]
-        """Velocity for the image tokens, (B, N, C)."""
-        if cache is not None and not self.config.independent_condition:
-            raise ValueError("the condition K/V cache is exact only with independent_condition=True")
-        if self.packed:
-            return self._forward_packed(inputs, cache)
-        return self._forward_reference(inputs, cache)
-
-    def _forward_reference(self, x: TransformerInputs, cache: ConditionKVCache | None) -> torch.Tensor:
-        """The per-branch forward the official code runs (peft LoRA on every branch, its scale switched)."""
-        loras = self._loras(self.x_embedder)
-        with lora_scope(loras, None):
-            image = self.x_embedder(x.latents)
-        temb = self._temb(x.timestep, x.guidance, x.pooled_embeds)
-        branches = [
-            Branch(self.context_embedder(x.prompt_embeds), temb, self.pos_embed(x.txt_ids), None, "text"),
-            Branch(image, temb, self.pos_embed(x.img_ids), None, "image"),
-        ]
-        reading = cache is not None and cache.filled
-        use_condition = x.condition is not None and not reading
-        if use_condition:
-            with lora_scope(loras, x.adapter):
-                cond = self.x_embedder(x.condition)
-            zeros = torch.zeros_like(x.timestep)
-            cond_temb = self._temb(zeros, torch.ones_like(x.timestep), x.pooled_embeds)
-            cond_ids = x.cond_ids if x.cond_ids is not None else x.img_ids
-            branches.append(Branch(cond, cond_temb, self.pos_embed(cond_ids), x.adapter, "condition"))
-        elif cache is not None and not cache.filled:
-            cache = None  # nothing to cache without a condition
-        ca = 0
-        for i, block in enumerate(self.transformer_blocks):
-            self._run_block(self._double_block, block, branches, i, cache, reading)
-            if x.id_embed is not None and i % self.config.pulid_double_interval == 0:
-                branches[1].hidden = branches[1].hidden + x.id_weight * self.pulid_ca[ca](x.id_embed, branches[1].hidden)
-            if i % self.config.pulid_double_interval == 0:
-                ca += 1
-        for j, block in enumerate(self.single_transformer_blocks):
-            self._run_block(self._single_block, block, branches, len(self.transformer_blocks) + j, cache, reading)
-            if x.id_embed is not None and j % self.config.pulid_single_interval == 0:
-                branches[1].hidden = branches[1].hidden + x.id_weight * self.pulid_ca[ca](x.id_embed, branches[1].hidden)
-            if j % self.config.pulid_single_interval == 0:
-                ca += 1
-        return self.proj_out(self.norm_out(branches[1].hidden, temb))
