@@ -22,6 +22,7 @@ import psutil
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from apple_video.engine.batch import run_batch  # noqa: E402
+from apple_video.engine.factories import quiet_detector  # noqa: E402
 from apple_video.engine.run import load_sources, swap_video  # noqa: E402
 from apple_video.engine.stages import Analyzer  # noqa: E402
 from apple_video.faces.align import alignment_matrix, warp_crop  # noqa: E402
@@ -37,7 +38,7 @@ SOURCE = ROOT / "examples" / "source.jpg"
 
 def parts(clip: Path, settings: SwapSettings) -> dict[str, float]:
     frames = [f.rgb for f in decode_frames(probe(clip))]
-    analyzer = Analyzer(settings)  # the detection stage alone: detector + its embedding schedule, no orchestration
+    analyzer = Analyzer(quiet_detector(settings.detector))  # the detection stage alone: detector + its embedding schedule, no orchestration
     t_detect, found = timed(analyzer.analyze, ((i, i, f) for i, f in enumerate(frames)))
     faces = [found[i] for i in range(len(frames))]
     start = time.perf_counter()

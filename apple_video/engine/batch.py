@@ -7,6 +7,7 @@ import logging
 from dataclasses import replace
 from pathlib import Path
 
+from apple_video.engine.factories import EngineFactories
 from apple_video.engine.run import BatchResult, ClipPlan, ClipRequest, Summary, run_clips, video_plan
 from apple_video.errors import InputError
 from apple_video.media.video import CONTAINER_CODECS, check_encoder, default_codec_for, is_video_path
@@ -47,7 +48,8 @@ def _clip_plan(sources: list[Path], clip: Path, output: Path, settings: SwapSett
     return video_plan(sources, clip, output, replace(settings, encode=encode))
 
 
-def run_batch(sources: list[Path], target: Path, output_dir: Path, settings: SwapSettings) -> BatchResult:
+def run_batch(sources: list[Path], target: Path, output_dir: Path, settings: SwapSettings,
+              factories: EngineFactories | None = None) -> BatchResult:
     """The batch with the workers' own accounts (model builds, busy time)."""
     output_dir.mkdir(parents=True, exist_ok=True)
     clips = list_clips(target)
@@ -60,11 +62,12 @@ def run_batch(sources: list[Path], target: Path, output_dir: Path, settings: Swa
             continue
         plan = functools.partial(_clip_plan, sources, clip, output, settings)
         requests.append(ClipRequest(clip, output, plan, lock=True))
-    result = run_clips(requests, settings) if requests else BatchResult([])
+    result = run_clips(requests, settings, factories=factories) if requests else BatchResult([])
     ran = iter(result.summaries)
     result.summaries = [earlier[i] if i in earlier else next(ran) for i in range(len(clips))]
     return result
 
 
-def swap_batch(sources: list[Path], target: Path, output_dir: Path, settings: SwapSettings) -> list[Summary]:
-    return run_batch(sources, target, output_dir, settings).summaries
+def swap_batch(sources: list[Path], target: Path, output_dir: Path, settings: SwapSettings,
+               factories: EngineFactories | None = None) -> list[Summary]:
+    return run_batch(sources, target, output_dir, settings, factories).summaries

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from apple_video import weights
 from apple_video.errors import ConfigError, DeviceError, InputError, OutputError, UserError
@@ -32,8 +32,11 @@ from apple_video.settings import (
     ignored_options,
     nested_record,
 )
-from apple_video.swappers.factory import resolve_swapper_name
+from apple_video.swappers.factory import announce_swapper, resolve_swapper_name
 from apple_video.swappers.presets import apple_preset, required_weights
+
+if TYPE_CHECKING:
+    from apple_video.engine.factories import EngineFactories
 
 logger = logging.getLogger(__name__)
 
@@ -64,11 +67,21 @@ class Job:
     frames: int = 4  # preview: frames in the sheet
     evaluation: EvalSettings | None = None  # eval pairs: how the run is scored
 
-    def run(self) -> JobResult:
+    def factories(self) -> EngineFactories:
+        """What the run builds its swapper and detectors with (passed down to every worker)."""
+        from apple_video.engine.factories import EngineFactories
+
+        return EngineFactories.for_settings(self.settings)
+
+    def run(self, factories: EngineFactories | None = None) -> JobResult:
+        """Run the job; its workers build their models with `factories` (default: `self.factories()`)."""
+        announce_swapper(self.settings)  # missing weights fail here, before anything is read or written
+        factories = factories or self.factories()
         if self.command == "preview":
             from apple_video.engine.preview import make_preview
 
-            return JobResult((make_preview(list(self.sources), self.target, self.output, self.settings, self.frames),))
+            return JobResult((make_preview(list(self.sources), self.target, self.output, self.settings, self.frames,
+                                           factories),))
         if self.command == "pairs":
             from apple_video.evaluate.runner import run_pairs
 
@@ -78,14 +91,15 @@ class Job:
         if self.kind == "batch":
             from apple_video.engine.batch import swap_batch
 
-            summaries = swap_batch(list(self.sources), self.target, self.output, self.settings)
+            summaries = swap_batch(list(self.sources), self.target, self.output, self.settings, factories)
             failed = [s for s in summaries if s.status != "ok"]
             lines = [s.line() for s in summaries]
             lines.append(f"{len(summaries) - len(failed)} of {len(summaries)} clips done -> {self.output}")
             return JobResult(tuple(lines), ok=not failed)
         from apple_video.engine.run import swap_any
 
-        return JobResult((swap_any(list(self.sources), self.target, self.output, self.settings, self.kind).line(),))
+        return JobResult((swap_any(list(self.sources), self.target, self.output, self.settings, self.kind,
+                                   factories).line(),))
 
 
 def plan_job(command: Command, options: dict[str, Any], given: frozenset[str] | set[str] = frozenset()) -> Job:

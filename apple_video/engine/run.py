@@ -28,6 +28,7 @@ from apple_video.engine.executors import (
     make_pool,
     worker_error,
 )
+from apple_video.engine.factories import EngineFactories
 from apple_video.engine.media_io import (
     FolderMedia,
     FolderSink,
@@ -54,7 +55,7 @@ from apple_video.media.kinds import InputKind, input_kind
 from apple_video.media.video import VideoInfo, concat_chunks, read_packets, trim
 from apple_video.progress import progress
 from apple_video.settings import SwapSettings, output_record
-from apple_video.swappers.factory import announce_swapper, crop_size_for, tracking_for
+from apple_video.swappers.factory import crop_size_for, tracking_for
 
 logger = logging.getLogger(__name__)
 
@@ -369,9 +370,11 @@ class _Run:
     """The scheduler of one run: clips enter a window, their chunks go to the pool, results come back in any order;
     the driver writes each one, advances its clip and starts the next clip as one ends."""
 
-    def __init__(self, requests: list[ClipRequest], settings: SwapSettings, raise_errors: bool) -> None:
+    def __init__(self, requests: list[ClipRequest], settings: SwapSettings, factories: EngineFactories,
+                 raise_errors: bool) -> None:
         self.requests = list(requests)
         self.settings = settings
+        self.factories = factories
         self.raise_errors = raise_errors
         self.summaries: dict[int, Summary] = {}
         self.active: dict[int, tuple[ClipJob, contextlib.ExitStack]] = {}
@@ -379,8 +382,7 @@ class _Run:
         self.next = 0
 
     def run(self) -> BatchResult:
-        announce_swapper(self.settings)  # missing weights fail here, before any job file exists
-        self.pool = make_pool(self.settings)
+        self.pool = make_pool(self.settings, self.factories)
         try:
             with progress(None, "analyze") as analyzed, progress(None, "swap") as swapped:
                 self.bars = {ANALYZE: analyzed, RENDER: swapped}
@@ -403,7 +405,8 @@ class _Run:
         settings = plan.spec.settings
         key = (tuple(plan.source_paths), settings.detector)
         if key not in self.sources:
-            sources = load_sources(plan.source_paths, source_detector(settings), crop_size_for(settings))
+            sources = load_sources(plan.source_paths, source_detector(settings, self.factories),
+                                   crop_size_for(settings))
             self.sources[key] = self.pool.share(sources)
         return self.sources[key]
 
@@ -478,9 +481,11 @@ class _Run:
         self.summaries[key] = Summary(str(clip), str(output), status="failed", error=str(error))
 
 
-def run_clips(requests: list[ClipRequest], settings: SwapSettings, raise_errors: bool = False) -> BatchResult:
-    """Run the clips' jobs on one pool of workers (built once for all of them): the batch and single-job driver."""
-    return _Run(requests, settings, raise_errors).run()
+def run_clips(requests: list[ClipRequest], settings: SwapSettings, raise_errors: bool = False,
+              factories: EngineFactories | None = None) -> BatchResult:
+    """Run the clips' jobs on one pool of workers (built once for all of them): the batch and single-job driver.
+    The workers build their models with `factories` (default: the ones `settings` name)."""
+    return _Run(requests, settings, factories or EngineFactories.for_settings(settings), raise_errors).run()
 
 
 def video_plan(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> ClipPlan:
@@ -510,21 +515,25 @@ def for_rotation(settings: SwapSettings, rotation: int) -> SwapSettings:
     return replace(settings, detector=replace(settings.detector, angles=(0, back)))
 
 
-def swap_video(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> Summary:
+def swap_video(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings,
+               factories: EngineFactories | None = None) -> Summary:
     request = ClipRequest(input_path, output, functools.partial(video_plan, source_paths, input_path, output, settings))
-    return run_clips([request], settings, raise_errors=True).summaries[0]
+    return run_clips([request], settings, raise_errors=True, factories=factories).summaries[0]
 
 
-def swap_folder(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings, fps: float = 25.0) -> Summary:
+def swap_folder(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings, fps: float = 25.0,
+                factories: EngineFactories | None = None) -> Summary:
     plan = functools.partial(folder_plan, source_paths, input_path, output, settings, fps)
-    return run_clips([ClipRequest(input_path, output, plan)], settings, raise_errors=True).summaries[0]
+    return run_clips([ClipRequest(input_path, output, plan)], settings, raise_errors=True,
+                     factories=factories).summaries[0]
 
 
-def swap_image(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> Summary:
+def swap_image(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings,
+               factories: EngineFactories | None = None) -> Summary:
     """One still image: detect, select, swap, paste (the shared still renderer), write with the synthetic tag."""
     started = time.perf_counter()
     data = read_image(input_path)
-    renderer = StillRenderer(settings)
+    renderer = StillRenderer(settings, factories)
     renderer.use_sources(source_paths)
     result = renderer.render(data.rgb, input_path, settings.allow_no_faces)
     write_image(output, data, result.rgb)
@@ -535,7 +544,7 @@ def swap_image(source_paths: list[Path], input_path: Path, output: Path, setting
 
 
 def swap_any(source_paths: list[Path], target: Path, output: Path, settings: SwapSettings,
-             kind: InputKind | None = None) -> Summary:
+             kind: InputKind | None = None, factories: EngineFactories | None = None) -> Summary:
     """One input of any single kind (video, frame folder, image; None: decided from the path), locked and with
     disk errors as one line."""
     kind = kind or input_kind(target)
@@ -543,8 +552,8 @@ def swap_any(source_paths: list[Path], target: Path, output: Path, settings: Swa
         raise UserError(f"{target} is a batch (a folder or list of clips): swap it with `apple-video swap`")
     with output_errors(output):
         if kind == "image":
-            return swap_image(source_paths, target, output, settings)
+            return swap_image(source_paths, target, output, settings, factories)
         with job_lock(output):
             if kind == "folder":
-                return swap_folder(source_paths, target, output, settings)
-            return swap_video(source_paths, target, output, settings)
+                return swap_folder(source_paths, target, output, settings, factories=factories)
+            return swap_video(source_paths, target, output, settings, factories)

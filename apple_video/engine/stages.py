@@ -14,7 +14,7 @@ from typing import TypeVar
 import numpy as np
 
 from apple_video.faces.align import transform_points, warp_crop
-from apple_video.faces.detect import ScaleSearch, create_detector
+from apple_video.faces.detect import FaceDetector, ScaleSearch
 from apple_video.faces.mask import MASK_REGIONS, feather, hull_mask, oval_mask, pad_mask, parsing_mask
 from apple_video.faces.occlusion import OcclusionMasker, create_occlusion
 from apple_video.faces.parsing import FaceParser, create_parser
@@ -119,8 +119,8 @@ class RenderStats:
 class Analyzer:
     """Detect faces (boxes, landmarks, embeddings) on every frame of a chunk."""
 
-    def __init__(self, settings: SwapSettings, embed_every: int = 8) -> None:
-        self.detector = create_detector(settings.detector, announce=False)
+    def __init__(self, detector: FaceDetector, embed_every: int = 8) -> None:
+        self.detector = detector
         self.embed_every = embed_every
 
     def analyze(self, frames) -> dict[int, list[Face]]:

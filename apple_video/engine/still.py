@@ -10,21 +10,22 @@ from pathlib import Path
 
 import numpy as np
 
+from apple_video.engine.factories import EngineFactories
 from apple_video.engine.stages import Renderer
 from apple_video.errors import NoFaceError
-from apple_video.faces.detect import FaceDetector, create_detector, detect_faces
+from apple_video.faces.detect import FaceDetector, detect_faces
 from apple_video.faces.select import select_targets
 from apple_video.faces.sources import source_faces
 from apple_video.faces.types import SourceFace
 from apple_video.media.images import read_image
 from apple_video.settings import SwapSettings
-from apple_video.swappers.factory import announce_swapper, create_swapper, tracking_for
+from apple_video.swappers.factory import tracking_for
 
 
-def source_detector(settings: SwapSettings) -> FaceDetector:
+def source_detector(settings: SwapSettings, factories: EngineFactories) -> FaceDetector:
     """Source photos are searched upright first, whatever angles the target needs."""
     angles = (0, *(a for a in settings.detector.angles if a != 0))
-    return create_detector(replace(settings.detector, angles=angles), announce=False)
+    return factories.detector(replace(settings.detector, angles=angles))
 
 
 def load_sources(paths: Sequence[Path], detector: FaceDetector, crop_size: int) -> list[SourceFace]:
@@ -59,12 +60,12 @@ class StillResult:
 class StillRenderer:
     """Models, detector and face parser are loaded once; `use_sources` switches the identity (eval pairs)."""
 
-    def __init__(self, settings: SwapSettings) -> None:
-        announce_swapper(settings)  # missing weights fail here, before anything is read
+    def __init__(self, settings: SwapSettings, factories: EngineFactories | None = None) -> None:
+        factories = factories or EngineFactories.for_settings(settings)
         self.settings = settings
-        self.swapper = create_swapper(settings)
-        self.detector = create_detector(settings.detector)
-        self._source_detector = source_detector(settings)
+        self.swapper = factories.swapper()
+        self.detector = factories.detector(settings.detector)
+        self._source_detector = source_detector(settings, factories)
         self._renderer: Renderer | None = None
         self._sources: tuple[Path, ...] | None = None
 

@@ -14,6 +14,7 @@ from itertools import islice
 
 import numpy as np
 
+from apple_video.engine.factories import EngineFactories
 from apple_video.engine.stages import Analyzer, Renderer, RenderGroup, RenderStats, face_to_dict, prefetch
 from apple_video.faces.track import frame_signature
 from apple_video.faces.types import FaceTarget, SourceFace
@@ -26,7 +27,6 @@ from apple_video.media.video import (
     to_display,
 )
 from apple_video.settings import SwapSettings
-from apple_video.swappers.factory import create_swapper
 
 Frames = Iterator[tuple[int, int, np.ndarray]]  # (frame index, pts, display-oriented rgb)
 
@@ -106,13 +106,14 @@ class WorkerReport:
 class AnalyzeWorker:
     """Stage 2: decode a chunk and detect faces. One detector per detector setting, kept for every clip."""
 
-    def __init__(self) -> None:
+    def __init__(self, factories: EngineFactories) -> None:
+        self.factories = factories
         self._analyzers: dict[object, Analyzer] = {}
 
     def analyze(self, task: AnalyzeTask) -> AnalyzeResult:
         key = task.settings.detector
         if key not in self._analyzers:
-            self._analyzers[key] = Analyzer(task.settings)
+            self._analyzers[key] = Analyzer(self.factories.detector(key))
         signatures: dict[str, list] = {}
 
         def noted() -> Frames:  # each frame's thumbnail signature (for cut detection) on the way
@@ -135,10 +136,10 @@ class _Job:
 class RenderWorker:
     """Stage 4 (one per GPU): builds the swapper once, then swaps + pastes + encodes chunks of every clip."""
 
-    def __init__(self, settings: SwapSettings) -> None:
+    def __init__(self, factories: EngineFactories) -> None:
         self.created = time.perf_counter()
         self.report_ = WorkerReport(node=_node_name())
-        self.swapper = create_swapper(settings)
+        self.swapper = factories.swapper()
         self.report_.builds += 1
         self._job: _Job | None = None
 
