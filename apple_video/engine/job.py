@@ -21,7 +21,7 @@ from apple_video.errors import ConfigError, DeviceError, InputError, OutputError
 from apple_video.media.images import is_image_path
 from apple_video.media.kinds import input_kind
 from apple_video.media.paths import check_output, check_writable
-from apple_video.media.video import check_encoder, default_codec_for, is_video_path
+from apple_video.media.video import check_encoder, is_video_path
 from apple_video.settings import (
     DETECTOR_CHOICES,
     MASK_REGIONS,
@@ -36,7 +36,10 @@ from apple_video.swappers.factory import announce_swapper, resolve_swapper_name
 from apple_video.swappers.presets import apple_preset, required_weights
 
 if TYPE_CHECKING:
+    from apple_video.engine.batch import BatchPlan
+    from apple_video.engine.clips import ClipPlan
     from apple_video.engine.factories import EngineFactories
+    from apple_video.faces.types import SourceFace
 
 logger = logging.getLogger(__name__)
 
@@ -51,7 +54,8 @@ FACEFUSION_DETECTORS = ("many", "retinaface", "scrfd", "yolo_face", "yunet")
 @dataclass(frozen=True)
 class JobResult:
     lines: tuple[str, ...]  # what the command prints
-    ok: bool = True  # False: some part failed (a batch clip): exit 1
+    ok: bool = True  # False: some part failed (a batch clip)
+    exit_code: int = 0  # when not ok: 2 when only bad inputs failed (refused in planning), else 1
 
 
 @dataclass(frozen=True)
@@ -66,6 +70,9 @@ class Job:
     settings: SwapSettings
     frames: int = 4  # preview: frames in the sheet
     evaluation: EvalSettings | None = None  # eval pairs: how the run is scored
+    faces: tuple[SourceFace, ...] = ()  # the source photos' faces, found in planning (swap and preview)
+    clips: tuple[ClipPlan, ...] = ()  # a video's or frame folder's plan (probed, its own settings)
+    batch: BatchPlan | None = None  # a batch's plan: what runs, what was refused or done earlier
 
     def factories(self) -> EngineFactories:
         """What the run builds its swapper and detectors with (passed down to every worker)."""
@@ -81,25 +88,38 @@ class Job:
             from apple_video.engine.preview import make_preview
 
             return JobResult((make_preview(list(self.sources), self.target, self.output, self.settings, self.frames,
-                                           factories),))
+                                           factories, self.faces),))
         if self.command == "pairs":
             from apple_video.evaluate.runner import run_pairs
 
             report = run_pairs(self.target, self.output, self.settings, self.evaluation or EvalSettings(),
                                self.settings.force)
             return JobResult((report.summary(), f"report: {self.output / 'report.md'} (.json, .png)"))
-        if self.kind == "batch":
-            from apple_video.engine.batch import swap_batch
+        if self.kind == "batch" and self.batch is not None:
+            return self._run_batch(self.batch, factories)
+        from apple_video.engine import run
 
-            summaries = swap_batch(list(self.sources), self.target, self.output, self.settings, factories)
-            failed = [s for s in summaries if s.status != "ok"]
-            lines = [s.line() for s in summaries]
-            lines.append(f"{len(summaries) - len(failed)} of {len(summaries)} clips done -> {self.output}")
-            return JobResult(tuple(lines), ok=not failed)
-        from apple_video.engine.run import swap_any
+        if self.kind == "image":
+            with run.output_errors(self.output):
+                summary = run.swap_image(list(self.sources), self.target, self.output, self.settings, factories,
+                                         self.faces)
+            return JobResult((summary.line(),))
+        [clip] = self.clips
+        with run.output_errors(clip.output), run.job_lock(clip.output):
+            summary = run.run_clips([clip], self.settings, raise_errors=True, factories=factories).summaries[0]
+        return JobResult((summary.line(),))
 
-        return JobResult((swap_any(list(self.sources), self.target, self.output, self.settings, self.kind,
-                                   factories).line(),))
+    def _run_batch(self, plan: BatchPlan, factories: EngineFactories) -> JobResult:
+        from apple_video.engine.batch import run_planned
+
+        self.output.mkdir(parents=True, exist_ok=True)
+        summaries = run_planned(plan, self.settings, factories).summaries
+        failed = [s for s in summaries if s.status != "ok"]
+        lines = [s.line() for s in summaries]
+        lines.append(f"{len(summaries) - len(failed)} of {len(summaries)} clips done -> {self.output}"
+                     f"{f' ({plan.duplicates} listed twice ran once)' if plan.duplicates else ''}")
+        exit_code = 0 if not failed else 2 if all(s.refused for s in failed) else 1
+        return JobResult(tuple(lines), ok=not failed, exit_code=exit_code)
 
 
 def plan_job(command: Command, options: dict[str, Any], given: frozenset[str] | set[str] = frozenset()) -> Job:
@@ -114,9 +134,15 @@ def plan_job(command: Command, options: dict[str, Any], given: frozenset[str] | 
 
 
 def _plan_swap(opts: dict[str, Any], given: frozenset[str]) -> Job:
-    sources, target = split_paths(tuple(opts.get("paths", ())), opts["extra_sources"], opts["target"])
-    check_sources(sources, target, opts["lora"])
-    kind = input_kind(target)
+    if opts.get("manifest"):
+        if opts.get("paths") or opts["extra_sources"] or opts["target"]:
+            raise UserError("--manifest names each row's source and target: give no other SOURCE or TARGET")
+        sources, target, kind = [], Path(opts["manifest"]), "batch"
+        check_sources(sources, target, opts["lora"])
+    else:
+        sources, target = split_paths(tuple(opts.get("paths", ())), opts["extra_sources"], opts["target"])
+        check_sources(sources, target, opts["lora"])
+        kind = input_kind(target)
     output = Path(opts["output"])
     check_conflicts(opts, given)
     check_output_for(kind, target, output, sources, opts["force"])
@@ -124,7 +150,7 @@ def _plan_swap(opts: dict[str, Any], given: frozenset[str]) -> Job:
     warn_disk_space(target, output)
     settings = settings_from(resolve_runtime(opts))
     check_weights(settings)
-    return Job("swap", kind, tuple(sources), target, output, settings)
+    return plan_inputs(Job("swap", kind, tuple(sources), target, output, settings))
 
 
 def _plan_preview(opts: dict[str, Any], given: frozenset[str]) -> Job:
@@ -140,7 +166,32 @@ def _plan_preview(opts: dict[str, Any], given: frozenset[str]) -> Job:
     check_output(output, [target, *sources], opts["force"])
     settings = settings_from(resolve_runtime(opts))
     check_weights(settings)
-    return Job("preview", kind, tuple(sources), target, output, settings, frames=opts.get("count", 4))
+    return plan_inputs(Job("preview", kind, tuple(sources), target, output, settings, frames=opts.get("count", 4)))
+
+
+def plan_inputs(job: Job) -> Job:
+    """The job with its inputs opened: the target probed (each clip of a batch: bad ones refused up front, one
+    line each), each source photo read and its face found. Nothing is built or written yet."""
+    from apple_video.engine.batch import items_for, plan_batch
+    from apple_video.engine.clips import find_source_faces, plan_folder, plan_video, probe_video
+    from apple_video.engine.factories import quiet_detector
+    from apple_video.media.images import read_image
+
+    settings = job.settings
+    if job.kind == "batch":
+        items = items_for(job.sources, job.target)
+        if job.sources:  # one source for every clip: a bad photo fails the whole batch, once
+            find_source_faces(job.sources, settings, quiet_detector)
+        return dataclasses.replace(job, batch=plan_batch(items, job.output, settings))
+    if job.kind == "image":
+        read_image(job.target)
+    elif job.command == "preview":
+        probe_video(job.target)
+    faces = find_source_faces(job.sources, settings, quiet_detector)
+    if job.command == "preview" or job.kind == "image":
+        return dataclasses.replace(job, faces=faces)
+    plan = plan_video if job.kind == "video" else plan_folder
+    return dataclasses.replace(job, faces=faces, clips=(plan(job.sources, faces, job.target, job.output, settings),))
 
 
 def _plan_pairs(opts: dict[str, Any], given: frozenset[str]) -> Job:
@@ -213,13 +264,9 @@ def check_encoding(kind: str, opts: dict, output: Path) -> None:
     check_encoder(_encode(opts, Path(f"out{suffix}")), suffix)
 
 
-def video_encode(encoder: str | None, quality: int, preset: str, output: Path) -> EncodeSettings:
-    codec = encoder or default_codec_for(output)
-    crf = round(51 - quality * 0.51) if codec != "libvpx-vp9" else round(63 - quality * 0.63)
-    return EncodeSettings(codec=codec, crf=crf, preset=preset)
-
-
 def _encode(opts: dict, output: Path | None = None) -> EncodeSettings:
+    from apple_video.engine.clips import video_encode
+
     return video_encode(opts["output_video_encoder"], opts["output_video_quality"], opts["output_video_preset"],
                         output or Path(opts["output"]))
 
@@ -255,7 +302,7 @@ def check_sources(sources: list[Path], target: Path, lora: str | None = None) ->
 
 
 def check_output_for(kind: str, target: Path, output: Path, sources: list[Path], force: bool) -> None:
-    from apple_video.engine.run import job_dir_for
+    from apple_video.engine.layout import job_dir_for
 
     if kind == "image" and not is_image_path(output):
         raise OutputError(f"output of an image swap must be an image file (png/jpg/webp/tiff): {output}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
@@ -9,6 +10,7 @@ import numpy as np
 
 from apple_video.engine.factories import EngineFactories
 from apple_video.engine.still import StillRenderer
+from apple_video.faces.types import SourceFace
 from apple_video.media.images import ImageData, is_image_path, read_image, write_image
 from apple_video.media.video import decode_frames, probe, to_display
 from apple_video.settings import SwapSettings
@@ -30,11 +32,11 @@ def _cell(rgb: np.ndarray) -> np.ndarray:
 
 
 def make_preview(sources: list[Path], target: Path, output: Path, settings: SwapSettings, count: int,
-                 factories: EngineFactories | None = None) -> str:
+                 factories: EngineFactories | None = None, faces: Sequence[SourceFace] | None = None) -> str:
     """Each sampled frame swapped by the still renderer (as `swap` swaps an image); faceless frames shown as they are."""
     frames = _sample_frames(target, count)
     renderer = StillRenderer(settings, factories)
-    renderer.use_sources(sources)
+    renderer.use_sources(sources, faces or None)
     rows, swapped_faces = [], 0
     for rgb in frames:
         result = renderer.render(rgb, target, allow_no_faces=True)
