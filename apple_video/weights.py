@@ -276,8 +276,7 @@ def require(name: str) -> Path:
     entry = lookup(name)
     state, path = status(entry)
     if state == "missing":
-        raise WeightsError(f"model file missing: {entry.name} (expected at {candidates(entry)[0]}; "
-                           "see `apple-video weights where`)")
+        raise WeightsError(f"model file missing: {entry.name} (expected at {candidates(entry)[0]})")
     if state == "corrupt":
         raise WeightsError(f"model file corrupt or truncated: {path}; delete it and download again")
     return path

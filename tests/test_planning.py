@@ -126,3 +126,89 @@ def test_manifest_rows_relative_to_the_file(tmp_path: Path) -> None:
     manifest.write_text("a.jpg\n")
     with pytest.raises(InputError, match="jobs.csv row 1: expected `source"):
         read_manifest(manifest)
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory: pytest.TempPathFactory, clip_frames, source_photo: Path, astronaut: np.ndarray) -> Path:
+    """Three rows, three different sources (one photo, another, both), three short clips; two share a name."""
+    folder = tmp_path_factory.mktemp("manifest")
+    (folder / "a").mkdir()
+    (folder / "b").mkdir()
+    synth.write_clip(folder / "a" / "clip.mp4", clip_frames[:10], fps=15)
+    synth.write_clip(folder / "b" / "clip.mp4", clip_frames[10:20], fps=15)
+    synth.write_clip(folder / "c.mp4", clip_frames[20:30], fps=15)
+    Image.open(source_photo).save(folder / "hopper.jpg")
+    Image.fromarray(astronaut).save(folder / "astronaut.png")
+    path = folder / "jobs.csv"
+    path.write_text("source,target,output\nhopper.jpg,a/clip.mp4\nastronaut.png,b/clip.mp4\n"
+                    "hopper.jpg;astronaut.png,c.mp4,both.mp4\n")
+    return path
+
+
+def _batch(manifest: Path, output: Path, **settings):
+    from apple_video.engine.batch import run_batch
+    from apple_video.settings import SwapSettings
+
+    return run_batch([], manifest, output, SwapSettings(swapper="classic", chunk_frames=4, **settings))
+
+
+def test_manifest_batch_runs_locally_and_on_ray_alike_and_resumes(tmp_path: Path, manifest: Path) -> None:
+    local = _batch(manifest, tmp_path / "local")
+    assert [Path(s.output).name for s in local.summaries] == ["clip.mp4", "clip-2.mp4", "both.mp4"]
+    assert [s.status for s in local.summaries] == ["ok"] * 3 and all(s.faces_swapped >= 8 for s in local.summaries)
+    outputs = {name: (tmp_path / "local" / name).read_bytes() for name in ("clip.mp4", "clip-2.mp4", "both.mp4")}
+    assert len(set(outputs.values())) == 3  # three sources, three different swaps
+    ray = _batch(manifest, tmp_path / "ray", executor="ray", workers=2)
+    assert [s.status for s in ray.summaries] == ["ok"] * 3
+    assert {name: (tmp_path / "ray" / name).read_bytes() for name in outputs} == outputs
+    (tmp_path / "ray" / "clip-2.mp4").unlink()
+    again = _batch(manifest, tmp_path / "ray", executor="ray", workers=2)
+    assert [s.done_earlier for s in again.summaries] == [True, False, True]
+    assert (tmp_path / "ray" / "clip-2.mp4").read_bytes() == outputs["clip-2.mp4"]
+
+
+def test_batch_lists_a_bad_row_before_work_and_runs_the_rest(tmp_path: Path, manifest: Path) -> None:
+    bad = manifest.parent / "bad.csv"
+    bad.write_text(manifest.read_text() + "hopper.jpg,missing.mp4\n")
+    result = _cli("swap", "--manifest", str(bad), "-o", str(tmp_path / "out"), "--swapper", "classic",
+                  "--chunk-frames", "4")
+    assert result.returncode == 2, result.stderr  # only a bad input failed
+    errors = [i for i, line in enumerate(result.stderr.splitlines()) if line.startswith("error:")]
+    progress = [i for i, line in enumerate(result.stderr.splitlines()) if line.startswith(("analyze:", "swap:"))]
+    assert len(errors) == 1 and "bad.csv row 5" in result.stderr.splitlines()[errors[0]], result.stderr
+    assert errors[0] < min(progress), result.stderr  # refused before any work
+    assert "3 of 4 clips done" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["both.mp4", "clip-2.mp4", "clip.mp4"]
+
+
+def test_lora_names_its_preset_and_refusals_come_in_planning(tmp_path: Path, source_photo: Path,
+                                                             face_clip: Path) -> None:
+    from safetensors.numpy import save_file
+
+    from apple_video.engine.job import plan_job
+    from apple_video.models.lora import LORA_PRESET_KEY
+    from apple_video.weights import is_present
+
+    lora = tmp_path / "student.safetensors"
+    save_file({"x.lora_A.weight": np.zeros((2, 2), np.float32)}, str(lora), metadata={LORA_PRESET_KEY: "tiny"})
+    base = [str(source_photo), str(face_clip), "-o", str(tmp_path / "o.mp4")]
+    job = plan_job("swap", *_options([*base, "--lora", str(lora)]))
+    assert job.settings.model.preset == "tiny" and job.settings.model.lora == str(lora)
+    assert plan_job("swap", *_options([*base, "--lora", str(lora), "--preset", "krea-512", "--swapper", "classic"])
+                    ).settings.model.preset == "krea-512"  # --preset given: it wins
+    # space-separated regions (FaceFusion's form) reach the settings, not the paths
+    import cli
+
+    params, _ = _options(cli._expand_nargs(["--face-mask-regions", "skin", "nose", *base]))
+    assert params["face_mask_regions"] == ("skin", "nose") and params["paths"] == (str(source_photo), str(face_clip))
+    import torch
+
+    if not torch.cuda.is_available():
+        result = _cli("swap", *base, "--preset", "tiny", "--fp8")
+        assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "--fp8 needs" in result.stderr and "swapper:" not in result.stderr
+    if not is_present("antelopev2-det"):
+        result = _cli("swap", *base, "--swapper", "classic", "--face-detector-model", "scrfd")
+        assert result.returncode == 2 and "antelopev2-det" in result.stderr.strip().splitlines()[-1], result.stderr
+        assert not any(line.startswith(("analyze:", "swap:")) for line in result.stderr.splitlines())
+    assert not (tmp_path / "o.mp4").exists()

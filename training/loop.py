@@ -254,7 +254,7 @@ class Trainer:
         tmp = self.cfg.output / f".checkpoint-{step}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        save_lora(self.accelerator.unwrap_model(self.model), tmp / f"{ADAPTER}.safetensors")
+        save_lora(self.accelerator.unwrap_model(self.model), tmp / f"{ADAPTER}.safetensors", preset=self.cfg.preset)
         torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, "losses": history}))
         shutil.rmtree(folder, ignore_errors=True)
@@ -334,6 +334,6 @@ class Trainer:
                     self.sample_grid(done)
         final = cfg.output / f"{ADAPTER}.safetensors"
         if end == cfg.steps and self.accelerator.is_main_process:
-            save_lora(self.accelerator.unwrap_model(self.model), final)
+            save_lora(self.accelerator.unwrap_model(self.model), final, preset=cfg.preset)
         self.history = history
         return final

@@ -44,6 +44,8 @@ def ray_failure(address: str, error: BaseException) -> str:
                  "authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on the head)")
     else:
         cause = text.splitlines()[0] if text else error.__class__.__name__
+    # Ray's own hints name its `ray start --address`; apple-video's flag is --ray-address
+    cause = re.sub(r"(?<![\w-])--address\b", "--ray-address", cause)
     return f"cannot connect to the Ray cluster at '{address}': {cause}"
 
 

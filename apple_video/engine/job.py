@@ -236,12 +236,27 @@ def check_conflicts(opts: dict, given: frozenset[str] | set[str]) -> None:
 
 
 def check_weights(settings: SwapSettings) -> None:
-    """The APPLE files a job needs, and its preset and sampling overrides, are checked before anything is written."""
+    """The APPLE files a job needs, its preset and sampling overrides, and whether the model can run here, are
+    checked once, before anything is read or written (the driver's `announce_swapper` then only says which)."""
     if resolve_swapper_name(settings) != "apple":
         return
     preset = apple_preset(settings.model)
     for name in required_weights(preset, settings.model):
         weights.require(name)
+    if settings.executor == "ray":
+        return  # the model runs on the cluster's workers: their devices are checked there
+    from apple_video.models.pipeline import check_fits_device, resolve_device
+
+    device = resolve_device(settings.model.device)
+    if settings.model.fp8:
+        from apple_video.models.transformer import require_torchao
+
+        require_torchao()  # a missing torchao is named on every machine
+    if settings.model.fp8 and device.type != "cuda":
+        raise DeviceError(f"--fp8 needs a CUDA GPU (Ada or Hopper); this run would use the {device.type}: "
+                          f"leave --fp8 off")
+    if preset.model.kind != "tiny":  # a full-size model on a CPU is refused before any work starts
+        check_fits_device(weights.require("flux-krea-dev"), device)
 
 
 def warn_disk_space(target: Path, output: Path) -> None:
@@ -333,6 +348,18 @@ def recipe_from(opts: dict) -> str | None:
     return recipe
 
 
+def preset_of_lora(lora: str | None) -> str | None:
+    """The preset a --lora file was trained on (its metadata), when --preset is not given."""
+    if not lora:
+        return None
+    from apple_video.models.lora import lora_preset
+
+    preset = lora_preset(lora)
+    if preset:
+        logger.info("--lora %s was trained on the %s preset: using it (--preset overrides)", Path(lora).name, preset)
+    return preset
+
+
 def batch_size_from(value: str | int) -> int | str:
     """--batch-size: 'auto' or a whole number of crops per model call (1 or more)."""
     if str(value).strip().lower() == "auto":
@@ -355,6 +382,7 @@ CONVERTERS: dict[str, Callable[[dict], Any]] = {
     "mask.padding": lambda opts: tuple(opts["face_mask_padding"]),
     "mask.types": lambda opts: tuple(opts.get("face_mask_types") or ()) or MaskSettings().types,
     "model.recipe": recipe_from,
+    "model.preset": lambda opts: opts["preset"] or preset_of_lora(opts.get("lora")),
     "batch_size": lambda opts: batch_size_from(opts["batch_size"]),
     "encode.codec": lambda opts: _encode(opts).codec,
     "encode.crf": lambda opts: _encode(opts).crf,
