@@ -117,7 +117,7 @@ class Ticket:
     """One chunk's stage work; `make` builds the call's arguments (reads the packets) when it is dispatched."""
 
     stage: str
-    job: int
+    clip: int  # the clip's key in its run
     chunk: int
     make: Callable[[], tuple]
 
@@ -214,9 +214,9 @@ class LocalPool:
         for ticket in tickets:
             self.queues[ticket.stage].append(ticket)
 
-    def drop(self, job: int) -> None:
+    def drop(self, clip: int) -> None:
         for stage, queue in self.queues.items():
-            self.queues[stage] = deque(t for t in queue if t.job != job)
+            self.queues[stage] = deque(t for t in queue if t.clip != clip)
 
     def next_done(self) -> Done | None:
         queue = self.queues[RENDER] or self.queues[ANALYZE]
@@ -295,9 +295,9 @@ class RayPool:
             self.queues[ticket.stage].append(ticket)
         self._dispatch()
 
-    def drop(self, job: int) -> None:
+    def drop(self, clip: int) -> None:
         for stage, queue in self.queues.items():
-            self.queues[stage] = deque(t for t in queue if t.job != job)
+            self.queues[stage] = deque(t for t in queue if t.clip != clip)
 
     def _dispatch(self) -> None:
         for stage, queue in self.queues.items():

@@ -28,7 +28,7 @@ from apple_video.engine.executors import (
 )
 from apple_video.engine.factories import EngineFactories, quiet_detector
 from apple_video.engine.layout import job_dir_for, lock_path_for
-from apple_video.engine.media_io import FolderMedia, FolderSink, write_atomic
+from apple_video.engine.media_io import FolderSink, write_atomic
 from apple_video.engine.stages import face_from_dict, write_json
 from apple_video.engine.still import StillRenderer, no_faces_message
 from apple_video.engine.workers import (
@@ -205,6 +205,7 @@ class ClipRun:
     def start(self) -> list[Ticket]:
         if self.plan.kind == "folder":
             self.plan.output.mkdir(parents=True, exist_ok=True)
+        _remove_partials(self.plan.output)  # a killed run's half-written files (this run holds the output's lock)
         key = _fingerprint(self.plan.input, list(self.plan.sources), self.settings)
         self.manifest = _open_manifest(self.plan.job_dir, key, self.chunks, self.settings.force)
         self.summary.chunks_resumed = len(self.manifest["rendered"])
@@ -271,9 +272,9 @@ class ClipRun:
         else:
             start, stop = self.chunks[result.chunk]
             swapped = dict(result.swapped)
-            sink = FolderSink(FolderMedia(self.plan.frame_paths), self.plan.output)
+            sink = FolderSink(self.plan.frame_paths, self.plan.output)
             for index in range(start, stop):
-                sink.write(index, index, swapped.get(index), index in swapped)
+                sink.write(index, swapped.get(index), index in swapped)
         self.manifest["rendered"].append(result.chunk)
         self.manifest["stats"][str(result.chunk)] = {k: int(v) for k, v in asdict(result.stats).items()}
         write_json(self.manifest_path, self.manifest)
@@ -372,43 +373,43 @@ class _Run:
                 self.active.pop(key, None)
                 self._fail(key, plan.input, plan.output, stack, error)
 
-    def _count(self, job: ClipRun) -> None:
+    def _count(self, clip: ClipRun) -> None:
         """Grow the progress bars' totals by the frames this clip still has to go through."""
-        for stage, done in ((ANALYZE, job.manifest["analyzed"]), (RENDER, job.manifest["rendered"])):
-            frames = sum(stop - start for c, (start, stop) in enumerate(job.chunks) if c not in done)
+        for stage, done in ((ANALYZE, clip.manifest["analyzed"]), (RENDER, clip.manifest["rendered"])):
+            frames = sum(stop - start for c, (start, stop) in enumerate(clip.chunks) if c not in done)
             bar = self.bars[stage]
             bar.total = (bar.total or 0) + frames
             if hasattr(bar, "refresh"):
                 bar.refresh()
 
-    def _advance(self, job: ClipRun, tickets: list[Ticket]) -> None:
+    def _advance(self, clip: ClipRun, tickets: list[Ticket]) -> None:
         if tickets:
             self.pool.submit(tickets)
-        elif job.complete:
-            _, stack = self.active.pop(job.key)
+        elif clip.complete:
+            _, stack = self.active.pop(clip.key)
             with stack:
-                self.summaries[job.key] = job.finish()
+                self.summaries[clip.key] = clip.finish()
 
     def _handle(self, done: Done) -> None:
-        entry = self.active.get(done.ticket.job)
+        entry = self.active.get(done.ticket.clip)
         if entry is None:
             return  # a result of a clip that failed meanwhile
-        job, stack = entry
+        clip, stack = entry
         try:
             if done.error is not None:
                 raise done.error
-            with output_errors(job.plan.output):
-                start, stop = job.chunks[done.ticket.chunk]
+            with output_errors(clip.plan.output):
+                start, stop = clip.chunks[done.ticket.chunk]
                 self.bars[done.ticket.stage].update(stop - start)
                 if done.ticket.stage == ANALYZE:
-                    self._advance(job, job.analyzed(done.result))
+                    self._advance(clip, clip.analyzed(done.result))
                 else:
-                    job.rendered(done.result)
-                    self._advance(job, [])
+                    clip.rendered(done.result)
+                    self._advance(clip, [])
         except Exception as error:  # noqa: BLE001 - see _fail
-            self.active.pop(job.key, None)
-            self.pool.drop(job.key)
-            self._fail(job.key, job.plan.input, job.plan.output, stack, error)
+            self.active.pop(clip.key, None)
+            self.pool.drop(clip.key)
+            self._fail(clip.key, clip.plan.input, clip.plan.output, stack, error)
 
     def _fail(self, key: int, clip: Path, output: Path, stack: contextlib.ExitStack, error: BaseException) -> None:
         """A clip's failure: one line in its summary; the other clips go on. A single job raises it instead."""

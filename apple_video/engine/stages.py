@@ -14,14 +14,14 @@ from typing import TypeVar
 import numpy as np
 
 from apple_video.faces.align import transform_points, warp_crop
+from apple_video.faces.compose import mask_for
 from apple_video.faces.detect import FaceDetector, ScaleSearch
-from apple_video.faces.mask import MASK_REGIONS, feather, hull_mask, oval_mask, pad_mask, parsing_mask
-from apple_video.faces.occlusion import OcclusionMasker, create_occlusion
-from apple_video.faces.parsing import FaceParser, create_parser
+from apple_video.faces.occlusion import create_occlusion
+from apple_video.faces.parsing import create_parser
 from apple_video.faces.paste import paste_back
 from apple_video.faces.types import Face, FaceTarget
 from apple_video.settings import SwapSettings
-from apple_video.swappers.base import CropJob, SourceFace, Swapper, crop_matrix
+from apple_video.swappers.base import CropJob, SourceFace, Swapper
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +41,6 @@ def face_from_dict(data: dict) -> Face:
         return None if data[key] is None else np.asarray(data[key], np.float64)
 
     return Face(arr("bbox"), arr("kps"), float(data["score"]), arr("landmarks"), arr("embedding"))
-
-
-def target_to_dict(target: FaceTarget) -> dict:
-    return {"frame": target.frame_index, "track": target.track_id, "kps": target.kps.tolist(),
-            "landmarks": None if target.landmarks is None else target.landmarks.tolist()}
-
-
-def target_from_dict(data: dict) -> FaceTarget:
-    landmarks = None if data["landmarks"] is None else np.asarray(data["landmarks"], np.float64)
-    return FaceTarget(data["frame"], data["track"], np.asarray(data["kps"], np.float64), landmarks)
 
 
 def track_seed(seed: int, track: int) -> int:
@@ -132,32 +122,11 @@ class Analyzer:
         for index, _, rgb in frames:
             faces = search.detect(index, rgb, embed=False)
             if faces and (index % self.embed_every == 0 or len(faces) != previous):
-                embed = getattr(self.detector, "embed", None)
-                faces = (embed(rgb, faces) if embed and self.detector.settings.angles == (0,)
+                faces = (self.detector.embed(rgb, faces) if self.detector.settings.angles == (0,)
                          else self.detector.detect(rgb, True, search.used))
             previous = len(faces)
             found[index] = faces
         return found
-
-
-def mask_for(target_landmarks: np.ndarray | None, size: int, settings: SwapSettings, parser: FaceParser | None = None,
-             crop: np.ndarray | None = None, occlusion: OcclusionMasker | None = None) -> np.ndarray:
-    """Feathered mask of what to replace, in crop space, from --face-mask-types: region (parsing when a parser is
-    given, else the landmark hull less the regions left out), box (the landmark hull), occlusion (what covers the
-    face is left out); several are intersected."""
-    types = settings.mask.types
-    regions = settings.mask.regions if "region" in types else MASK_REGIONS
-    if parser is not None and crop is not None and "region" in types:
-        hard = parsing_mask(parser.labels(crop), regions)
-        if "box" in types and target_landmarks is not None:
-            hard = np.minimum(hard, hull_mask(target_landmarks, size))
-    elif target_landmarks is not None:
-        hard = hull_mask(target_landmarks, size, regions)
-    else:
-        hard = oval_mask(size)
-    if occlusion is not None and crop is not None:
-        hard = np.where(occlusion(crop) > 0.5, hard, 0).astype(np.uint8)
-    return feather(pad_mask(hard, settings.mask.padding), settings.mask.blur)
 
 
 @dataclass
@@ -210,7 +179,7 @@ class Renderer:
         group = RenderGroup(frames)
         for position, (index, _, rgb) in enumerate(frames):
             for target in targets.get(index, []):
-                matrix = crop_matrix(self.swapper, target.kps, target.landmarks)
+                matrix = self.swapper.crop_matrix(target.kps, target.landmarks)
                 landmarks = transform_points(target.landmarks, matrix) if target.landmarks is not None else None
                 group.jobs.append(CropJob(warp_crop(rgb, matrix, size), landmarks,
                                           track_seed(self.settings.seed, target.track_id)))
@@ -221,7 +190,7 @@ class Renderer:
         results: list[np.ndarray | None] = []
         for start in range(0, len(group.jobs), self.batch_size):
             jobs = group.jobs[start : start + self.batch_size]
-            if not getattr(self.swapper, "per_crop", False):
+            if not self.swapper.per_crop:
                 # a model's float results depend on the batch's size (other kernels): always send full batches, so a
                 # frame comes out the same at the end of a chunk as in its middle
                 jobs = jobs + [jobs[-1]] * (self.batch_size - len(jobs))

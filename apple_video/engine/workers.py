@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
@@ -57,7 +57,7 @@ class ChunkInput:
 
 @dataclass(frozen=True)
 class AnalyzeTask:
-    job: int
+    clip: int  # the clip key of its run
     chunk: int
     settings: SwapSettings
     media: ChunkInput
@@ -65,7 +65,7 @@ class AnalyzeTask:
 
 @dataclass(frozen=True)
 class AnalyzeResult:
-    job: int
+    clip: int  # the clip key of its run
     chunk: int
     faces: dict[str, list[dict]]
     signatures: dict[str, list]
@@ -73,7 +73,7 @@ class AnalyzeResult:
 
 @dataclass(frozen=True)
 class RenderTask:
-    job: int
+    clip: int  # the clip key of its run
     chunk: int
     settings: SwapSettings  # the clip's (its encoder follows its container)
     media: ChunkInput
@@ -84,7 +84,7 @@ class RenderTask:
 
 @dataclass(frozen=True)
 class RenderResult:
-    job: int
+    clip: int  # the clip key of its run
     chunk: int
     stats: RenderStats
     encoded: bytes | None = None  # a video chunk, in the output's container format
@@ -122,15 +122,8 @@ class AnalyzeWorker:
                 yield index, pts, rgb
 
         faces = self._analyzers[key].analyze(noted())
-        return AnalyzeResult(task.job, task.chunk, {str(i): [face_to_dict(f) for f in fs] for i, fs in faces.items()},
+        return AnalyzeResult(task.clip, task.chunk, {str(i): [face_to_dict(f) for f in fs] for i, fs in faces.items()},
                              signatures)
-
-
-@dataclass
-class _Job:
-    key: int
-    renderer: Renderer
-    swap_seconds: list[float] = field(default_factory=list)
 
 
 class RenderWorker:
@@ -141,12 +134,12 @@ class RenderWorker:
         self.report_ = WorkerReport(node=_node_name())
         self.swapper = factories.swapper()
         self.report_.builds += 1
-        self._job: _Job | None = None
+        self._current: tuple[int, Renderer] | None = None  # the clip being rendered, and its renderer
 
     def _renderer(self, task: RenderTask, sources: list[SourceFace]) -> Renderer:
-        if self._job is None or self._job.key != task.job:
-            self._job = _Job(task.job, Renderer(task.settings, self.swapper, sources))
-        renderer = self._job.renderer
+        if self._current is None or self._current[0] != task.clip:
+            self._current = (task.clip, Renderer(task.settings, self.swapper, sources))
+        renderer = self._current[1]
         renderer.new_chunk()
         return renderer
 
@@ -172,7 +165,7 @@ class RenderWorker:
                     swapped.append((index, rgb))
         self.report_.busy += time.perf_counter() - started
         self.report_.chunks += 1
-        return RenderResult(task.job, task.chunk, stats, encoded, tuple(swapped))
+        return RenderResult(task.clip, task.chunk, stats, encoded, tuple(swapped))
 
     def _swap(self, renderer: Renderer, group: RenderGroup) -> list:
         started = time.perf_counter()

@@ -10,7 +10,7 @@ from apple_video import weights
 from apple_video.config import Preset
 from apple_video.models.pipeline import ApplePipeline, resolve_device
 from apple_video.settings import ModelOptions
-from apple_video.swappers.base import CropJob, SourceFace
+from apple_video.swappers.base import CropJob, SourceFace, ffhq_crop_matrix
 from apple_video.swappers.presets import apple_preset, required_weights
 
 logger = logging.getLogger(__name__)
@@ -20,6 +20,7 @@ class AppleSwapper:
     """The `Swapper` for the diffusion model. The source identity is embedded once in `prepare`."""
 
     name = "apple"
+    per_crop = False  # a batch's size changes the model's float results: the engine sends full batches
 
     def __init__(self, pipeline: ApplePipeline) -> None:
         self.pipeline = pipeline
@@ -40,6 +41,9 @@ class AppleSwapper:
 
     def auto_batch_size(self) -> int:
         return self.pipeline.auto_batch_size()
+
+    def crop_matrix(self, kps: np.ndarray, landmarks: np.ndarray | None) -> np.ndarray:
+        return ffhq_crop_matrix(kps, self.crop_size)
 
     def prepare(self, sources: list[SourceFace]) -> None:
         self._id, self._null = self.pipeline.id_embedding(sources)
