@@ -21,11 +21,11 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from apple_video.engine.analysis import Analyzer  # noqa: E402
 from apple_video.engine.batch import run_batch  # noqa: E402
 from apple_video.engine.clips import load_sources  # noqa: E402
 from apple_video.engine.factories import quiet_detector  # noqa: E402
 from apple_video.engine.run import swap_video  # noqa: E402
-from apple_video.engine.stages import Analyzer  # noqa: E402
 from apple_video.faces.align import alignment_matrix, warp_crop  # noqa: E402
 from apple_video.media.video import decode_frames, probe  # noqa: E402
 from apple_video.settings import ModelOptions, SwapSettings  # noqa: E402

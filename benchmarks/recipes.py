@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from apple_video.config import load_preset, with_overrides  # noqa: E402
-from apple_video.engine.stages import track_seed  # noqa: E402
+from apple_video.engine.render import track_seed  # noqa: E402
 from apple_video.faces.align import alignment_matrix, warp_crop  # noqa: E402
 from apple_video.faces.detect import create_detector  # noqa: E402
 from apple_video.models import latents as L  # noqa: E402

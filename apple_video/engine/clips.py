@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -40,7 +40,7 @@ class ClipPlan:
     output: Path
     settings: SwapSettings  # the clip's own (its encoder follows its container, its angles its rotation)
     sources: tuple[Path, ...]
-    faces: tuple[SourceFace, ...]  # the source photos' faces, found once in planning
+    faces: tuple[SourceFace, ...] = field(compare=False)  # the source photos' faces, found once in planning
     frame_count: int
     fps: float
     keyframes: tuple[int, ...] = (0,)

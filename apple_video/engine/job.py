@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -70,9 +70,10 @@ class Job:
     settings: SwapSettings
     frames: int = 4  # preview: frames in the sheet
     evaluation: EvalSettings | None = None  # eval pairs: how the run is scored
-    faces: tuple[SourceFace, ...] = ()  # the source photos' faces, found in planning (swap and preview)
-    clips: tuple[ClipPlan, ...] = ()  # a video's or frame folder's plan (probed, its own settings)
-    batch: BatchPlan | None = None  # a batch's plan: what runs, what was refused or done earlier
+    # what planning resolved from the inputs (derived from the fields above: not part of a Job's equality)
+    faces: tuple[SourceFace, ...] = field(default=(), compare=False)  # the source photos' faces (swap, preview)
+    clips: tuple[ClipPlan, ...] = field(default=(), compare=False)  # a video's or frame folder's plan
+    batch: BatchPlan | None = field(default=None, compare=False)  # what a batch runs, refused, did earlier
 
     def factories(self) -> EngineFactories:
         """What the run builds its swapper and detectors with (passed down to every worker)."""

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apple_video.engine.analysis import face_from_dict
 from apple_video.engine.clips import ClipPlan, find_source_faces, plan_folder, plan_video
 from apple_video.engine.executors import (
     ANALYZE,
@@ -29,7 +30,7 @@ from apple_video.engine.executors import (
 from apple_video.engine.factories import EngineFactories, quiet_detector
 from apple_video.engine.layout import job_dir_for, lock_path_for
 from apple_video.engine.media_io import FolderSink, write_atomic
-from apple_video.engine.stages import face_from_dict, write_json
+from apple_video.engine.stages import write_json
 from apple_video.engine.still import StillRenderer, no_faces_message
 from apple_video.engine.workers import (
     AnalyzeResult,

@@ -12,7 +12,7 @@ import numpy as np
 
 from apple_video.engine.clips import load_sources, source_detector
 from apple_video.engine.factories import EngineFactories
-from apple_video.engine.stages import Renderer
+from apple_video.engine.render import Renderer
 from apple_video.errors import NoFaceError
 from apple_video.faces.detect import detect_faces
 from apple_video.faces.select import select_targets

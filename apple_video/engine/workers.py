@@ -14,8 +14,10 @@ from itertools import islice
 
 import numpy as np
 
+from apple_video.engine.analysis import Analyzer, face_to_dict
 from apple_video.engine.factories import EngineFactories
-from apple_video.engine.stages import Analyzer, Renderer, RenderGroup, RenderStats, face_to_dict, prefetch
+from apple_video.engine.render import Renderer, RenderGroup, RenderStats
+from apple_video.engine.stages import prefetch
 from apple_video.faces.track import frame_signature
 from apple_video.faces.types import FaceTarget, SourceFace
 from apple_video.media.video import (

@@ -6,12 +6,11 @@ import logging
 
 import numpy as np
 
-from apple_video import weights
 from apple_video.config import Preset
 from apple_video.models.pipeline import ApplePipeline, resolve_device
 from apple_video.settings import ModelOptions
 from apple_video.swappers.base import CropJob, SourceFace, ffhq_crop_matrix
-from apple_video.swappers.presets import apple_preset, required_weights
+from apple_video.swappers.presets import apple_preset
 
 logger = logging.getLogger(__name__)
 
@@ -32,9 +31,7 @@ class AppleSwapper:
 
     @classmethod
     def from_options(cls, options: ModelOptions) -> AppleSwapper:
-        preset = apple_preset(options)
-        for weight in required_weights(preset, options):
-            weights.require(weight)
+        preset = apple_preset(options)  # its files were checked by the planner; the loader finds them
         pipeline = ApplePipeline.from_preset(preset, resolve_device(options.device), lora=options.lora,
                                              offload=options.offload)
         return cls(pipeline)
