@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from apple_video.engine.factories import EngineFactories, quiet_detector
 from apple_video.engine.run import swap_image, swap_video
@@ -61,3 +62,23 @@ def test_still_builds_through_the_given_factories(tmp_path: Path, source_photo: 
     summary = swap_image([source_photo], target, tmp_path / "o.png", SwapSettings(swapper="classic"),
                          counting.factories())
     assert summary.faces_swapped == 1 and len(counting.swappers) == 1
+
+
+def test_model_files_are_resolved_once_and_passed_down(tmp_path: Path) -> None:
+    from apple_video.engine.job import check_weights
+    from apple_video.errors import WeightsError
+    from apple_video.settings import ModelOptions
+    from apple_video.weights import ModelFiles, is_present
+
+    assert check_weights(SwapSettings(swapper="apple", model=ModelOptions(preset="tiny"))) == ModelFiles()
+    assert check_weights(SwapSettings(swapper="classic")) == ModelFiles()
+    stand_in = ModelFiles((("flux-krea-dev", tmp_path / "flux"),))
+    assert stand_in("flux-krea-dev") == tmp_path / "flux"
+    with pytest.raises(KeyError, match="not resolved"):
+        stand_in("apple-student")  # the loader never looks a file up by itself
+    factories = EngineFactories.for_settings(SwapSettings(swapper="apple", model=ModelOptions(preset="tiny")),
+                                             stand_in)
+    assert pickle.loads(pickle.dumps(factories)).swapper.args[1] == stand_in
+    if not is_present("apple-student"):
+        with pytest.raises(WeightsError, match="model file missing: apple-student"):
+            ModelFiles.resolve(["apple-student", "apple-student"])

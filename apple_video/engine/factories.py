@@ -26,6 +26,7 @@ from apple_video.faces.detect import FaceDetector, create_detector
 from apple_video.settings import DetectorSettings, SwapSettings
 from apple_video.swappers.base import Swapper
 from apple_video.swappers.factory import create_swapper
+from apple_video.weights import ModelFiles
 
 
 def quiet_detector(settings: DetectorSettings) -> FaceDetector:
@@ -41,6 +42,7 @@ class EngineFactories:
     detector: Callable[[DetectorSettings], FaceDetector] = quiet_detector  # analysis, source photos, stills
 
     @classmethod
-    def for_settings(cls, settings: SwapSettings) -> EngineFactories:
-        """The factories a job's settings ask for (the swapper and detector they name)."""
-        return cls(swapper=functools.partial(create_swapper, settings), detector=quiet_detector)
+    def for_settings(cls, settings: SwapSettings, files: ModelFiles | None = None) -> EngineFactories:
+        """The factories a job's settings ask for (the swapper and detector they name); `files`: the model files
+        the planner resolved (None: the swapper looks them up when it is built)."""
+        return cls(swapper=functools.partial(create_swapper, settings, files), detector=quiet_detector)

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from apple_video import weights
 from apple_video.errors import ConfigError, DeviceError, InputError, OutputError, UserError
 from apple_video.media.images import is_image_path
 from apple_video.media.kinds import input_kind
@@ -34,6 +33,7 @@ from apple_video.settings import (
 )
 from apple_video.swappers.factory import announce_swapper, resolve_swapper_name
 from apple_video.swappers.presets import apple_preset, required_weights
+from apple_video.weights import ModelFiles
 
 if TYPE_CHECKING:
     from apple_video.engine.batch import BatchPlan
@@ -74,12 +74,13 @@ class Job:
     faces: tuple[SourceFace, ...] = field(default=(), compare=False)  # the source photos' faces (swap, preview)
     clips: tuple[ClipPlan, ...] = field(default=(), compare=False)  # a video's or frame folder's plan
     batch: BatchPlan | None = field(default=None, compare=False)  # what a batch runs, refused, did earlier
+    files: ModelFiles = field(default_factory=ModelFiles, compare=False)  # the swapper's model files, checked once
 
     def factories(self) -> EngineFactories:
         """What the run builds its swapper and detectors with (passed down to every worker)."""
         from apple_video.engine.factories import EngineFactories
 
-        return EngineFactories.for_settings(self.settings)
+        return EngineFactories.for_settings(self.settings, self.files)
 
     def run(self, factories: EngineFactories | None = None) -> JobResult:
         """Run the job; its workers build their models with `factories` (default: `self.factories()`)."""
@@ -150,8 +151,8 @@ def _plan_swap(opts: dict[str, Any], given: frozenset[str]) -> Job:
     check_encoding(kind, opts, output)
     warn_disk_space(target, output)
     settings = settings_from(resolve_runtime(opts))
-    check_weights(settings)
-    return plan_inputs(Job("swap", kind, tuple(sources), target, output, settings))
+    files = check_weights(settings)
+    return plan_inputs(Job("swap", kind, tuple(sources), target, output, settings, files=files))
 
 
 def _plan_preview(opts: dict[str, Any], given: frozenset[str]) -> Job:
@@ -166,8 +167,9 @@ def _plan_preview(opts: dict[str, Any], given: frozenset[str]) -> Job:
     check_conflicts(opts, given)
     check_output(output, [target, *sources], opts["force"])
     settings = settings_from(resolve_runtime(opts))
-    check_weights(settings)
-    return plan_inputs(Job("preview", kind, tuple(sources), target, output, settings, frames=opts.get("count", 4)))
+    files = check_weights(settings)
+    return plan_inputs(Job("preview", kind, tuple(sources), target, output, settings, frames=opts.get("count", 4),
+                           files=files))
 
 
 def plan_inputs(job: Job) -> Job:
@@ -236,16 +238,15 @@ def check_conflicts(opts: dict, given: frozenset[str] | set[str]) -> None:
         logger.warning("--face-detector insightface looks at a fixed 640 px picture: --face-detector-size is ignored")
 
 
-def check_weights(settings: SwapSettings) -> None:
-    """The APPLE files a job needs, its preset and sampling overrides, and whether the model can run here, are
-    checked once, before anything is read or written (the driver's `announce_swapper` then only says which)."""
+def check_weights(settings: SwapSettings) -> ModelFiles:
+    """The APPLE files a job needs (resolved once: the swapper loads them from what this returns), its preset and
+    sampling overrides, and whether the model can run here, checked before anything is read or written."""
     if resolve_swapper_name(settings) != "apple":
-        return
+        return ModelFiles()
     preset = apple_preset(settings.model)
-    for name in required_weights(preset, settings.model):
-        weights.require(name)
+    files = ModelFiles.resolve(required_weights(preset, settings.model))
     if settings.executor == "ray":
-        return  # the model runs on the cluster's workers: their devices are checked there
+        return files  # the model runs on the cluster's workers: their devices are checked there
     from apple_video.models.pipeline import check_fits_device, resolve_device
 
     device = resolve_device(settings.model.device)
@@ -257,7 +258,8 @@ def check_weights(settings: SwapSettings) -> None:
         raise DeviceError(f"--fp8 needs a CUDA GPU (Ada or Hopper); this run would use the {device.type}: "
                           f"leave --fp8 off")
     if preset.model.kind != "tiny":  # a full-size model on a CPU is refused before any work starts
-        check_fits_device(weights.require("flux-krea-dev"), device)
+        check_fits_device(files("flux-krea-dev"), device)
+    return files
 
 
 def warn_disk_space(target: Path, output: Path) -> None:

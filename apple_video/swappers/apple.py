@@ -10,7 +10,8 @@ from apple_video.config import Preset
 from apple_video.models.pipeline import ApplePipeline, resolve_device
 from apple_video.settings import ModelOptions
 from apple_video.swappers.base import CropJob, SourceFace, ffhq_crop_matrix
-from apple_video.swappers.presets import apple_preset
+from apple_video.swappers.presets import apple_preset, required_weights
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
@@ -30,10 +31,12 @@ class AppleSwapper:
         self._null = None
 
     @classmethod
-    def from_options(cls, options: ModelOptions) -> AppleSwapper:
-        preset = apple_preset(options)  # its files were checked by the planner; the loader finds them
+    def from_options(cls, options: ModelOptions, files: ModelFiles | None = None) -> AppleSwapper:
+        """The swapper the options ask for; `files`: the model files the planner resolved (None: looked up now)."""
+        preset = apple_preset(options)
+        files = files if files is not None else ModelFiles.resolve(required_weights(preset, options))
         pipeline = ApplePipeline.from_preset(preset, resolve_device(options.device), lora=options.lora,
-                                             offload=options.offload)
+                                             offload=options.offload, files=files)
         return cls(pipeline)
 
     def auto_batch_size(self) -> int:

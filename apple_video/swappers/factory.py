@@ -8,6 +8,7 @@ from dataclasses import replace
 from apple_video.settings import SwapSettings, TrackSettings
 from apple_video.swappers.base import Swapper
 from apple_video.swappers.presets import apple_preset, apple_weights_present
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,13 @@ def announce_swapper(settings: SwapSettings) -> None:
                        preset.name)
 
 
-def create_swapper(settings: SwapSettings) -> Swapper:
-    """Build the swapper (loads its models); `announce_swapper` says which one, once, on the driver."""
+def create_swapper(settings: SwapSettings, files: ModelFiles | None = None) -> Swapper:
+    """Build the swapper (loads its models from `files`, the ones the planner resolved); `announce_swapper` says
+    which one, once, on the driver."""
     if resolve_swapper_name(settings) == "classic":
         from apple_video.swappers.classic import ClassicSwapper
 
         return ClassicSwapper(poisson=settings.classic_blend == "poisson")
     from apple_video.swappers.apple import AppleSwapper
 
-    return AppleSwapper.from_options(settings.model)
+    return AppleSwapper.from_options(settings.model, files)
