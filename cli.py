@@ -14,6 +14,7 @@ import click
 
 from apple_video import __version__
 from apple_video.errors import AppleVideoError, InputError, UserError
+from apple_video.settings import MASK_REGIONS, MASK_TYPES
 
 logger = logging.getLogger("cli")
 
@@ -212,11 +213,14 @@ def _run(job) -> None:
     for line in result.lines:
         click.echo(line)
     if not result.ok:
-        sys.exit(1)
+        sys.exit(result.exit_code or 1)
 
 
 @cli.command()
 @click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--manifest", type=click.Path(), default=None,
+              help="A batch as a CSV: each row `source(s),target[,output name]` (sources separated by ';', paths "
+                   "relative to the file); the outputs go to the -o folder.")
 @swap_options()
 @click.pass_context
 def swap(ctx: click.Context, paths: tuple[str, ...], **opts) -> None:
@@ -228,6 +232,7 @@ def swap(ctx: click.Context, paths: tuple[str, ...], **opts) -> None:
       apple-video swap face.jpg frames/ -o out_frames/
       apple-video swap face.jpg photo.jpg -o out.png
       apple-video swap face.jpg clips/ -o out/ --ray-address auto
+      apple-video swap --manifest jobs.csv -o out/
 
     An interrupted video or folder job resumes when the same command is run again."""
     from apple_video.engine.job import plan_job
@@ -487,7 +492,8 @@ def eval_report(reports: tuple[str, ...], output: str | None) -> None:
 
 
 GLOBAL_FLAGS = ("-v", "-vv", "-vvv", "--verbose", "-q", "--quiet", "--debug")
-NARGS_OPTIONS = {"--face-detector-angles": ("0", "90", "180", "270"), "--face-mask-types": ("box", "occlusion", "region")}
+NARGS_OPTIONS = {"--face-detector-angles": ("0", "90", "180", "270"), "--face-mask-types": MASK_TYPES,
+                 "--face-mask-regions": MASK_REGIONS}
 
 
 def _expand_nargs(argv: list[str]) -> list[str]:

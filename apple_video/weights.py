@@ -23,7 +23,7 @@ import socket
 import urllib.error
 import urllib.request
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -287,11 +287,29 @@ def require(name: str) -> Path:
     entry = lookup(name)
     state, path = status(entry)
     if state == "missing":
-        raise WeightsError(f"model file missing: {entry.name} (expected at {candidates(entry)[0]}; "
-                           "see `apple-video weights where`)")
+        raise WeightsError(f"model file missing: {entry.name} (expected at {candidates(entry)[0]})")
     if state == "corrupt":
         raise WeightsError(f"model file corrupt or truncated: {path}; delete it and download again")
     return path
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """Model files resolved once (by the planner) and passed down to the code that loads them: `files(name)`
+    is the path; a name that was not resolved is a bug of the caller, not a missing file."""
+
+    paths: tuple[tuple[str, Path], ...] = ()
+
+    @classmethod
+    def resolve(cls, names: Iterable[str]) -> ModelFiles:
+        """Each named file checked (present, not truncated) once: a one-line WeightsError otherwise."""
+        return cls(tuple((name, require(name)) for name in dict.fromkeys(names)))
+
+    def __call__(self, name: str) -> Path:
+        for known, path in self.paths:
+            if known == name:
+                return path
+        raise KeyError(f"model file {name} was not resolved by the planner")
 
 
 def is_present(name: str) -> bool:

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import psutil
 
+from apple_video.engine.analysis import Analyzer
 from apple_video.engine.batch import run_batch
-from apple_video.engine.run import load_sources, swap_video
-from apple_video.engine.stages import Analyzer
+from apple_video.engine.clips import load_sources
+from apple_video.engine.factories import quiet_detector
+from apple_video.engine.run import swap_video
 from apple_video.faces.align import alignment_matrix, warp_crop
 from apple_video.media.video import decode_frames, probe
 from apple_video.settings import ModelOptions, SwapSettings
@@ -35,7 +37,7 @@ SOURCE = ROOT / "examples" / "source.jpg"
 
 def parts(clip: Path, settings: SwapSettings) -> dict[str, float]:
     frames = [f.rgb for f in decode_frames(probe(clip))]
-    analyzer = Analyzer(settings)  # the detection stage alone: detector + its embedding schedule, no orchestration
+    analyzer = Analyzer(quiet_detector(settings.detector))  # the detection stage alone: detector + its embedding schedule, no orchestration
     t_detect, found = timed(analyzer.analyze, ((i, i, f) for i, f in enumerate(frames)))
     faces = [found[i] for i in range(len(frames))]
     start = time.perf_counter()

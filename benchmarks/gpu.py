@@ -498,20 +498,16 @@ def phase_engine(ctx: Context) -> tuple[bool, dict]:
         from PIL import Image
 
         Image.fromarray(skimage.data.astronaut()).save(source)
-        # the engine builds its swapper in the render worker and checks weights on the driver: both see the
-        # random full-size pipeline instead (a lent machine has no weights)
-        from apple_video.engine import workers
+        # the engine's render worker builds the random full-size pipeline through the factories handed in (a lent
+        # machine has no weights; weights are checked by the planner, which this run skips)
+        from apple_video.engine.factories import EngineFactories
 
-        saved = workers.create_swapper, engine.announce_swapper
-        workers.create_swapper, engine.announce_swapper = (lambda settings: swapper), (lambda settings: None)
-        try:
-            settings = SwapSettings(swapper="apple", model=ModelOptions(preset="krea-512"))
-            start = time.perf_counter()
-            with busy:
-                summary = engine.swap_video([source], clip, Path(tmp) / "out.mp4", settings)
-            total = time.perf_counter() - start
-        finally:
-            workers.create_swapper, engine.announce_swapper = saved
+        settings = SwapSettings(swapper="apple", model=ModelOptions(preset="krea-512"))
+        start = time.perf_counter()
+        with busy:
+            summary = engine.swap_video([source], clip, Path(tmp) / "out.mp4", settings,
+                                        EngineFactories(swapper=lambda: swapper))
+        total = time.perf_counter() - start
     figures = dict(frames=summary.frames, faces_swapped=summary.faces_swapped, stage_seconds=summary.seconds,
                    wall_s=round(total, 1), gpu_busy_share=busy.share, error=summary.error)
     return summary.status == "ok" and summary.faces_swapped > 0, figures

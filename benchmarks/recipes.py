@@ -22,7 +22,7 @@ import skimage.data
 import torch
 
 from apple_video.config import load_preset, with_overrides
-from apple_video.engine.stages import track_seed
+from apple_video.engine.render import track_seed
 from apple_video.faces.align import alignment_matrix, warp_crop
 from apple_video.faces.detect import create_detector
 from apple_video.models import latents as L

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from apple_video import weights
-from apple_video.engine.stages import Renderer
+from apple_video.engine.render import Renderer
 from apple_video.faces.align import transform_points
 from apple_video.faces.detect import DetectorSettings, create_detector
 from apple_video.faces.mask import hull_mask

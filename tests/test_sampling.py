@@ -149,7 +149,7 @@ def test_student_recipe_same_frame_same_output_whatever_its_index(tmp_path: Path
                                                                   astronaut: np.ndarray) -> None:
     """Two identical frames of one track, far apart in the clip, get identical swaps: the student's noise comes
     from the job seed and the track, never from the frame index."""
-    from apple_video.engine.stages import Renderer
+    from apple_video.engine.render import Renderer
     from apple_video.faces.detect import create_detector
     from apple_video.faces.sources import source_faces
     from apple_video.faces.types import FaceTarget

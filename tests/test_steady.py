@@ -156,7 +156,7 @@ def test_turned_face_takes_nothing_from_the_source_backdrop(detector, astronaut,
     """Swapping with the source on a blue or on a yellow backdrop gives the same face, frontal or turned (measured:
     at most 2 grey levels apart on under 1% of the crop, from the skin test along the silhouette; a mask that let
     the backdrop in differs by 80+ levels on a third of it)."""
-    from apple_video.swappers.base import CropJob, crop_matrix
+    from apple_video.swappers.base import CropJob
     from apple_video.swappers.classic import ClassicSwapper
 
     target = talking.turned(astronaut, detector.detect(astronaut)[0].landmarks, degrees)
@@ -165,7 +165,7 @@ def test_turned_face_takes_nothing_from_the_source_backdrop(detector, astronaut,
     for source in backdrop_sources:
         swapper = ClassicSwapper()
         swapper.prepare([source])
-        matrix = crop_matrix(swapper, face.kps, face.landmarks)
+        matrix = swapper.crop_matrix(face.kps, face.landmarks)
         crop = warp_crop(target, matrix, swapper.crop_size)
         out = swapper.swap_one(CropJob(crop, transform_points(face.landmarks, matrix), 0))
         outs.append(out.astype(int))

@@ -252,7 +252,7 @@ class Trainer:
         folder = self.cfg.output / f"checkpoint-{step}"
         with atomic_write(folder) as tmp:
             tmp.mkdir(parents=True)
-            save_lora(self.accelerator.unwrap_model(self.model), tmp / f"{ADAPTER}.safetensors")
+            save_lora(self.accelerator.unwrap_model(self.model), tmp / f"{ADAPTER}.safetensors", preset=self.cfg.preset)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
             (tmp / "state.json").write_text(json.dumps({"step": step, "losses": history}))
         for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
@@ -330,6 +330,6 @@ class Trainer:
                     self.sample_grid(done)
         final = cfg.output / f"{ADAPTER}.safetensors"
         if end == cfg.steps and self.accelerator.is_main_process:
-            save_lora(self.accelerator.unwrap_model(self.model), final)
+            save_lora(self.accelerator.unwrap_model(self.model), final, preset=cfg.preset)
         self.history = history
         return final

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from apple_video.engine.factories import EngineFactories
 from apple_video.engine.workers import AnalyzeWorker, RenderWorker, WorkerReport
 from apple_video.errors import AppleVideoError, DeviceError, UserError, WorkerError
 from apple_video.settings import SwapSettings
@@ -43,6 +44,8 @@ def ray_failure(address: str, error: BaseException) -> str:
                  "authentication, set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (`ray get-auth-token` on the head)")
     else:
         cause = text.splitlines()[0] if text else error.__class__.__name__
+    # Ray's own hints name its `ray start --address`; apple-video's flag is --ray-address
+    cause = re.sub(r"(?<![\w-])--address\b", "--ray-address", cause)
     return f"cannot connect to the Ray cluster at '{address}': {cause}"
 
 
@@ -114,7 +117,7 @@ class Ticket:
     """One chunk's stage work; `make` builds the call's arguments (reads the packets) when it is dispatched."""
 
     stage: str
-    job: int
+    clip: int  # the clip's key in its run
     chunk: int
     make: Callable[[], tuple]
 
@@ -198,9 +201,9 @@ def _our_error(error: BaseException | None) -> AppleVideoError | None:
 class LocalPool:
     """One worker of each stage in this process; tasks run one at a time when a result is asked for."""
 
-    def __init__(self, settings: SwapSettings) -> None:
-        self.settings = settings
-        self.analyzer = AnalyzeWorker()
+    def __init__(self, factories: EngineFactories) -> None:
+        self.factories = factories
+        self.analyzer = AnalyzeWorker(factories)
         self.renderer: RenderWorker | None = None  # built at the first chunk to render
         self.queues: dict[str, deque[Ticket]] = {RENDER: deque(), ANALYZE: deque()}
 
@@ -211,9 +214,9 @@ class LocalPool:
         for ticket in tickets:
             self.queues[ticket.stage].append(ticket)
 
-    def drop(self, job: int) -> None:
+    def drop(self, clip: int) -> None:
         for stage, queue in self.queues.items():
-            self.queues[stage] = deque(t for t in queue if t.job != job)
+            self.queues[stage] = deque(t for t in queue if t.clip != clip)
 
     def next_done(self) -> Done | None:
         queue = self.queues[RENDER] or self.queues[ANALYZE]
@@ -225,7 +228,7 @@ class LocalPool:
             if ticket.stage == ANALYZE:
                 return Done(ticket, self.analyzer.analyze(*args))
             if self.renderer is None:
-                self.renderer = RenderWorker(self.settings)
+                self.renderer = RenderWorker(self.factories)
             return Done(ticket, self.renderer.render(*args))
         except AppleVideoError as error:
             return Done(ticket, error=error)
@@ -252,7 +255,7 @@ class RayPool:
     """Long-lived actors for the whole run. A lost actor (its node died) costs only its chunks: they go to the
     other actors of the stage, or to a new actor when none is left."""
 
-    settings: SwapSettings
+    factories: EngineFactories
     plan: ActorPlan
     actors: list[_Actor] = field(default_factory=list)
     queues: dict[str, deque[Ticket]] = field(default_factory=lambda: {RENDER: deque(), ANALYZE: deque()})
@@ -275,9 +278,9 @@ class RayPool:
         if stage == RENDER:
             resources = ({"num_gpus": self.plan.render_gpus, "num_cpus": 0} if self.plan.render_gpus
                          else {"num_cpus": cpus})
-            handle = ray.remote(RenderWorker).options(max_restarts=0, **resources).remote(self.settings)
+            handle = ray.remote(RenderWorker).options(max_restarts=0, **resources).remote(self.factories)
         else:
-            handle = ray.remote(AnalyzeWorker).options(max_restarts=0, num_cpus=cpus).remote()
+            handle = ray.remote(AnalyzeWorker).options(max_restarts=0, num_cpus=cpus).remote(self.factories)
         actor = _Actor(handle, stage)
         self.actors.append(actor)
         return actor
@@ -292,9 +295,9 @@ class RayPool:
             self.queues[ticket.stage].append(ticket)
         self._dispatch()
 
-    def drop(self, job: int) -> None:
+    def drop(self, clip: int) -> None:
         for stage, queue in self.queues.items():
-            self.queues[stage] = deque(t for t in queue if t.job != job)
+            self.queues[stage] = deque(t for t in queue if t.clip != clip)
 
     def _dispatch(self) -> None:
         for stage, queue in self.queues.items():
@@ -378,11 +381,11 @@ class _Failed:
     error: BaseException
 
 
-def make_pool(settings: SwapSettings) -> LocalPool | RayPool:
+def make_pool(settings: SwapSettings, factories: EngineFactories) -> LocalPool | RayPool:
     if settings.executor == "local":
-        return LocalPool(settings)
+        return LocalPool(factories)
     import ray
 
     connect_ray(settings.ray_address)
     cluster = settings.ray_address not in (None, "", "local")
-    return RayPool(settings, plan_actors(settings, ray.cluster_resources(), cluster))
+    return RayPool(factories, plan_actors(settings, ray.cluster_resources(), cluster))

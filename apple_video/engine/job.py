@@ -12,16 +12,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-from apple_video import weights
 from apple_video.errors import ConfigError, DeviceError, InputError, OutputError, UserError
 from apple_video.media.images import is_image_path
 from apple_video.media.kinds import input_kind
 from apple_video.media.paths import check_output, check_writable
-from apple_video.media.video import check_encoder, default_codec_for, is_video_path
+from apple_video.media.video import check_encoder, is_video_path
 from apple_video.settings import (
     DETECTOR_CHOICES,
     MASK_REGIONS,
@@ -32,8 +31,15 @@ from apple_video.settings import (
     ignored_options,
     nested_record,
 )
-from apple_video.swappers.factory import resolve_swapper_name
+from apple_video.swappers.factory import announce_swapper, resolve_swapper_name
 from apple_video.swappers.presets import apple_preset, required_weights
+from apple_video.weights import ModelFiles
+
+if TYPE_CHECKING:
+    from apple_video.engine.batch import BatchPlan
+    from apple_video.engine.clips import ClipPlan
+    from apple_video.engine.factories import EngineFactories
+    from apple_video.faces.types import SourceFace
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +54,8 @@ FACEFUSION_DETECTORS = ("many", "retinaface", "scrfd", "yolo_face", "yunet")
 @dataclass(frozen=True)
 class JobResult:
     lines: tuple[str, ...]  # what the command prints
-    ok: bool = True  # False: some part failed (a batch clip): exit 1
+    ok: bool = True  # False: some part failed (a batch clip)
+    exit_code: int = 0  # when not ok: 2 when only bad inputs failed (refused in planning), else 1
 
 
 @dataclass(frozen=True)
@@ -63,29 +70,58 @@ class Job:
     settings: SwapSettings
     frames: int = 4  # preview: frames in the sheet
     evaluation: EvalSettings | None = None  # eval pairs: how the run is scored
+    # what planning resolved from the inputs (derived from the fields above: not part of a Job's equality)
+    faces: tuple[SourceFace, ...] = field(default=(), compare=False)  # the source photos' faces (swap, preview)
+    clips: tuple[ClipPlan, ...] = field(default=(), compare=False)  # a video's or frame folder's plan
+    batch: BatchPlan | None = field(default=None, compare=False)  # what a batch runs, refused, did earlier
+    files: ModelFiles = field(default_factory=ModelFiles, compare=False)  # the swapper's model files, checked once
 
-    def run(self) -> JobResult:
+    def factories(self) -> EngineFactories:
+        """What the run builds its swapper and detectors with (passed down to every worker)."""
+        from apple_video.engine.factories import EngineFactories
+
+        return EngineFactories.for_settings(self.settings, self.files)
+
+    def run(self, factories: EngineFactories | None = None) -> JobResult:
+        """Run the job; its workers build their models with `factories` (default: `self.factories()`)."""
+        announce_swapper(self.settings)  # missing weights fail here, before anything is read or written
+        factories = factories or self.factories()
         if self.command == "preview":
             from apple_video.engine.preview import make_preview
 
-            return JobResult((make_preview(list(self.sources), self.target, self.output, self.settings, self.frames),))
+            return JobResult((make_preview(list(self.sources), self.target, self.output, self.settings, self.frames,
+                                           factories, self.faces),))
         if self.command == "pairs":
             from apple_video.evaluate.runner import run_pairs
 
             report = run_pairs(self.target, self.output, self.settings, self.evaluation or EvalSettings(),
                                self.settings.force)
             return JobResult((report.summary(), f"report: {self.output / 'report.md'} (.json, .png)"))
-        if self.kind == "batch":
-            from apple_video.engine.batch import swap_batch
+        if self.kind == "batch" and self.batch is not None:
+            return self._run_batch(self.batch, factories)
+        from apple_video.engine import run
 
-            summaries = swap_batch(list(self.sources), self.target, self.output, self.settings)
-            failed = [s for s in summaries if s.status != "ok"]
-            lines = [s.line() for s in summaries]
-            lines.append(f"{len(summaries) - len(failed)} of {len(summaries)} clips done -> {self.output}")
-            return JobResult(tuple(lines), ok=not failed)
-        from apple_video.engine.run import swap_any
+        if self.kind == "image":
+            with run.output_errors(self.output):
+                summary = run.swap_image(list(self.sources), self.target, self.output, self.settings, factories,
+                                         self.faces)
+            return JobResult((summary.line(),))
+        [clip] = self.clips
+        with run.output_errors(clip.output), run.job_lock(clip.output):
+            summary = run.run_clips([clip], self.settings, raise_errors=True, factories=factories).summaries[0]
+        return JobResult((summary.line(),))
 
-        return JobResult((swap_any(list(self.sources), self.target, self.output, self.settings, self.kind).line(),))
+    def _run_batch(self, plan: BatchPlan, factories: EngineFactories) -> JobResult:
+        from apple_video.engine.batch import run_planned
+
+        self.output.mkdir(parents=True, exist_ok=True)
+        summaries = run_planned(plan, self.settings, factories).summaries
+        failed = [s for s in summaries if s.status != "ok"]
+        lines = [s.line() for s in summaries]
+        lines.append(f"{len(summaries) - len(failed)} of {len(summaries)} clips done -> {self.output}"
+                     f"{f' ({plan.duplicates} listed twice ran once)' if plan.duplicates else ''}")
+        exit_code = 0 if not failed else 2 if all(s.refused for s in failed) else 1
+        return JobResult(tuple(lines), ok=not failed, exit_code=exit_code)
 
 
 def plan_job(command: Command, options: dict[str, Any], given: frozenset[str] | set[str] = frozenset()) -> Job:
@@ -100,17 +136,23 @@ def plan_job(command: Command, options: dict[str, Any], given: frozenset[str] | 
 
 
 def _plan_swap(opts: dict[str, Any], given: frozenset[str]) -> Job:
-    sources, target = split_paths(tuple(opts.get("paths", ())), opts["extra_sources"], opts["target"])
-    check_sources(sources, target, opts["lora"])
-    kind = input_kind(target)
+    if opts.get("manifest"):
+        if opts.get("paths") or opts["extra_sources"] or opts["target"]:
+            raise UserError("--manifest names each row's source and target: give no other SOURCE or TARGET")
+        sources, target, kind = [], Path(opts["manifest"]), "batch"
+        check_sources(sources, target, opts["lora"])
+    else:
+        sources, target = split_paths(tuple(opts.get("paths", ())), opts["extra_sources"], opts["target"])
+        check_sources(sources, target, opts["lora"])
+        kind = input_kind(target)
     output = Path(opts["output"])
     check_conflicts(opts, given)
     check_output_for(kind, target, output, sources, opts["force"])
     check_encoding(kind, opts, output)
     warn_disk_space(target, output)
     settings = settings_from(resolve_runtime(opts))
-    check_weights(settings)
-    return Job("swap", kind, tuple(sources), target, output, settings)
+    files = check_weights(settings)
+    return plan_inputs(Job("swap", kind, tuple(sources), target, output, settings, files=files))
 
 
 def _plan_preview(opts: dict[str, Any], given: frozenset[str]) -> Job:
@@ -125,8 +167,34 @@ def _plan_preview(opts: dict[str, Any], given: frozenset[str]) -> Job:
     check_conflicts(opts, given)
     check_output(output, [target, *sources], opts["force"])
     settings = settings_from(resolve_runtime(opts))
-    check_weights(settings)
-    return Job("preview", kind, tuple(sources), target, output, settings, frames=opts.get("count", 4))
+    files = check_weights(settings)
+    return plan_inputs(Job("preview", kind, tuple(sources), target, output, settings, frames=opts.get("count", 4),
+                           files=files))
+
+
+def plan_inputs(job: Job) -> Job:
+    """The job with its inputs opened: the target probed (each clip of a batch: bad ones refused up front, one
+    line each), each source photo read and its face found. Nothing is built or written yet."""
+    from apple_video.engine.batch import items_for, plan_batch
+    from apple_video.engine.clips import find_source_faces, plan_folder, plan_video, probe_video
+    from apple_video.engine.factories import quiet_detector
+    from apple_video.media.images import read_image
+
+    settings = job.settings
+    if job.kind == "batch":
+        items = items_for(job.sources, job.target)
+        if job.sources:  # one source for every clip: a bad photo fails the whole batch, once
+            find_source_faces(job.sources, settings, quiet_detector)
+        return dataclasses.replace(job, batch=plan_batch(items, job.output, settings))
+    if job.kind == "image":
+        read_image(job.target)
+    elif job.command == "preview":
+        probe_video(job.target)
+    faces = find_source_faces(job.sources, settings, quiet_detector)
+    if job.command == "preview" or job.kind == "image":
+        return dataclasses.replace(job, faces=faces)
+    plan = plan_video if job.kind == "video" else plan_folder
+    return dataclasses.replace(job, faces=faces, clips=(plan(job.sources, faces, job.target, job.output, settings),))
 
 
 def _plan_pairs(opts: dict[str, Any], given: frozenset[str]) -> Job:
@@ -170,13 +238,28 @@ def check_conflicts(opts: dict, given: frozenset[str] | set[str]) -> None:
         logger.warning("--face-detector insightface looks at a fixed 640 px picture: --face-detector-size is ignored")
 
 
-def check_weights(settings: SwapSettings) -> None:
-    """The APPLE files a job needs, and its preset and sampling overrides, are checked before anything is written."""
+def check_weights(settings: SwapSettings) -> ModelFiles:
+    """The APPLE files a job needs (resolved once: the swapper loads them from what this returns), its preset and
+    sampling overrides, and whether the model can run here, checked before anything is read or written."""
     if resolve_swapper_name(settings) != "apple":
-        return
+        return ModelFiles()
     preset = apple_preset(settings.model)
-    for name in required_weights(preset, settings.model):
-        weights.require(name)
+    files = ModelFiles.resolve(required_weights(preset, settings.model))
+    if settings.executor == "ray":
+        return files  # the model runs on the cluster's workers: their devices are checked there
+    from apple_video.models.pipeline import check_fits_device, resolve_device
+
+    device = resolve_device(settings.model.device)
+    if settings.model.fp8:
+        from apple_video.models.transformer import require_torchao
+
+        require_torchao()  # a missing torchao is named on every machine
+    if settings.model.fp8 and device.type != "cuda":
+        raise DeviceError(f"--fp8 needs a CUDA GPU (Ada or Hopper); this run would use the {device.type}: "
+                          f"leave --fp8 off")
+    if preset.model.kind != "tiny":  # a full-size model on a CPU is refused before any work starts
+        check_fits_device(files("flux-krea-dev"), device)
+    return files
 
 
 def warn_disk_space(target: Path, output: Path) -> None:
@@ -199,13 +282,9 @@ def check_encoding(kind: str, opts: dict, output: Path) -> None:
     check_encoder(_encode(opts, Path(f"out{suffix}")), suffix)
 
 
-def video_encode(encoder: str | None, quality: int, preset: str, output: Path) -> EncodeSettings:
-    codec = encoder or default_codec_for(output)
-    crf = round(51 - quality * 0.51) if codec != "libvpx-vp9" else round(63 - quality * 0.63)
-    return EncodeSettings(codec=codec, crf=crf, preset=preset)
-
-
 def _encode(opts: dict, output: Path | None = None) -> EncodeSettings:
+    from apple_video.engine.clips import video_encode
+
     return video_encode(opts["output_video_encoder"], opts["output_video_quality"], opts["output_video_preset"],
                         output or Path(opts["output"]))
 
@@ -241,7 +320,7 @@ def check_sources(sources: list[Path], target: Path, lora: str | None = None) ->
 
 
 def check_output_for(kind: str, target: Path, output: Path, sources: list[Path], force: bool) -> None:
-    from apple_video.engine.run import job_dir_for
+    from apple_video.engine.layout import job_dir_for
 
     if kind == "image" and not is_image_path(output):
         raise OutputError(f"output of an image swap must be an image file (png/jpg/webp/tiff): {output}")
@@ -272,6 +351,18 @@ def recipe_from(opts: dict) -> str | None:
     return recipe
 
 
+def preset_of_lora(lora: str | None) -> str | None:
+    """The preset a --lora file was trained on (its metadata), when --preset is not given."""
+    if not lora:
+        return None
+    from apple_video.models.lora import lora_preset
+
+    preset = lora_preset(lora)
+    if preset:
+        logger.info("--lora %s was trained on the %s preset: using it (--preset overrides)", Path(lora).name, preset)
+    return preset
+
+
 def batch_size_from(value: str | int) -> int | str:
     """--batch-size: 'auto' or a whole number of crops per model call (1 or more)."""
     if str(value).strip().lower() == "auto":
@@ -294,6 +385,7 @@ CONVERTERS: dict[str, Callable[[dict], Any]] = {
     "mask.padding": lambda opts: tuple(opts["face_mask_padding"]),
     "mask.types": lambda opts: tuple(opts.get("face_mask_types") or ()) or MaskSettings().types,
     "model.recipe": recipe_from,
+    "model.preset": lambda opts: opts["preset"] or preset_of_lora(opts.get("lora")),
     "batch_size": lambda opts: batch_size_from(opts["batch_size"]),
     "encode.codec": lambda opts: _encode(opts).codec,
     "encode.crf": lambda opts: _encode(opts).crf,

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import cv2
 import numpy as np
 
+from apple_video.engine.factories import EngineFactories
 from apple_video.engine.still import StillRenderer
+from apple_video.faces.types import SourceFace
 from apple_video.media.images import ImageData, is_image_path, read_image, write_image
 from apple_video.media.video import decode_frames, probe, to_display
 from apple_video.settings import SwapSettings
@@ -28,11 +31,12 @@ def _cell(rgb: np.ndarray) -> np.ndarray:
     return cv2.resize(rgb, (CELL_WIDTH, max(1, int(round(rgb.shape[0] * scale)))), interpolation=cv2.INTER_AREA)
 
 
-def make_preview(sources: list[Path], target: Path, output: Path, settings: SwapSettings, count: int) -> str:
+def make_preview(sources: list[Path], target: Path, output: Path, settings: SwapSettings, count: int,
+                 factories: EngineFactories | None = None, faces: Sequence[SourceFace] | None = None) -> str:
     """Each sampled frame swapped by the still renderer (as `swap` swaps an image); faceless frames shown as they are."""
     frames = _sample_frames(target, count)
-    renderer = StillRenderer(settings)
-    renderer.use_sources(sources)
+    renderer = StillRenderer(settings, factories)
+    renderer.use_sources(sources, faces or None)
     rows, swapped_faces = [], 0
     for rgb in frames:
         result = renderer.render(rgb, target, allow_no_faces=True)

@@ -12,31 +12,26 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from apple_video.engine.analysis import face_from_dict
+from apple_video.engine.clips import ClipPlan, find_source_faces, plan_folder, plan_video
 from apple_video.engine.executors import (
     ANALYZE,
     RENDER,
     Done,
-    LocalPool,
-    RayPool,
     Ticket,
     make_pool,
     worker_error,
 )
-from apple_video.engine.media_io import (
-    FolderMedia,
-    FolderSink,
-    open_folder,
-    open_video,
-    write_atomic,
-)
-from apple_video.engine.stages import face_from_dict, write_json
-from apple_video.engine.still import StillRenderer, load_sources, no_faces_message, source_detector
+from apple_video.engine.factories import EngineFactories, quiet_detector
+from apple_video.engine.layout import job_dir_for, lock_path_for
+from apple_video.engine.media_io import FolderSink, write_atomic
+from apple_video.engine.stages import write_json
+from apple_video.engine.still import StillRenderer, no_faces_message
 from apple_video.engine.workers import (
     AnalyzeResult,
     AnalyzeTask,
@@ -45,16 +40,15 @@ from apple_video.engine.workers import (
     RenderTask,
     WorkerReport,
 )
-from apple_video.errors import AppleVideoError, NoFaceError, OutputError, UserError
+from apple_video.errors import AppleVideoError, NoFaceError, OutputError
 from apple_video.faces.select import select_targets
 from apple_video.faces.track import find_cuts
-from apple_video.faces.types import FaceTarget
+from apple_video.faces.types import FaceTarget, SourceFace
 from apple_video.media.images import list_frames, read_image, write_image
-from apple_video.media.kinds import InputKind, input_kind
-from apple_video.media.video import VideoInfo, announce_output, concat_chunks, read_packets, trim
+from apple_video.media.video import concat_chunks, read_packets
 from apple_video.progress import progress
 from apple_video.settings import SwapSettings, output_record
-from apple_video.swappers.factory import announce_swapper, crop_size_for, tracking_for
+from apple_video.swappers.factory import tracking_for
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +68,7 @@ class Summary:
     seconds: dict[str, float] = field(default_factory=dict)
     error: str | None = None
     done_earlier: bool = False  # a batch re-run found this clip's output: nothing to do
+    refused: bool = False  # a batch item refused in planning (a bad input): the batch exits 2 if only these failed
 
     def line(self) -> str:
         if self.status != "ok":
@@ -84,25 +79,6 @@ class Summary:
         return (f"{self.output}: {self.frames} frames, {self.faces_swapped} faces swapped in {self.frames_swapped} frames, "
                 f"{self.frames_passed_through} passed through, {self.faces_skipped + self.small_faces_skipped} faces skipped"
                 f"{f', {self.chunks_resumed} chunks resumed' if self.chunks_resumed else ''} ({stages})")
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """Where a job reads and writes, on the driver (workers never see it: they get data, not paths)."""
-
-    kind: str  # "video" | "folder"
-    input: Path
-    output: Path
-    job_dir: Path
-    settings: SwapSettings
-    info: VideoInfo | None = None
-    frame_paths: tuple[Path, ...] = ()
-
-    def chunk_file(self, chunk: int) -> Path:
-        return self.job_dir / "chunks" / f"chunk_{chunk:05d}{self.output.suffix}"
-
-    def analysis_file(self, chunk: int) -> Path:
-        return self.job_dir / "analysis" / f"chunk_{chunk:05d}.json"
 
 
 def plan_chunks(frame_count: int, keyframes: tuple[int, ...], chunk_frames: int) -> list[tuple[int, int]]:
@@ -128,17 +104,6 @@ def _fingerprint(path: Path, sources: list[Path], settings: SwapSettings) -> str
         parts.append(f"{p.resolve()}:{stat.st_size}:{stat.st_mtime_ns}")
     parts.append(json.dumps(output_record(settings), sort_keys=True, default=str))
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
-
-
-def job_dir_for(output: Path) -> Path:
-    if output.suffix:
-        return output.parent / f".{output.name}.apple-video-job"
-    return output / ".apple-video-job"
-
-
-def lock_path_for(output: Path) -> Path:
-    job_dir = job_dir_for(output)
-    return job_dir.with_name(f"{job_dir.name}.lock")
 
 
 @contextlib.contextmanager
@@ -220,52 +185,34 @@ def _open_manifest(job_dir: Path, key: str, chunks: list[tuple[int, int]], force
     return manifest
 
 
-@dataclass(frozen=True)
-class ClipPlan:
-    """One clip's job as the driver plans it: what to read, where to write, how the frames are cut."""
-
-    spec: JobSpec
-    source_paths: list[Path]
-    frame_count: int
-    fps: float
-    keyframes: tuple[int, ...]
-    cuts: frozenset[int] = frozenset()  # frames no face track crosses (a frame folder's size changes)
-
-
-@dataclass(frozen=True)
-class ClipRequest:
-    """A clip of a run; `plan` probes it (on the driver) when its turn comes, so a bad clip fails alone."""
-
-    input: Path
-    output: Path
-    plan: Callable[[], ClipPlan]
-    lock: bool = False  # batches lock each output; a single job's caller holds the lock
-
-
 @dataclass
 class BatchResult:
     summaries: list[Summary]
     workers: list[WorkerReport] = field(default_factory=list)  # the render workers' own accounts
 
 
-class ClipJob:
-    """The driver's side of one clip: manifest, analysis files, tracking, chunk files and the final join. Its
-    chunks go out as tickets whose arguments are data (packets, targets, sources): no worker opens a path."""
+class ClipRun:
+    """The driver's side of one clip while it runs: manifest, analysis files, tracking, chunk files and the final
+    join. Its chunks go out as tickets whose arguments are data (packets, targets, source faces): no worker opens
+    a path."""
 
-    def __init__(self, key: int, plan: ClipPlan, sources: object, pool: LocalPool | RayPool) -> None:
-        self.key, self.plan, self.spec, self.sources, self.pool = key, plan, plan.spec, sources, pool
-        self.settings = plan.spec.settings
+    def __init__(self, key: int, plan: ClipPlan, faces: object) -> None:
+        self.key, self.plan, self.faces = key, plan, faces  # faces: the source faces, as the pool shares them
+        self.settings = plan.settings
         self.chunks = plan_chunks(plan.frame_count, plan.keyframes, self.settings.chunk_frames)
-        self.summary = Summary(str(self.spec.input), str(self.spec.output), frames=plan.frame_count)
-        self.manifest_path = self.spec.job_dir / "manifest.json"
+        self.summary = Summary(str(plan.input), str(plan.output), frames=plan.frame_count)
+        self.manifest_path = plan.job_dir / "manifest.json"
         self.targets: dict[int, list[FaceTarget]] = {}
         self.started = time.perf_counter()
         self.stage_started = self.started
 
     # -- analysis --
     def start(self) -> list[Ticket]:
-        key = _fingerprint(self.spec.input, self.plan.source_paths, self.settings)
-        self.manifest = _open_manifest(self.spec.job_dir, key, self.chunks, self.settings.force)
+        if self.plan.kind == "folder":
+            self.plan.output.mkdir(parents=True, exist_ok=True)
+        _remove_partials(self.plan.output)  # a killed run's half-written files (this run holds the output's lock)
+        key = _fingerprint(self.plan.input, list(self.plan.sources), self.settings)
+        self.manifest = _open_manifest(self.plan.job_dir, key, self.chunks, self.settings.force)
         self.summary.chunks_resumed = len(self.manifest["rendered"])
         todo = [c for c in range(len(self.chunks)) if c not in self.manifest["analyzed"]]
         if not todo:
@@ -274,15 +221,15 @@ class ClipJob:
 
     def _chunk_input(self, chunk: int) -> ChunkInput:
         start, stop = self.chunks[chunk]
-        if self.spec.kind == "video":
-            return ChunkInput(packets=read_packets(self.spec.info, start, stop), rotation=self.spec.info.rotation)
-        return ChunkInput(images=tuple((i, read_image(self.spec.frame_paths[i]).rgb) for i in range(start, stop)))
+        if self.plan.kind == "video":
+            return ChunkInput(packets=read_packets(self.plan.info, start, stop), rotation=self.plan.info.rotation)
+        return ChunkInput(images=tuple((i, read_image(self.plan.frame_paths[i]).rgb) for i in range(start, stop)))
 
     def _analyze_args(self, chunk: int) -> tuple:
         return (AnalyzeTask(self.key, chunk, self.settings, self._chunk_input(chunk)),)
 
     def analyzed(self, result: AnalyzeResult) -> list[Ticket]:
-        write_json(self.spec.analysis_file(result.chunk), {"faces": result.faces, "signatures": result.signatures})
+        write_json(self.plan.analysis_file(result.chunk), {"faces": result.faces, "signatures": result.signatures})
         self.manifest["analyzed"].append(result.chunk)
         write_json(self.manifest_path, self.manifest)
         if len(self.manifest["analyzed"]) < len(self.chunks):
@@ -297,7 +244,7 @@ class ClipJob:
         detections: list[list] = [[] for _ in range(frame_count)]
         signatures: list = [None] * frame_count
         for c in range(len(self.chunks)):
-            analysis = json.loads(self.spec.analysis_file(c).read_text())
+            analysis = json.loads(self.plan.analysis_file(c).read_text())
             for index, faces in analysis["faces"].items():
                 detections[int(index)] = [face_from_dict(f) for f in faces]
             for index, signature in analysis["signatures"].items():
@@ -306,7 +253,8 @@ class ClipJob:
         selection = select_targets(detections, self.plan.fps, settings.selector, tracking_for(settings), cuts)
         self.summary.small_faces_skipped = selection.skipped_small
         if not any(selection.targets.values()) and not settings.allow_no_faces:
-            raise NoFaceError(no_faces_message(self.spec.input, frame_count, detections, selection.skipped_small,
+            shutil.rmtree(self.plan.job_dir, ignore_errors=True)  # exit 2 leaves nothing behind; a rerun fails alike
+            raise NoFaceError(no_faces_message(self.plan.input, frame_count, detections, selection.skipped_small,
                                                 settings))
         self.targets = selection.targets
         self.stage_started = time.perf_counter()
@@ -318,20 +266,20 @@ class ClipJob:
     def _render_args(self, chunk: int) -> tuple:
         start, stop = self.chunks[chunk]
         targets = {i: self.targets[i] for i in range(start, stop) if self.targets.get(i)}
-        video = self.spec.kind == "video"
+        video = self.plan.kind == "video"
         task = RenderTask(self.key, chunk, self.settings, self._chunk_input(chunk), targets,
-                          self.spec.info if video else None, self.spec.output.suffix)
-        return task, self.sources
+                          self.plan.info if video else None, self.plan.output.suffix)
+        return task, self.faces
 
     def rendered(self, result: RenderResult) -> None:
-        if self.spec.kind == "video":
-            write_atomic(self.spec.chunk_file(result.chunk), result.encoded)
+        if self.plan.kind == "video":
+            write_atomic(self.plan.chunk_file(result.chunk), result.encoded)
         else:
             start, stop = self.chunks[result.chunk]
             swapped = dict(result.swapped)
-            sink = FolderSink(FolderMedia(self.spec.frame_paths), self.spec.output)
+            sink = FolderSink(self.plan.frame_paths, self.plan.output)
             for index in range(start, stop):
-                sink.write(index, index, swapped.get(index), index in swapped)
+                sink.write(index, swapped.get(index), index in swapped)
         self.manifest["rendered"].append(result.chunk)
         self.manifest["stats"][str(result.chunk)] = {k: int(v) for k, v in asdict(result.stats).items()}
         write_json(self.manifest_path, self.manifest)
@@ -342,7 +290,7 @@ class ClipJob:
 
     # -- finish --
     def finish(self) -> Summary:
-        spec, settings, summary = self.spec, self.settings, self.summary
+        spec, settings, summary = self.plan, self.settings, self.summary
         started = time.perf_counter()
         summary.seconds["render"] = started - self.stage_started
         if spec.kind == "video":
@@ -375,18 +323,20 @@ class _Run:
     """The scheduler of one run: clips enter a window, their chunks go to the pool, results come back in any order;
     the driver writes each one, advances its clip and starts the next clip as one ends."""
 
-    def __init__(self, requests: list[ClipRequest], settings: SwapSettings, raise_errors: bool) -> None:
-        self.requests = list(requests)
+    def __init__(self, plans: list[ClipPlan], settings: SwapSettings, factories: EngineFactories,
+                 raise_errors: bool, lock: bool) -> None:
+        self.plans = list(plans)
+        self.lock = lock
         self.settings = settings
+        self.factories = factories
         self.raise_errors = raise_errors
         self.summaries: dict[int, Summary] = {}
-        self.active: dict[int, tuple[ClipJob, contextlib.ExitStack]] = {}
-        self.sources: dict[object, object] = {}
+        self.active: dict[int, tuple[ClipRun, contextlib.ExitStack]] = {}
+        self.shared: dict[tuple[Path, ...], object] = {}
         self.next = 0
 
     def run(self) -> BatchResult:
-        announce_swapper(self.settings)  # missing weights fail here, before any job file exists
-        self.pool = make_pool(self.settings)
+        self.pool = make_pool(self.settings, self.factories)
         try:
             with progress(None, "analyze") as analyzed, progress(None, "swap") as swapped:
                 self.bars = {ANALYZE: analyzed, RENDER: swapped}
@@ -403,72 +353,69 @@ class _Run:
             self.pool.close()
             for _, stack in self.active.values():
                 stack.close()
-        return BatchResult([self.summaries[i] for i in range(len(self.requests))], workers)
+        return BatchResult([self.summaries[i] for i in range(len(self.plans))], workers)
 
-    def _sources_for(self, plan: ClipPlan) -> object:
-        settings = plan.spec.settings
-        key = (tuple(plan.source_paths), settings.detector)
-        if key not in self.sources:
-            sources = load_sources(plan.source_paths, source_detector(settings), crop_size_for(settings))
-            self.sources[key] = self.pool.share(sources)
-        return self.sources[key]
+    def _faces_for(self, plan: ClipPlan) -> object:
+        """The clip's source faces (found in planning), put in the pool once per set of source photos."""
+        if plan.sources not in self.shared:
+            self.shared[plan.sources] = self.pool.share(list(plan.faces))
+        return self.shared[plan.sources]
 
     def _fill(self) -> None:
-        while len(self.active) < WINDOW and self.next < len(self.requests):
-            key, request = self.next, self.requests[self.next]
+        while len(self.active) < WINDOW and self.next < len(self.plans):
+            key, plan = self.next, self.plans[self.next]
             self.next += 1
             stack = contextlib.ExitStack()
             try:
-                stack.enter_context(output_errors(request.output))
-                if request.lock:
-                    stack.enter_context(job_lock(request.output))
-                plan = request.plan()
-                job = ClipJob(key, plan, self._sources_for(plan), self.pool)
-                self.active[key] = (job, stack)
-                tickets = job.start()
-                self._count(job)
-                self._advance(job, tickets)
+                stack.enter_context(output_errors(plan.output))
+                if self.lock:
+                    stack.enter_context(job_lock(plan.output))
+                clip = ClipRun(key, plan, self._faces_for(plan))
+                self.active[key] = (clip, stack)
+                tickets = clip.start()
+                self._count(clip)
+                self._advance(clip, tickets)
             except Exception as error:  # noqa: BLE001 - _fail re-raises what is not the clip's own failure
                 self.active.pop(key, None)
-                self._fail(key, request.input, request.output, stack, error)
+                self._fail(key, plan.input, plan.output, stack, error)
 
-    def _count(self, job: ClipJob) -> None:
+    def _count(self, clip: ClipRun) -> None:
         """Grow the progress bars' totals by the frames this clip still has to go through."""
-        for stage, done in ((ANALYZE, job.manifest["analyzed"]), (RENDER, job.manifest["rendered"])):
-            frames = sum(stop - start for c, (start, stop) in enumerate(job.chunks) if c not in done)
+        for stage, done in ((ANALYZE, clip.manifest["analyzed"]), (RENDER, clip.manifest["rendered"])):
+            frames = sum(stop - start for c, (start, stop) in enumerate(clip.chunks) if c not in done)
             bar = self.bars[stage]
             bar.total = (bar.total or 0) + frames
             if hasattr(bar, "refresh"):
                 bar.refresh()
 
-    def _advance(self, job: ClipJob, tickets: list[Ticket]) -> None:
+    def _advance(self, clip: ClipRun, tickets: list[Ticket]) -> None:
         if tickets:
             self.pool.submit(tickets)
-        elif job.complete:
-            _, stack = self.active.pop(job.key)
+        elif clip.complete:
+            _, stack = self.active.pop(clip.key)
             with stack:
-                self.summaries[job.key] = job.finish()
+                self.summaries[clip.key] = clip.finish()
 
     def _handle(self, done: Done) -> None:
-        entry = self.active.get(done.ticket.job)
+        entry = self.active.get(done.ticket.clip)
         if entry is None:
             return  # a result of a clip that failed meanwhile
-        job, stack = entry
+        clip, stack = entry
         try:
             if done.error is not None:
                 raise done.error
-            with output_errors(job.spec.output):
-                start, stop = job.chunks[done.ticket.chunk]
+            with output_errors(clip.plan.output):
+                start, stop = clip.chunks[done.ticket.chunk]
                 self.bars[done.ticket.stage].update(stop - start)
                 if done.ticket.stage == ANALYZE:
-                    self._advance(job, job.analyzed(done.result))
+                    self._advance(clip, clip.analyzed(done.result))
                 else:
-                    job.rendered(done.result)
-                    self._advance(job, [])
+                    clip.rendered(done.result)
+                    self._advance(clip, [])
         except Exception as error:  # noqa: BLE001 - see _fail
-            self.active.pop(job.key, None)
-            self.pool.drop(job.key)
-            self._fail(job.key, job.spec.input, job.spec.output, stack, error)
+            self.active.pop(clip.key, None)
+            self.pool.drop(clip.key)
+            self._fail(clip.key, clip.plan.input, clip.plan.output, stack, error)
 
     def _fail(self, key: int, clip: Path, output: Path, stack: contextlib.ExitStack, error: BaseException) -> None:
         """A clip's failure: one line in its summary; the other clips go on. A single job raises it instead."""
@@ -484,74 +431,42 @@ class _Run:
         self.summaries[key] = Summary(str(clip), str(output), status="failed", error=str(error))
 
 
-def run_clips(requests: list[ClipRequest], settings: SwapSettings, raise_errors: bool = False) -> BatchResult:
-    """Run the clips' jobs on one pool of workers (built once for all of them): the batch and single-job driver."""
-    return _Run(requests, settings, raise_errors).run()
+def run_clips(plans: list[ClipPlan], settings: SwapSettings, raise_errors: bool = False,
+              factories: EngineFactories | None = None, lock: bool = False) -> BatchResult:
+    """Run the planned clips on one pool of workers (built once for all of them): the batch and single-job driver.
+    The workers build their models with `factories` (default: the ones `settings` name). `lock`: each clip's
+    output is locked here (a batch; a single job's caller holds its lock)."""
+    return _Run(plans, settings, factories or EngineFactories.for_settings(settings), raise_errors, lock).run()
 
 
-def video_plan(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> ClipPlan:
-    info = open_video(input_path).info
-    if settings.trimmed:
-        info = trim(info, settings.trim_start, settings.trim_end)
-    settings = for_rotation(settings, info.rotation)
-    announce_output(info, settings.encode, output, settings.trimmed)
-    spec = JobSpec("video", input_path, output, job_dir_for(output), settings, info=info)
-    return ClipPlan(spec, source_paths, info.frame_count, float(info.fps), info.keyframes)
+def swap_video(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings,
+               factories: EngineFactories | None = None) -> Summary:
+    """Plan one clip (probe it, find the source faces) and run it."""
+    faces = find_source_faces(source_paths, settings, factories.detector if factories else quiet_detector)
+    plan = plan_video(tuple(source_paths), faces, input_path, output, settings)
+    return run_clips([plan], settings, raise_errors=True, factories=factories).summaries[0]
 
 
-def folder_plan(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings,
-                fps: float = 25.0) -> ClipPlan:
-    media = open_folder(input_path)
-    output.mkdir(parents=True, exist_ok=True)
-    spec = JobSpec("folder", input_path, output, job_dir_for(output), settings, frame_paths=media.paths)
-    return ClipPlan(spec, source_paths, media.frame_count, fps, (0,), media.size_changes)
+def swap_folder(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings, fps: float = 25.0,
+                factories: EngineFactories | None = None) -> Summary:
+    faces = find_source_faces(source_paths, settings, factories.detector if factories else quiet_detector)
+    plan = plan_folder(tuple(source_paths), faces, input_path, output, settings, fps)
+    return run_clips([plan], settings, raise_errors=True, factories=factories).summaries[0]
 
 
-def for_rotation(settings: SwapSettings, rotation: int) -> SwapSettings:
-    """A clip with display rotation may have been filmed upright in its stored picture: unless angles were chosen,
-    also look at the picture turned back by the rotation (only on frames where upright finds nothing)."""
-    if not rotation or settings.detector.angles != (0,):
-        return settings
-    back = (360 - rotation) % 360
-    logger.debug("display rotation %d: also looking for faces turned by %d degrees", rotation, back)
-    return replace(settings, detector=replace(settings.detector, angles=(0, back)))
-
-
-def swap_video(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> Summary:
-    request = ClipRequest(input_path, output, functools.partial(video_plan, source_paths, input_path, output, settings))
-    return run_clips([request], settings, raise_errors=True).summaries[0]
-
-
-def swap_folder(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings, fps: float = 25.0) -> Summary:
-    plan = functools.partial(folder_plan, source_paths, input_path, output, settings, fps)
-    return run_clips([ClipRequest(input_path, output, plan)], settings, raise_errors=True).summaries[0]
-
-
-def swap_image(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings) -> Summary:
-    """One still image: detect, select, swap, paste (the shared still renderer), write with the synthetic tag."""
+def swap_image(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings,
+               factories: EngineFactories | None = None, faces: tuple[SourceFace, ...] | None = None) -> Summary:
+    """One still image: detect, select, swap, paste (the shared still renderer), write with the synthetic tag.
+    `faces`: the source faces when planning found them."""
     started = time.perf_counter()
     data = read_image(input_path)
-    renderer = StillRenderer(settings)
-    renderer.use_sources(source_paths)
+    if faces is None:
+        faces = find_source_faces(source_paths, settings, factories.detector if factories else quiet_detector)
+    renderer = StillRenderer(settings, factories)
+    renderer.use_sources(source_paths, faces)
     result = renderer.render(data.rgb, input_path, settings.allow_no_faces)
     write_image(output, data, result.rgb)
     return Summary(str(input_path), str(output), frames=1, frames_swapped=int(result.swapped),
                    frames_passed_through=int(not result.swapped), faces_swapped=result.faces_swapped,
                    faces_skipped=result.faces_skipped, small_faces_skipped=result.small_faces_skipped,
                    seconds={"total": time.perf_counter() - started})
-
-
-def swap_any(source_paths: list[Path], target: Path, output: Path, settings: SwapSettings,
-             kind: InputKind | None = None) -> Summary:
-    """One input of any single kind (video, frame folder, image; None: decided from the path), locked and with
-    disk errors as one line."""
-    kind = kind or input_kind(target)
-    if kind == "batch":
-        raise UserError(f"{target} is a batch (a folder or list of clips): swap it with `apple-video swap`")
-    with output_errors(output):
-        if kind == "image":
-            return swap_image(source_paths, target, output, settings)
-        with job_lock(output):
-            if kind == "folder":
-                return swap_folder(source_paths, target, output, settings)
-            return swap_video(source_paths, target, output, settings)

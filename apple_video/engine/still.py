@@ -5,31 +5,20 @@ photos prepared exactly as a video job prepares them."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from apple_video.engine.stages import Renderer
+from apple_video.engine.clips import load_sources, source_detector
+from apple_video.engine.factories import EngineFactories
+from apple_video.engine.render import Renderer
 from apple_video.errors import NoFaceError
-from apple_video.faces.detect import FaceDetector, create_detector, detect_faces
+from apple_video.faces.detect import detect_faces
 from apple_video.faces.select import select_targets
-from apple_video.faces.sources import source_faces
 from apple_video.faces.types import SourceFace
-from apple_video.media.images import read_image
 from apple_video.settings import SwapSettings
-from apple_video.swappers.factory import announce_swapper, create_swapper, tracking_for
-
-
-def source_detector(settings: SwapSettings) -> FaceDetector:
-    """Source photos are searched upright first, whatever angles the target needs."""
-    angles = (0, *(a for a in settings.detector.angles if a != 0))
-    return create_detector(replace(settings.detector, angles=angles), announce=False)
-
-
-def load_sources(paths: Sequence[Path], detector: FaceDetector, crop_size: int) -> list[SourceFace]:
-    """Read the source photos and align their largest face at the swapper's crop size."""
-    return source_faces([read_image(p).rgb for p in paths], [str(p) for p in paths], detector, crop_size)
+from apple_video.swappers.factory import tracking_for
 
 
 def no_faces_message(path: Path, frames: int, detections: list[list], small: int, settings: SwapSettings,
@@ -59,19 +48,21 @@ class StillResult:
 class StillRenderer:
     """Models, detector and face parser are loaded once; `use_sources` switches the identity (eval pairs)."""
 
-    def __init__(self, settings: SwapSettings) -> None:
-        announce_swapper(settings)  # missing weights fail here, before anything is read
+    def __init__(self, settings: SwapSettings, factories: EngineFactories | None = None) -> None:
+        factories = factories or EngineFactories.for_settings(settings)
         self.settings = settings
-        self.swapper = create_swapper(settings)
-        self.detector = create_detector(settings.detector)
-        self._source_detector = source_detector(settings)
+        self.swapper = factories.swapper()
+        self.detector = factories.detector(settings.detector)
+        self._source_detector = source_detector(settings, factories.detector)
         self._renderer: Renderer | None = None
         self._sources: tuple[Path, ...] | None = None
 
-    def use_sources(self, paths: Sequence[Path]) -> None:
+    def use_sources(self, paths: Sequence[Path], faces: Sequence[SourceFace] | None = None) -> None:
+        """Swap in the faces of these source photos (`faces`: already found, in planning)."""
         if tuple(paths) == self._sources:
             return
-        sources = load_sources(paths, self._source_detector, self.swapper.crop_size)
+        sources = list(faces) if faces is not None else load_sources(paths, self._source_detector,
+                                                                      self.swapper.crop_size)
         if self._renderer is None:
             self._renderer = Renderer(self.settings, self.swapper, sources)
         else:

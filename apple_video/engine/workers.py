@@ -9,12 +9,14 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import islice
 
 import numpy as np
 
-from apple_video.engine.stages import Analyzer, Renderer, RenderGroup, RenderStats, face_to_dict
+from apple_video.engine.analysis import Analyzer, face_to_dict
+from apple_video.engine.factories import EngineFactories
+from apple_video.engine.render import Renderer, RenderGroup, RenderStats
 from apple_video.faces.track import frame_signature
 from apple_video.faces.types import FaceTarget, SourceFace
 from apple_video.media.video import (
@@ -28,7 +30,6 @@ from apple_video.media.video import (
 )
 from apple_video.prefetch import prefetch
 from apple_video.settings import SwapSettings
-from apple_video.swappers.factory import create_swapper
 
 Frames = Iterator[tuple[int, int, np.ndarray]]  # (frame index, pts, display-oriented rgb)
 
@@ -62,7 +63,7 @@ class ChunkInput:
 
 @dataclass(frozen=True)
 class AnalyzeTask:
-    job: int
+    clip: int  # the clip key of its run
     chunk: int
     settings: SwapSettings
     media: ChunkInput
@@ -70,7 +71,7 @@ class AnalyzeTask:
 
 @dataclass(frozen=True)
 class AnalyzeResult:
-    job: int
+    clip: int  # the clip key of its run
     chunk: int
     faces: dict[str, list[dict]]
     signatures: dict[str, list]
@@ -78,7 +79,7 @@ class AnalyzeResult:
 
 @dataclass(frozen=True)
 class RenderTask:
-    job: int
+    clip: int  # the clip key of its run
     chunk: int
     settings: SwapSettings  # the clip's (its encoder follows its container)
     media: ChunkInput
@@ -89,7 +90,7 @@ class RenderTask:
 
 @dataclass(frozen=True)
 class RenderResult:
-    job: int
+    clip: int  # the clip key of its run
     chunk: int
     stats: RenderStats
     encoded: bytes | None = None  # a video chunk, in the output's container format
@@ -111,13 +112,14 @@ class WorkerReport:
 class AnalyzeWorker:
     """Stage 2: decode a chunk and detect faces. One detector per detector setting, kept for every clip."""
 
-    def __init__(self) -> None:
+    def __init__(self, factories: EngineFactories) -> None:
+        self.factories = factories
         self._analyzers: dict[object, Analyzer] = {}
 
     def analyze(self, task: AnalyzeTask) -> AnalyzeResult:
         key = task.settings.detector
         if key not in self._analyzers:
-            self._analyzers[key] = Analyzer(task.settings)
+            self._analyzers[key] = Analyzer(self.factories.detector(key))
         signatures: dict[str, list] = {}
 
         def noted() -> Frames:  # each frame's thumbnail signature (for cut detection) on the way
@@ -126,31 +128,24 @@ class AnalyzeWorker:
                 yield index, pts, rgb
 
         faces = self._analyzers[key].analyze(noted())
-        return AnalyzeResult(task.job, task.chunk, {str(i): [face_to_dict(f) for f in fs] for i, fs in faces.items()},
+        return AnalyzeResult(task.clip, task.chunk, {str(i): [face_to_dict(f) for f in fs] for i, fs in faces.items()},
                              signatures)
-
-
-@dataclass
-class _Job:
-    key: int
-    renderer: Renderer
-    swap_seconds: list[float] = field(default_factory=list)
 
 
 class RenderWorker:
     """Stage 4 (one per GPU): builds the swapper once, then swaps + pastes + encodes chunks of every clip."""
 
-    def __init__(self, settings: SwapSettings) -> None:
+    def __init__(self, factories: EngineFactories) -> None:
         self.created = time.perf_counter()
         self.report_ = WorkerReport(node=_node_name())
-        self.swapper = create_swapper(settings)
+        self.swapper = factories.swapper()
         self.report_.builds += 1
-        self._job: _Job | None = None
+        self._current: tuple[int, Renderer] | None = None  # the clip being rendered, and its renderer
 
     def _renderer(self, task: RenderTask, sources: list[SourceFace]) -> Renderer:
-        if self._job is None or self._job.key != task.job:
-            self._job = _Job(task.job, Renderer(task.settings, self.swapper, sources))
-        renderer = self._job.renderer
+        if self._current is None or self._current[0] != task.clip:
+            self._current = (task.clip, Renderer(task.settings, self.swapper, sources))
+        renderer = self._current[1]
         renderer.new_chunk()
         return renderer
 
@@ -177,7 +172,7 @@ class RenderWorker:
                     swapped.append((index, rgb))
         self.report_.busy += time.perf_counter() - started
         self.report_.chunks += 1
-        return RenderResult(task.job, task.chunk, stats, encoded, tuple(swapped))
+        return RenderResult(task.clip, task.chunk, stats, encoded, tuple(swapped))
 
     def _swap(self, renderer: Renderer, group: RenderGroup) -> list:
         started = time.perf_counter()

@@ -38,11 +38,17 @@ BOX_SPREAD = 2.7  # a dlib HOG box's side over the RMS distance of the 68 points
 
 
 class FaceDetector(Protocol):
+    """What the engine reads of a face detector: every member here, nothing else."""
+
     name: str
+    settings: DetectorSettings
 
     def detect(self, rgb: np.ndarray, embed: bool = True, scale: float | None = None) -> list[Face]:
         """Faces in an RGB image; `embed=False` skips identity embeddings (the costly part on CPU);
         `scale` overrides the detector's working scale where it has one (None: from --face-detector-size)."""
+
+    def embed(self, rgb: np.ndarray, faces: list[Face]) -> list[Face]:
+        """Add identity embeddings to upright faces found earlier in this image (no new detection)."""
 
 
 def _sigmoid(x: float) -> float:
@@ -238,6 +244,17 @@ class InsightFaceDetector:
             if embed and self._rec is not None:
                 embedding = self._rec.get_feat(norm_crop(bgr, kps)).ravel()
             faces.append(Face(np.asarray(box[:4], np.float64), np.asarray(kps, np.float64), float(box[4]), None, embedding))
+        return faces
+
+    def embed(self, rgb: np.ndarray, faces: list[Face]) -> list[Face]:
+        """Add ArcFace embeddings to upright faces found earlier in this image (from their 5 keypoints)."""
+        from insightface.utils.face_align import norm_crop
+
+        if self._rec is None:
+            return faces
+        bgr = np.ascontiguousarray(rgb[..., ::-1])
+        for face in faces:
+            face.embedding = self._rec.get_feat(norm_crop(bgr, face.kps.astype(np.float32))).ravel()
         return faces
 
     def detect(self, rgb: np.ndarray, embed: bool = True, scale: float | None = None) -> list[Face]:

@@ -50,14 +50,28 @@ def lora_state_dict(transformer, adapter: str = ADAPTER) -> dict[str, torch.Tens
     return {f"{PREFIX}{key}": value.detach().contiguous().cpu() for key, value in state.items()}
 
 
-def save_lora(transformer, path: Path, adapter: str = ADAPTER) -> Path:
+LORA_PRESET_KEY = "apple_video_preset"  # the preset a LoRA was trained on, in its safetensors metadata
+
+
+def lora_preset(path: str | Path) -> str | None:
+    """The preset named in a LoRA file's metadata (written by `apple-video train`); None when it names none or
+    cannot be read (loading it reports that)."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get(LORA_PRESET_KEY) or None
+    except Exception:  # noqa: BLE001 - unreadable files are reported by load_lora
+        return None
+
+
+def save_lora(transformer, path: Path, adapter: str = ADAPTER, preset: str | None = None) -> Path:
     """Write the LoRA; its metadata records whether it was trained with independent_condition (which lets
-    inference cache the condition K/V)."""
+    inference cache the condition K/V) and the preset it was trained on (`--lora` alone then picks it)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     independent = "true" if transformer.config.independent_condition else "false"
     with atomic_write(path) as tmp:
         save_file(lora_state_dict(transformer, adapter), str(tmp),
-                  metadata={"format": "pt", "apple_video": "condition-lora", INDEPENDENT_KEY: independent})
+                  metadata={"format": "pt", "apple_video": "condition-lora", INDEPENDENT_KEY: independent,
+                            **({LORA_PRESET_KEY: preset} if preset else {})})
     return path
 
 

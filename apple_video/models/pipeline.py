@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,9 +261,10 @@ class ApplePipeline:
 
     @classmethod
     def from_preset(cls, preset: Preset, device: torch.device, lora: str | Path | None = None,
-                    offload: bool = False) -> ApplePipeline:
+                    offload: bool = False, files: Callable[[str], Path] = weights.require) -> ApplePipeline:
         """Build the preset's model; `lora` replaces the preset's LoRA (e.g. a student you trained), and "fresh"
-        gives a new zero-effect LoRA of the preset's rank to train from scratch (no LoRA file needed)."""
+        gives a new zero-effect LoRA of the preset's rank to train from scratch (no LoRA file needed). `files`
+        gives each model file's path by its catalogue name (a job passes the ones its planner resolved)."""
         if preset.model.kind == "tiny":
             preset = _independent_if_trained(preset, Path(lora) if lora not in (None, "fresh") else None)
             transformer, vae, prompt, identity = build_tiny(preset)
@@ -271,18 +273,18 @@ class ApplePipeline:
             elif lora is not None:
                 load_lora(transformer, Path(lora))
             return cls(preset, transformer, vae, prompt, identity, device, real=False, offload=offload)
-        return cls._from_checkpoints(preset, device, lora, offload)
+        return cls._from_checkpoints(preset, device, lora, offload, files)
 
     @classmethod
     def _from_checkpoints(cls, preset: Preset, device: torch.device, lora: str | Path | None,
-                          offload: bool) -> ApplePipeline:
+                          offload: bool, files: Callable[[str], Path]) -> ApplePipeline:
         from apple_video.models.real_identity import PulidIdentity
 
         dtype = DTYPES[preset.model.dtype] if device.type == "cuda" else torch.float32
-        flux_dir = weights.require("flux-krea-dev")
-        lora_path = None if lora == "fresh" else Path(lora) if lora else weights.require(preset.model.lora or "apple-student")
+        flux_dir = files("flux-krea-dev")
+        lora_path = None if lora == "fresh" else Path(lora) if lora else files(preset.model.lora or "apple-student")
         preset = _independent_if_trained(preset, lora_path)
-        transformer = load_transformer(flux_dir, weights.require(preset.model.pulid or "pulid-flux-v0.9.1"), dtype,
+        transformer = load_transformer(flux_dir, files(preset.model.pulid or "pulid-flux-v0.9.1"), dtype,
                                        preset.sampling.independent_condition, device)
         if lora_path is None:
             fresh_condition_lora(transformer, preset.model.lora_rank)

@@ -39,7 +39,7 @@ from apple_video.sampling.inputs import ConditionKVCache, TransformerInputs  # n
 logger = logging.getLogger(__name__)
 
 
-def _require_torchao() -> None:
+def require_torchao() -> None:
     try:
         import torchao  # noqa: F401
     except ImportError:
@@ -64,7 +64,7 @@ def check_fp8_capability(capability: tuple[int, int], name: str = "this GPU") ->
 
 def to_float8(transformer: nn.Module) -> None:
     """Dynamic float8 activations and weights (torchao, per-row scales) for the block linears (`fp8_filter`)."""
-    _require_torchao()
+    require_torchao()
     from torchao.quantization import Float8DynamicActivationFloat8WeightConfig, PerRow, quantize_
 
     quantize_(transformer, Float8DynamicActivationFloat8WeightConfig(granularity=PerRow()), filter_fn=fp8_filter)
@@ -74,7 +74,7 @@ def speed_up(transformer: AppleFluxTransformer, compile_blocks: bool, fp8: bool,
     """The optional levers that only pay on a GPU: float8 linears, then one compiled graph per block kind."""
     if fp8:
         if device.type != "cuda":
-            _require_torchao()  # a missing torchao is reported on every machine, not only on GPU hosts
+            require_torchao()  # a missing torchao is reported on every machine, not only on GPU hosts
             logger.warning("fp8 needs a CUDA GPU (Hopper/Ada); ignored on %s", device)
         else:
             check_fp8_capability(torch.cuda.get_device_capability(device), torch.cuda.get_device_name(device))

@@ -6,12 +6,12 @@ import logging
 
 import numpy as np
 
-from apple_video import weights
 from apple_video.config import Preset
 from apple_video.models.pipeline import ApplePipeline, resolve_device
 from apple_video.settings import ModelOptions
-from apple_video.swappers.base import CropJob, SourceFace
+from apple_video.swappers.base import CropJob, SourceFace, ffhq_crop_matrix
 from apple_video.swappers.presets import apple_preset, required_weights
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
@@ -20,6 +20,7 @@ class AppleSwapper:
     """The `Swapper` for the diffusion model. The source identity is embedded once in `prepare`."""
 
     name = "apple"
+    per_crop = False  # a batch's size changes the model's float results: the engine sends full batches
 
     def __init__(self, pipeline: ApplePipeline) -> None:
         self.pipeline = pipeline
@@ -30,16 +31,19 @@ class AppleSwapper:
         self._null = None
 
     @classmethod
-    def from_options(cls, options: ModelOptions) -> AppleSwapper:
+    def from_options(cls, options: ModelOptions, files: ModelFiles | None = None) -> AppleSwapper:
+        """The swapper the options ask for; `files`: the model files the planner resolved (None: looked up now)."""
         preset = apple_preset(options)
-        for weight in required_weights(preset, options):
-            weights.require(weight)
+        files = files if files is not None else ModelFiles.resolve(required_weights(preset, options))
         pipeline = ApplePipeline.from_preset(preset, resolve_device(options.device), lora=options.lora,
-                                             offload=options.offload)
+                                             offload=options.offload, files=files)
         return cls(pipeline)
 
     def auto_batch_size(self) -> int:
         return self.pipeline.auto_batch_size()
+
+    def crop_matrix(self, kps: np.ndarray, landmarks: np.ndarray | None) -> np.ndarray:
+        return ffhq_crop_matrix(kps, self.crop_size)
 
     def prepare(self, sources: list[SourceFace]) -> None:
         self._id, self._null = self.pipeline.id_embedding(sources)

@@ -25,21 +25,25 @@ class CropJob:
 
 
 class Swapper(Protocol):
+    """What the engine reads of a swapper: every member here, nothing else."""
+
     name: str
     crop_size: int
     real: bool  # False for random-weight presets: runs every stage but is not a real swap
+    per_crop: bool  # True: each crop is swapped on its own (a batch's size never changes a result)
 
     def prepare(self, sources: list[SourceFace]) -> None: ...
 
     def auto_batch_size(self) -> int:
         """Crops per `swap` call when the user asked for `--batch-size auto`."""
 
+    def crop_matrix(self, kps: np.ndarray, landmarks: np.ndarray | None) -> np.ndarray:
+        """Frame -> crop transform of a target face (5 keypoints, 68 landmarks when known)."""
+
     def swap(self, jobs: list[CropJob]) -> list[np.ndarray | None]:
         """Swapped crops in job order; None where a crop was skipped (it then passes through)."""
 
 
-def crop_matrix(swapper: Swapper, kps: np.ndarray, landmarks: np.ndarray | None) -> np.ndarray:
-    """Frame -> crop transform of a target face: the swapper's own when it has one (`crop_matrix(kps, landmarks)`),
-    else the FFHQ 5-point alignment the diffusion models were trained on."""
-    own = getattr(swapper, "crop_matrix", None)
-    return own(kps, landmarks) if own is not None else alignment_matrix(kps, swapper.crop_size)
+def ffhq_crop_matrix(kps: np.ndarray, size: int) -> np.ndarray:
+    """The FFHQ 5-point alignment the diffusion models were trained on (a swapper's default `crop_matrix`)."""
+    return alignment_matrix(kps, size)

@@ -5,10 +5,10 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
-from apple_video import weights
 from apple_video.settings import SwapSettings, TrackSettings
 from apple_video.swappers.base import Swapper
-from apple_video.swappers.presets import apple_preset, apple_weights_present, required_weights
+from apple_video.swappers.presets import apple_preset, apple_weights_present
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
@@ -43,31 +43,26 @@ def tracking_for(settings: SwapSettings) -> TrackSettings:
 
 
 def announce_swapper(settings: SwapSettings) -> None:
-    """Say which swapper a job will use, and check that its weights are there, before any work starts."""
+    """Say which swapper a job will use (the planner has checked its weights and device)."""
     name = resolve_swapper_name(settings)
     if name == "classic":
         if settings.swapper == "auto":
             logger.info("swapper: classic (APPLE weights not found; `apple-video weights where` shows where they go)")
         return
     preset = apple_preset(settings.model)
-    for weight in required_weights(preset, settings.model):
-        weights.require(weight)
-    if preset.model.kind != "tiny":  # a full-size model on a CPU is refused before any work starts
-        from apple_video.models.pipeline import check_fits_device, resolve_device
-
-        check_fits_device(weights.require("flux-krea-dev"), resolve_device(settings.model.device))
     logger.info("swapper: apple (preset %s)", preset.name)
     if preset.model.kind == "tiny":
         logger.warning("the '%s' preset uses small random weights: it runs every stage but does not make a real swap",
                        preset.name)
 
 
-def create_swapper(settings: SwapSettings) -> Swapper:
-    """Build the swapper (loads its models); `announce_swapper` says which one, once, on the driver."""
+def create_swapper(settings: SwapSettings, files: ModelFiles | None = None) -> Swapper:
+    """Build the swapper (loads its models from `files`, the ones the planner resolved); `announce_swapper` says
+    which one, once, on the driver."""
     if resolve_swapper_name(settings) == "classic":
         from apple_video.swappers.classic import ClassicSwapper
 
         return ClassicSwapper(poisson=settings.classic_blend == "poisson")
     from apple_video.swappers.apple import AppleSwapper
 
-    return AppleSwapper.from_options(settings.model)
+    return AppleSwapper.from_options(settings.model, files)

@@ -27,3 +27,4 @@ def required_weights(preset: Preset, options: ModelOptions) -> list[str]:
     if options.lora is None:
         needed.append(preset.model.lora or "apple-student")
     return needed
+

@@ -1,0 +1,99 @@
+"""Interrupted anywhere, resumed identically: a local job killed (SIGKILL) at moments spread over its run ends,
+when the same command is run again, on the same bytes as a run never interrupted. The moments are read from the
+job folder's own state (no test hook in the product): during analysis, between rendered chunks, while the chunks
+are joined into the output's temp file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from apple_video.engine.layout import job_dir_for
+
+ROOT = Path(__file__).resolve().parent.parent
+CHUNK = 8  # 51 frames: 7 chunks
+
+
+def _command(source: Path, clip: Path, output: Path) -> list[str]:
+    return [sys.executable, "-c", "from cli import main; main()", "swap", str(source), str(clip), "-o", str(output),
+            "--swapper", "classic", "--chunk-frames", str(CHUNK)]
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT)}
+
+
+def _manifest(output: Path) -> dict | None:
+    try:
+        return json.loads((job_dir_for(output) / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _analysing(output: Path) -> bool:
+    manifest = _manifest(output)
+    return manifest is not None and 0 < len(manifest["analyzed"]) < len(manifest["chunks"])
+
+
+def _rendering(output: Path) -> bool:
+    manifest = _manifest(output)
+    return manifest is not None and 0 < len(manifest["rendered"]) < len(manifest["chunks"])
+
+
+def _joining(output: Path) -> bool:
+    return any(output.parent.glob(f".{output.stem}.partial-*{output.suffix}"))
+
+
+MOMENTS: dict[str, Callable[[Path], bool]] = {"analysis": _analysing, "render": _rendering, "join": _joining}
+
+
+def _kill_when(command: list[str], output: Path, moment: Callable[[Path], bool]) -> bool:
+    """Start the job and SIGKILL it as soon as `moment` holds; False when it finished first."""
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    try:
+        while process.poll() is None:
+            if moment(output):
+                process.send_signal(signal.SIGKILL)
+                process.wait()
+                return True
+            time.sleep(0.001)
+        return False
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory, source_photo: Path, face_clip: Path) -> bytes:
+    output = tmp_path_factory.mktemp("reference") / "out.mp4"
+    result = subprocess.run(_command(source_photo, face_clip, output), cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=_env())
+    assert result.returncode == 0, result.stderr
+    return output.read_bytes()
+
+
+@pytest.mark.parametrize("name", list(MOMENTS))
+def test_killed_job_resumes_to_the_same_bytes(tmp_path: Path, source_photo: Path, face_clip: Path, reference: bytes,
+                                               name: str) -> None:
+    output = tmp_path / "out.mp4"
+    command = _command(source_photo, face_clip, output)
+    for _ in range(3):  # the join lasts milliseconds: a poll may miss it, then the job is run again from scratch
+        if _kill_when(command, output, MOMENTS[name]):
+            break
+        output.unlink()
+    else:
+        pytest.fail(f"the job was never caught {name}")
+    assert not output.exists(), "killed before the end: no output yet"
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    assert result.returncode == 0, result.stderr
+    assert output.read_bytes() == reference
+    assert not job_dir_for(output).exists() and not list(tmp_path.glob(".*partial*"))
