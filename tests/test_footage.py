@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from apple_video.engine.run import job_dir_for, swap_any, swap_video
+from apple_video.engine.layout import job_dir_for
+from apple_video.engine.run import swap_folder, swap_video
 from apple_video.errors import OutputError
 from apple_video.media.video import (
     EncodeSettings,
@@ -287,7 +288,7 @@ def test_mixed_size_folder_swaps_each_frame_by_its_own_geometry(tmp_path: Path, 
             frame = synth.paste_patch(synth.background(320, 240), astronaut_patch, synth.Placement(150 + 2 * i, 120, 0.95))
         Image.fromarray(frame).save(folder / f"frame_{i:04d}.png")
     (folder / "._frame_0000.png").write_bytes(b"\x00\x05\x16\x07AppleDouble")  # macOS metadata: not a frame
-    summary = swap_any([source_photo], folder, output, CLASSIC)
+    summary = swap_folder([source_photo], folder, output, CLASSIC)
     assert summary.frames == 10 and summary.frames_swapped == 8
     for i in range(10):
         before = np.asarray(Image.open(folder / f"frame_{i:04d}.png"))

@@ -11,7 +11,6 @@ from pathlib import Path
 import av
 import numpy as np
 import pytest
-import synth
 from PIL import Image
 
 from apple_video.engine.batch import BatchItem, output_names, read_manifest
@@ -19,6 +18,7 @@ from apple_video.engine.factories import EngineFactories, quiet_detector
 from apple_video.engine.job import plan_job
 from apple_video.errors import InputError, UserError
 from apple_video.swappers.classic import ClassicSwapper
+from tests import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = [sys.executable, "-c", "from cli import main; main()"]
