@@ -692,8 +692,8 @@ def phase_engine(ctx: Context) -> tuple[bool, dict]:
         ctx.model.compile_blocks(False)
     _set_independent(ctx.model, True)
     identity = RandomArcIdentity(ctx.eva, ctx.device, ctx.dtype)
-    pipe = ApplePipeline(_preset("student", "fast", None), ctx.model, ctx.vae, _prompt(ctx), identity, ctx.device,
-                         real=False)
+    preset = with_overrides(_preset("student", "fast", None), crop_size=ctx.scale.crop)  # 512 at full size
+    pipe = ApplePipeline(preset, ctx.model, ctx.vae, _prompt(ctx), identity, ctx.device, real=False)
     swapper = AppleSwapper(pipe)
     photo = skimage.data.astronaut()
     patch = synth.face_patch(photo, synth.ASTRONAUT_FACE_BOX)
