@@ -44,7 +44,8 @@ def _register(buffer: torch.Tensor) -> bool:
     pointer = buffer.data_ptr()
     if int(cudart.cudaHostRegister(pointer, nbytes, 0)) != 0:
         return False
-    weakref.finalize(buffer.untyped_storage(), cudart.cudaHostUnregister, pointer)
+    # on the tensor the offloader keeps for its lifetime (a storage's Python wrapper is made anew on each access)
+    weakref.finalize(buffer, cudart.cudaHostUnregister, pointer)
     return True
 
 
