@@ -1,27 +1,36 @@
 """The acceptance run for a lent GPU: the full-size APPLE model with random bf16 weights, phase by phase.
 
-Each phase runs under its own time limit and appends one JSON line (to stdout and `--out`); a PASS/FAIL table
-closes the run. Under 8 minutes on one H200. Phases:
+Each phase runs under its own time limit (they sum to 420 s, so that the wheel install, the imports and the model
+build fit one 600 s device command: `scripts/gpu_acceptance.sh`), resets the peak-memory counter, and appends one
+JSON line (stdout and `--out`; under `$OUT` when that is set). A PASS/FAIL table, with one row per goal, closes
+the run. Phases:
   build    the krea-512 architecture at full size (19 + 38 blocks, 24 x 128 heads, PuLID CA x20 + IDFormer, rank-64
            LoRA; 12.70 B parameters) and EVA02-L, all on CUDA in bf16
   guard    one forward under a dispatch guard: no CPU tensor meets a CUDA one, no float32 matmul
-  forward  batch 1/8/16, full pass and condition-cache read; TFLOP/s against 790 (a bf16 8192^3 matmul on an H200)
-  swap     auto batch size; one `swap` per recipe x quality: s/face-frame against its FLOP floor, peak GiB per crop
-  compile  a 2 + 4 block slice compiled (inductor): graph breaks, recompiles when the group size changes
-  fp8      the slice with torchao float8 block linears: speed and velocity cosine (>= 0.99) against bf16
-  offload  the slice with --offload: s/forward, host-to-device GB/s, output equal to resident
-  engine   the whole engine on a 48-frame 720p clip: faces swapped, seconds per stage, GPU-busy share
+  forward  eager, batch 1/8/16, full pass and condition-cache read: TFLOP/s against 790 (reported)
+  compile  the whole model's blocks compiled (static shapes) at batch 16 in every layout a swap uses; compile time
+           apart; GOALS: compiled forward at batch 16 >= 60% of 790 TFLOP/s, 0 recompiles after warm-up, 0 breaks
+  swap     batch 16, compiled and warm, FULL step counts: GOALS per face-frame balanced <= 0.7 s, fast <= 0.35 s,
+           both recipes, the released student (joint attention, no K/V cache) and the independent-condition
+           student (K/V cache) apart; 0 recompiles while timed
+  fp8      a 2 + 4 block slice with torchao float8 block linears at batch 16: speed and output against bf16
+  offload  the slice with --offload: s/forward, host-to-device GB/s, page-locked bytes (exact) and the pinned
+           allocator's own footprint, the full model's host bytes, output equal to resident
+  engine   the local engine on a 48-frame 720p clip, decode -> crops -> model -> paste -> encode, faces from the
+           clip's own patch (no weights), the swapper through the engine's factory argument; GPU-busy share
   train    two LoRA micro-steps (rectified-flow loss, gradient checkpointing) under accelerate bf16
-VAE encode is counted once per face-frame (it is part of `swap_latents`), decode once.
-Without CUDA it refuses in one line (exit 2); `--smoke` runs every phase at toy size on the CPU (for the tests).
+VAE encode and decode are inside every swap time, as in the product.
+Without CUDA it refuses in one line (exit 2); `--smoke` runs every phase at toy size on the CPU (goals reported,
+not enforced).
 
-    python -m benchmarks.gpu [--out gpu-acceptance.jsonl] [--only build,forward,...]
+    python -m benchmarks.gpu [--out F.jsonl] [--table F.md] [--only build,forward,...] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import time
@@ -44,7 +53,10 @@ CEILING_TFLOPS = 790.0  # bf16 8192^3 matmul measured on the project's H200s (th
 CROP = 512
 TEXT_TOKENS = 512
 RECIPES = ("student", "inversion")
-QUALITIES = ("fast", "balanced", "paper")
+QUALITIES = ("fast", "balanced")  # the goals; `paper` (56 calls) does not fit the command's budget
+GOAL_S_PER_FACE_FRAME = {"balanced": 0.7, "fast": 0.35}
+GOAL_OF_CEILING = 0.60
+GOAL_BATCH = 16
 
 
 @dataclass(frozen=True)
@@ -65,7 +77,7 @@ class Scale:
     crop: int = CROP
     text_tokens: int = TEXT_TOKENS
     batches: tuple[int, ...] = (1, 8, 16)
-    loop_steps: int = 2
+    goal_batch: int = GOAL_BATCH
     vae: dict | None = None  # None: FLUX's VAE
     eva: dict = field(default_factory=dict)  # timm eva02_large_patch14_clip_336 overrides
     clip_frames: int = 48
@@ -77,7 +89,7 @@ FULL = Scale()
 SMOKE = Scale(num_layers=3, num_single_layers=5, heads=2, head_dim=16, joint_dim=32, pooled_dim=32, rope=(4, 6, 6),
               idformer=dict(dim=32, depth=5, dim_head=8, heads=2, num_queries=32, output_dim=16, id_dim=512 + 32,
                             vit_dim=32), kv_dim=16, pulid_heads=2, lora_rank=4, crop=128, text_tokens=8, batches=(1, 2),
-              loop_steps=1, vae=dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, latent_channels=16,
+              goal_batch=2, vae=dict(block_out_channels=[8, 16, 16, 16], layers_per_block=1, latent_channels=16,
                                      norm_num_groups=4, scaling_factor=0.3611, shift_factor=0.1159),
               eva=dict(img_size=56, embed_dim=32, depth=6, num_heads=2, num_classes=32), clip_frames=6,
               clip_size=(320, 240), slice_layers=(1, 1))
@@ -257,6 +269,13 @@ class Context:
     vae: AutoencoderKL | None = None
     eva: torch.nn.Module | None = None
     slice_model: AppleFluxTransformer | None = None
+    compile_s: float | None = None  # set by the compile phase: the model's blocks are compiled and warm
+    warm_swaps: set = field(default_factory=set)  # (variant, recipe) whose swap graphs are compiled
+
+    @property
+    def enforce_goals(self) -> bool:
+        """Goals decide PASS on a GPU only (the CPU smoke run proves the phases run, not their speed)."""
+        return self.device.type == "cuda"
 
     def get_slice(self) -> AppleFluxTransformer:
         if self.slice_model is None:
@@ -312,34 +331,104 @@ def phase_guard(ctx: Context) -> tuple[bool, dict]:
     return ok, dict(mixed_device_ops=sorted(guard.mixed), fp32_matmuls=fp32, finite=bool(out.isfinite().all()))
 
 
-def phase_forward(ctx: Context) -> tuple[bool, dict]:
-    flops = flops_per_forward(ctx.model, forward_inputs(1, ctx.device, ctx.dtype, scale=ctx.scale))
-    rows, best = {}, 0.0
-    for batch in ctx.scale.batches:
+def goal(value: float | int | None, limit: float, at_most: bool = True) -> dict:
+    """A goal row: the measured value, its limit and whether it is met."""
+    met = value is not None and (value <= limit if at_most else value >= limit)
+    return dict(value=value, limit=("<= " if at_most else ">= ") + str(limit), status="PASS" if met else "FAIL")
+
+
+def _forward_rows(ctx: Context, flops: int, batches: tuple[int, ...]) -> dict:
+    rows = {}
+    for batch in batches:
         inputs = forward_inputs(batch, ctx.device, ctx.dtype, scale=ctx.scale)
         cache = ConditionKVCache()
         with torch.no_grad():
             ctx.model(inputs, cache)  # fills the condition K/V
-            reading_flops = count_flops(lambda inputs=inputs, cache=cache: ctx.model(inputs, cache)) if batch == 1 else None
-            reset_peak(ctx.device)
             full = seconds(lambda inputs=inputs: ctx.model(inputs), ctx.device)
             read = seconds(lambda inputs=inputs, cache=cache: ctx.model(inputs, cache), ctx.device)
         tflops = flops * batch / full / 1e12
-        best = max(best, tflops)
         rows[f"batch_{batch}"] = dict(ms=round(full * 1e3, 1), ms_per_face=round(full * 1e3 / batch, 1),
                                       tflops=round(tflops, 1), of_ceiling=round(tflops / CEILING_TFLOPS, 3),
-                                      cache_read_ms=round(read * 1e3, 1), peak_gib=round(peak_gib(ctx.device), 1))
-        if reading_flops is not None:
-            rows["cache_read_tflop_per_forward"] = round(reading_flops / 1e12, 2)
+                                      cache_read_ms=round(read * 1e3, 1))
         del inputs, cache
+    return rows
+
+
+def phase_forward(ctx: Context) -> tuple[bool, dict]:
+    """Eager forwards (the `paper` quality's path); reported, the goal is the compiled one."""
+    one = forward_inputs(1, ctx.device, ctx.dtype, scale=ctx.scale)
+    flops = flops_per_forward(ctx.model, one)
+    reading = ConditionKVCache()
+    with torch.no_grad():
+        ctx.model(one, reading)
+    rows = _forward_rows(ctx, flops, ctx.scale.batches)
     rows["tflop_per_forward"] = round(flops / 1e12, 2)
-    # PASS: the best batch keeps the tensor cores at least a third busy (46% measured eagerly at batch 8)
-    return ctx.device.type != "cuda" or best / CEILING_TFLOPS > 1 / 3, rows
+    rows["cache_read_tflop_per_forward"] = round(count_flops(lambda: ctx.model(one, reading)) / 1e12, 2)
+    return True, rows
 
 
-def _preset(recipe: str, quality: str, steps: int | None) -> Preset:
+def _set_independent(model: AppleFluxTransformer, independent: bool) -> None:
+    """The released student (condition tokens attend to all) or an independent-condition one: the same weights,
+    the attention layout read from the config at every call."""
+    model.register_to_config(independent_condition=independent)
+
+
+def _warm_layouts(ctx: Context, batch: int) -> None:
+    """Every layout a swap calls at `batch`: joint and independent attention; with condition tokens, writing and
+    reading the condition K/V cache; the first inversion step, whose latents ARE the condition tensor."""
+    from dataclasses import replace
+
+    inputs = forward_inputs(batch, ctx.device, ctx.dtype, scale=ctx.scale)
+    with torch.no_grad():
+        for independent in (False, True):
+            _set_independent(ctx.model, independent)
+            ctx.model(inputs)
+            ctx.model(replace(inputs, condition=inputs.latents))
+            if independent:
+                cache = ConditionKVCache()
+                ctx.model(inputs, cache)
+                ctx.model(inputs, cache)
+                aliased = ConditionKVCache()
+                ctx.model(replace(inputs, condition=inputs.latents), aliased)
+    sync(ctx.device)
+
+
+def phase_compile(ctx: Context) -> tuple[bool, dict]:
+    """The product's `balanced`/`fast` path: the whole model's blocks compiled, static shapes, at batch 16."""
+    from torch._dynamo.utils import counters
+
+    batch = ctx.scale.goal_batch
+    torch._dynamo.reset()
+    counters.clear()
+    ctx.warm_swaps.clear()
+    ctx.model.compile_blocks(True, **({} if ctx.device.type == "cuda" else {"backend": "eager"}))
+    start = time.perf_counter()
+    _warm_layouts(ctx, batch)
+    _warm_swaps(ctx)  # the product's own calls, in case they reach a layout the direct forwards did not
+    ctx.compile_s = time.perf_counter() - start
+    compiled = counters["frames"]["total"]
+    flops = flops_per_forward(ctx.model, forward_inputs(1, ctx.device, ctx.dtype, scale=ctx.scale))
+    rows = _forward_rows(ctx, flops, (batch,))[f"batch_{batch}"]
+    _warm_layouts(ctx, batch)  # every layout again: nothing may compile now
+    later = counters["frames"]["total"] - compiled
+    breaks = sum(counters["graph_break"].values())
+    goals = {f"forward_b{batch}_compiled_of_790": goal(rows["of_ceiling"], GOAL_OF_CEILING, at_most=False),
+             "recompiles_after_warmup": goal(later, 0), "graph_breaks": goal(breaks, 0)}
+    figures = dict(compile_s=round(ctx.compile_s, 1), compiles_first_group=compiled, recompiles_after=later,
+                   graph_breaks=breaks, options=str(ctx.model.compile_options),
+                   **{f"compiled_b{batch}": rows}, goals=goals)
+    return _goals_met(ctx, goals), figures
+
+
+def _goals_met(ctx: Context, goals: dict) -> bool:
+    return not ctx.enforce_goals or all(g["status"] == "PASS" for g in goals.values())
+
+
+def _preset(recipe: str, quality: str, steps: int | None, cache: bool = True) -> Preset:
+    """krea-512 at `quality` (its own step counts unless `steps`). `compile` stays off here: the blocks are compiled
+    once on the shared model (a pipeline would otherwise wrap them anew)."""
     preset = with_quality(load_preset("krea-512"), quality)
-    over = dict(recipe=recipe, compile=False, fp8=False, independent_condition=True)  # compile has its own phase
+    over = dict(recipe=recipe, compile=False, fp8=False, independent_condition=cache, condition_cache=cache)
     if steps is not None:
         over.update(inversion_steps=steps, sampling_steps=steps)
     return with_overrides(preset, **over)
@@ -370,64 +459,84 @@ def _prompt(ctx: Context) -> PromptEmbeddings:
 
 
 def phase_swap(ctx: Context) -> tuple[bool, dict]:
+    """Per face-frame at batch 16 (encode, every transformer call of the quality's full step count, decode), on the
+    compiled warm model; each (variant, recipe) warmed by a one-step swap before its timed runs."""
+    from torch._dynamo.utils import counters
+
     id_embed, null, id_seconds = _identity(ctx)
     prompt = _prompt(ctx)
     probe = ApplePipeline(_preset("student", "fast", None), ctx.model, ctx.vae, prompt, None, ctx.device, real=False)
-    batch = min(probe.auto_batch_size(), max(ctx.scale.batches))
-    crops = np.random.default_rng(0).integers(0, 256, (batch, ctx.scale.crop, ctx.scale.crop, 3), dtype=np.uint8)
-    rows: dict = dict(auto_batch=batch, identity_ms=round(id_seconds * 1e3, 1))
-    ok = True
-    for recipe in RECIPES:
-        for quality in QUALITIES:
-            full = _preset(recipe, quality, None).sampling
-            steps = min(ctx.scale.loop_steps, full.sampling_steps)
-            pipe = ApplePipeline(_preset(recipe, quality, steps), ctx.model, ctx.vae, prompt, None, ctx.device, real=False)
-            seeds = list(range(batch))
-            with torch.no_grad():
-                flops = count_flops(lambda pipe=pipe: pipe.swap(crops[:1], id_embed, null, [0]))
+    batch = ctx.scale.goal_batch
+    crops, seeds = _swap_inputs(ctx)
+    if not ctx.model.compiled:  # `--only swap`: compile here (its time lands in the warm-ups)
+        ctx.model.compile_blocks(True, **({} if ctx.device.type == "cuda" else {"backend": "eager"}))
+    rows: dict = dict(auto_batch=probe.auto_batch_size(), batch=batch, identity_ms=round(id_seconds * 1e3, 1))
+    goals: dict = {}
+    warm_s, recompiles = 0.0, 0
+    for variant, cache in VARIANTS:
+        for recipe in RECIPES:
+            warm_s += _warm_swaps(ctx, [(variant, cache, recipe)])
+            _set_independent(ctx.model, cache)
+            frames = counters["frames"]["total"]
+            for quality in QUALITIES:
+                pipe = ApplePipeline(_preset(recipe, quality, None, cache), ctx.model, ctx.vae, prompt, None, ctx.device,
+                                     real=False)
                 reset_peak(ctx.device)
-                base = torch.cuda.memory_allocated(ctx.device) / 2**30 if ctx.device.type == "cuda" else 0.0
-                spent = seconds(lambda pipe=pipe, seeds=seeds: pipe.swap(crops, id_embed, null, seeds), ctx.device, repeats=1, warmup=0)
-                out = pipe.swap(crops[:1], id_embed, null, [0])
-            # scale the few timed steps to the quality's own count (encode and decode are paid once either way)
-            factor = full.sampling_steps / steps
-            per_face = spent * factor / batch
-            floor = flops * factor / (CEILING_TFLOPS * 1e12)
-            ok &= out.shape == (1, ctx.scale.crop, ctx.scale.crop, 3) and per_face >= floor * 0.999
-            rows[f"{recipe}/{quality}"] = dict(s_per_face_frame=round(per_face, 3), flop_floor_s=round(floor, 3),
-                                               of_floor=round(floor / per_face, 3) if per_face else None,
-                                               gib_per_crop=round((peak_gib(ctx.device) - base) / batch, 2))
-    return ok, rows
+                with torch.no_grad():
+                    spent = seconds(lambda pipe=pipe: pipe.swap(crops, id_embed, null, seeds), ctx.device, repeats=1,
+                                    warmup=0)
+                per_face = spent / batch
+                key = f"{variant}/{recipe}/{quality}"
+                rows[key] = dict(s_per_face_frame=round(per_face, 3), calls=_calls(pipe.preset),
+                                 peak_gib=round(peak_gib(ctx.device), 1))
+                goals[key] = goal(round(per_face, 3), GOAL_S_PER_FACE_FRAME[quality])
+            recompiles += counters["frames"]["total"] - frames
+    _set_independent(ctx.model, True)
+    rows["warmup_s"] = round(warm_s, 1)
+    goals["recompiles_while_timed"] = goal(recompiles, 0)
+    rows["goals"] = goals
+    return _goals_met(ctx, goals), rows
 
 
-def phase_compile(ctx: Context) -> tuple[bool, dict]:
-    from torch._dynamo.utils import counters
+VARIANTS = (("released", False), ("cached", True))  # the released student (joint attention, no cache); independent
 
-    model = ctx.get_slice()
-    prompt = _prompt(ctx)
-    pipe = ApplePipeline(_preset("inversion", "fast", 1), model, ctx.vae, prompt, None, ctx.device, real=False)
-    id_embed = torch.randn(1, 32, model.config.pulid_kv_dim, generator=torch.Generator().manual_seed(6))
-    batch = max(2, min(ctx.scale.batches[-1], 4))
-    crops = np.random.default_rng(1).integers(0, 256, (batch, ctx.scale.crop, ctx.scale.crop, 3), dtype=np.uint8)
-    torch._dynamo.reset()
-    counters.clear()
-    model.compile_blocks(True, **({} if ctx.device.type == "cuda" else {"backend": "eager"}))
-    try:
-        start = time.perf_counter()
+
+def _swap_inputs(ctx: Context) -> tuple[np.ndarray, list[int]]:
+    batch = ctx.scale.goal_batch
+    crops = np.random.default_rng(0).integers(0, 256, (batch, ctx.scale.crop, ctx.scale.crop, 3), dtype=np.uint8)
+    return crops, list(range(batch))
+
+
+def _warm_swaps(ctx: Context, which: list[tuple[str, bool, str]] | None = None) -> float:
+    """One-step swaps at batch 16 for each (variant, recipe) not yet warm: every graph a timed swap will call is
+    compiled before any timing. Returns the seconds spent."""
+    which = which or [(v, c, r) for v, c in VARIANTS for r in RECIPES]
+    crops, seeds = _swap_inputs(ctx)
+    id_embed, null, _ = _identity(ctx)
+    start = time.perf_counter()
+    for variant, cache, recipe in which:
+        if (variant, recipe) in ctx.warm_swaps:
+            continue
+        _set_independent(ctx.model, cache)
+        pipe = ApplePipeline(_preset(recipe, "fast", 1, cache), ctx.model, ctx.vae, _prompt(ctx), None, ctx.device,
+                             real=False)
         with torch.no_grad():
-            pipe.swap_latents(crops, id_embed, id_embed, list(range(batch)))
-            sync(ctx.device)
-            first_s = time.perf_counter() - start
-            compiled = counters["frames"]["total"]
-            for n in (batch, batch - 1, 1):  # a trailing group, then a frame with one face
-                pipe.swap_latents(crops[:n], id_embed, id_embed, list(range(n)))
-        later = counters["frames"]["total"] - compiled
-        breaks = sum(counters["graph_break"].values())
-    finally:
-        model.compile_blocks(False)
-        torch._dynamo.reset()
-    return later == 0 and breaks == 0, dict(first_group_s=round(first_s, 1), compiles_first_group=compiled,
-                                            recompiles_after=later, graph_breaks=breaks)
+            pipe.swap(crops, id_embed, null, seeds)
+        ctx.warm_swaps.add((variant, recipe))
+    _set_independent(ctx.model, True)
+    sync(ctx.device)
+    return time.perf_counter() - start
+
+
+def _calls(preset: Preset) -> int:
+    """Transformer calls per face-frame (FireFlow: N steps are N + 1 calls)."""
+    s = preset.sampling
+
+    def calls(steps: int, solver: str) -> int:
+        return steps + 1 if solver == "fireflow" else steps * (2 if s.second_order else 1)
+
+    sampling = calls(s.sampling_steps, s.solver)
+    return sampling + (calls(s.inversion_steps, s.inversion_solver or s.solver) if s.recipe == "inversion" else 0)
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -435,13 +544,19 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 def phase_fp8(ctx: Context) -> tuple[bool, dict]:
+    from apple_video.models.pipeline import check_speed_options
     from apple_video.models.transformer import check_fp8_capability, to_float8
 
+    try:
+        check_speed_options(True, True)
+        refused = False
+    except Exception:  # noqa: BLE001 - the UserError is the expected outcome
+        refused = True
     if ctx.device.type != "cuda":
-        return True, dict(skipped="CPU smoke run: fp8 needs CUDA")
+        return refused, dict(skipped="CPU smoke run: fp8 needs CUDA", offload_fp8_refused=refused)
     check_fp8_capability(torch.cuda.get_device_capability(ctx.device), torch.cuda.get_device_name(ctx.device))
     model = build_full_transformer(ctx.device, ctx.dtype, seed=3, scale=ctx.scale, layers=ctx.scale.slice_layers)
-    inputs = forward_inputs(8, ctx.device, ctx.dtype, scale=ctx.scale)
+    inputs = forward_inputs(ctx.scale.goal_batch, ctx.device, ctx.dtype, scale=ctx.scale)
     with torch.no_grad():
         reference = model(inputs)
         bf16 = seconds(lambda: model(inputs), ctx.device)
@@ -449,67 +564,185 @@ def phase_fp8(ctx: Context) -> tuple[bool, dict]:
         quantised = model(inputs)
         fp8 = seconds(lambda: model(inputs), ctx.device)
     cosine = _cosine(quantised, reference)
-    return cosine >= 0.99, dict(bf16_ms=round(bf16 * 1e3, 1), fp8_ms=round(fp8 * 1e3, 1),
-                                speedup=round(bf16 / fp8, 2), velocity_cosine=round(cosine, 4))
+    relative = float((quantised.float() - reference.float()).norm() / reference.float().norm())
+    return cosine >= 0.99 and refused, dict(batch=ctx.scale.goal_batch, bf16_ms=round(bf16 * 1e3, 1),
+                                            fp8_ms=round(fp8 * 1e3, 1), speedup=round(bf16 / fp8, 2),
+                                            velocity_cosine=round(cosine, 4), relative_l2=round(relative, 4),
+                                            offload_fp8_refused=refused, eager=True)
+
+
+def _host_allocator_bytes() -> int | None:
+    """Bytes PyTorch's pinned host allocator holds (power-of-two rounded blocks), None where it is not readable."""
+    if not torch.cuda.is_available():
+        return None
+    try:
+        stats = torch.cuda.memory.host_memory_stats()
+    except (AttributeError, RuntimeError):
+        return None
+    return stats.get("allocated_bytes.current", stats.get("allocated_bytes.all.current"))
 
 
 def phase_offload(ctx: Context) -> tuple[bool, dict]:
+    """--offload on the slice: per-call time, copy rate, what is page-locked (exact bytes) against the weights,
+    the pinned allocator's footprint before/after, and the full model's host bytes from the per-block figures."""
     model = ctx.get_slice()
-    inputs = forward_inputs(1, ctx.device, ctx.dtype, scale=ctx.scale)
+    double, single = ctx.scale.slice_layers
+    weights = sum(t.numel() * t.element_size() for b in [*model.transformer_blocks, *model.single_transformer_blocks]
+                  for t in [*b.parameters(), *b.buffers()])
+    rows: dict = {}
+    allocator_before = _host_allocator_bytes()
     with torch.no_grad():
-        resident_s = seconds(lambda: model(inputs), ctx.device)
-        resident = model(inputs)
+        timed = {}
+        for batch in (1, ctx.scale.goal_batch):
+            inputs = forward_inputs(batch, ctx.device, ctx.dtype, scale=ctx.scale)
+            timed[batch] = (inputs, seconds(lambda inputs=inputs: model(inputs), ctx.device), model(inputs))
         model.stream_blocks(ctx.device)
-        before = model.offloader.copied_bytes
-        streamed_s = seconds(lambda: model(inputs), ctx.device)
-        copied = (model.offloader.copied_bytes - before) / 4  # warm-up + 3 timed calls
-        streamed = model(inputs)
-    equal = bool(torch.equal(resident, streamed))
-    pinned = model.offloader.pinned
+        offloader = model.offloader
+        equal = True
+        for batch, (inputs, resident_s, resident) in timed.items():
+            before = offloader.copied_bytes
+            streamed_s = seconds(lambda inputs=inputs: model(inputs), ctx.device)
+            copied = (offloader.copied_bytes - before) / 4  # warm-up + 3 timed calls
+            equal &= bool(torch.equal(resident, model(inputs)))
+            rows[f"batch_{batch}"] = dict(resident_ms=round(resident_s * 1e3, 1), offload_ms=round(streamed_s * 1e3, 1),
+                                          gb_per_s=round(copied / streamed_s / 1e9, 1) if streamed_s else None)
+    allocator_after = _host_allocator_bytes()
+    per_double = offloader.buffers[0].numel()
+    per_single = offloader.buffers[double].numel() if single else 0
+    full = per_double * FULL.num_layers + per_single * FULL.num_single_layers
+    rows.update(pinning=offloader.pinning, host_bytes=offloader.host_bytes, weight_bytes=weights,
+                host_over_weights=round(offloader.host_bytes / weights, 4),
+                allocator_bytes_before=allocator_before, allocator_bytes_after=allocator_after,
+                full_model_host_gb=round(full / 1e9, 2), equal=equal)
     ctx.slice_model = None  # its blocks now live on the host
-    return equal and (pinned or ctx.device.type != "cuda"), dict(
-        resident_ms=round(resident_s * 1e3, 1), offload_ms=round(streamed_s * 1e3, 1),
-        gb_per_s=round(copied / streamed_s / 1e9, 1) if streamed_s else None, pinned=pinned, equal=equal)
+    return equal and (offloader.pinned or ctx.device.type != "cuda"), rows
+
+
+# where the face sits in `tests.synth.face_patch(astronaut, ASTRONAUT_FACE_BOX)`, and its five points as fractions of
+# that box (eyes, nose tip, mouth corners; close enough to align a crop for a speed run)
+FACE_KPS = np.array([[0.32, 0.40], [0.68, 0.40], [0.50, 0.58], [0.36, 0.78], [0.64, 0.78]])
+
+
+class PatchDetector:
+    """Finds one known face patch (the synthetic clip's, or the photo it was cut from) by normalised template
+    matching over scales on a quarter-size picture: no weights, a few ms per 720p frame. Gives the box and five
+    points from where the face sits in the patch; no 68 landmarks (the engine then masks with an oval)."""
+
+    name = "patch"
+    SCALES = tuple(float(x) for x in np.geomspace(0.5, 2.0, 13))
+    SHRINK = 4
+    MIN_SCORE = 0.5
+
+    def __init__(self, patch: np.ndarray, face_box: tuple[int, int, int, int], settings=None) -> None:
+        import cv2
+
+        self.settings = settings
+        self.face_box = np.asarray(face_box, np.float64)
+        self.size = patch.shape[:2]
+        self.template = cv2.cvtColor(patch, cv2.COLOR_RGB2GRAY)
+
+    def detect(self, rgb: np.ndarray, embed: bool = True, scale: float | None = None) -> list:
+        import cv2
+
+        from apple_video.faces.types import Face
+
+        gray = cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+        small = cv2.resize(gray, (gray.shape[1] // self.SHRINK, gray.shape[0] // self.SHRINK), interpolation=cv2.INTER_AREA)
+        best = (-1.0, 1.0, (0, 0))
+        for s in self.SCALES:
+            h, w = (max(8, round(n * s / self.SHRINK)) for n in self.size)
+            if h >= small.shape[0] or w >= small.shape[1]:
+                continue
+            template = cv2.resize(self.template, (w, h), interpolation=cv2.INTER_AREA)
+            _, score, _, where = cv2.minMaxLoc(cv2.matchTemplate(small, template, cv2.TM_CCOEFF_NORMED))
+            if score > best[0]:
+                best = (score, s, where)
+        score, s, (x, y) = best
+        if score < self.MIN_SCORE:
+            return []
+        origin = np.array([x, y], np.float64) * self.SHRINK
+        box = np.concatenate([origin + self.face_box[:2] * s, origin + self.face_box[2:] * s])
+        kps = box[:2] + FACE_KPS * (box[2:] - box[:2])
+        return [Face(box, kps, float(score))]
+
+
+def patch_detector_factory(patch: np.ndarray, face_box: tuple[int, int, int, int]):
+    """The engine's detector factory (DetectorSettings -> detector) for `PatchDetector`."""
+    import functools
+
+    return functools.partial(_patch_detector, patch, face_box)
+
+
+def _patch_detector(patch: np.ndarray, face_box: tuple[int, int, int, int], settings) -> PatchDetector:
+    return PatchDetector(patch, face_box, settings)
+
+
+class RandomArcIdentity:
+    """PuLID's identity features as the product computes them (EVA02-L on the source crop, random bf16 weights)
+    with a seeded random vector standing in for the ArcFace embedding (no weights on a lent machine)."""
+
+    def __init__(self, eva: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+        self.eva, self.device, self.dtype = eva, device, dtype
+
+    @torch.no_grad()
+    def __call__(self, source):
+        from apple_video.models.identity import IdentityFeatures, eva_features
+
+        size = self.eva.patch_embed.img_size[0]
+        pixels = torch.from_numpy(np.ascontiguousarray(source.crop)).permute(2, 0, 1)[None].float() / 127.5 - 1
+        pixels = torch.nn.functional.interpolate(pixels, size=(size, size), mode="bilinear").to(self.device, self.dtype)
+        cls, hidden = eva_features(self.eva, pixels, max(1, len(self.eva.blocks) // 6))
+        arc = torch.randn(1, 512, generator=torch.Generator().manual_seed(5)).to(self.device, self.dtype)
+        return IdentityFeatures(torch.cat([arc, torch.nn.functional.normalize(cls, dim=-1)], -1), hidden)
 
 
 def phase_engine(ctx: Context) -> tuple[bool, dict]:
-    """The local engine end to end on a synthetic 720p clip with a real face, the swapper being the random
-    full-size pipeline (no weights to load on a lent machine)."""
+    """The local engine end to end on a synthetic 720p clip: decode -> faces (the patch detector) -> crops ->
+    the random full-size pipeline (eager: a run's first group fixes a compiled batch size, and this short clip
+    would spend its time compiling) -> paste -> encode, with the GPU-busy share. Swapper and detector reach the
+    engine through its factory argument."""
     import tempfile
 
     import skimage
+    from PIL import Image
 
     from apple_video.engine import run as engine
-    from apple_video.settings import ModelOptions, SwapSettings
+    from apple_video.engine.factories import EngineFactories
+    from apple_video.settings import ModelOptions, SelectorSettings, SwapSettings
     from apple_video.swappers.apple import AppleSwapper
     from tests import synth
 
-    id_embed, null, _ = _identity(ctx)
-    pipe = ApplePipeline(_preset("student", "fast", None), ctx.model, ctx.vae, _prompt(ctx), None, ctx.device, real=False)
+    if ctx.model.compiled:
+        ctx.model.compile_blocks(False)
+        ctx.warm_swaps.clear()
+    _set_independent(ctx.model, True)
+    identity = RandomArcIdentity(ctx.eva, ctx.device, ctx.dtype)
+    preset = with_overrides(_preset("student", "fast", None), crop_size=ctx.scale.crop)  # 512 at full size
+    pipe = ApplePipeline(preset, ctx.model, ctx.vae, _prompt(ctx), identity, ctx.device, real=False)
     swapper = AppleSwapper(pipe)
-    swapper.prepare = lambda sources: setattr(swapper, "_id", id_embed) or setattr(swapper, "_null", null)
+    photo = skimage.data.astronaut()
+    patch = synth.face_patch(photo, synth.ASTRONAUT_FACE_BOX)
+    margin = int((synth.ASTRONAUT_FACE_BOX[2] - synth.ASTRONAUT_FACE_BOX[0]) * 0.6)  # face_patch's default margin
+    face_in_patch = (margin, margin, margin + synth.ASTRONAUT_FACE_BOX[2] - synth.ASTRONAUT_FACE_BOX[0],
+                     margin + synth.ASTRONAUT_FACE_BOX[3] - synth.ASTRONAUT_FACE_BOX[1])
+    factories = EngineFactories(swapper=lambda: swapper, detector=patch_detector_factory(patch, face_in_patch))
     width, height = ctx.scale.clip_size
-    patch = synth.face_patch(skimage.data.astronaut(), synth.ASTRONAUT_FACE_BOX)
-    frames = synth.face_frames(patch, (width, height), synth.smooth_path(ctx.scale.clip_frames, width, height, patch.shape[1]))
+    frames = synth.face_frames(patch, (width, height), synth.smooth_path(ctx.scale.clip_frames, width, height,
+                                                                         patch.shape[1]))
     busy = _GpuBusy(ctx.device)
     with tempfile.TemporaryDirectory() as tmp:
         clip = synth.write_clip(Path(tmp) / "clip.mp4", frames, fps=24)
         source = Path(tmp) / "source.png"
-        from PIL import Image
-
-        Image.fromarray(skimage.data.astronaut()).save(source)
-        # the engine's render worker builds the random full-size pipeline through the factories handed in (a lent
-        # machine has no weights; weights are checked by the planner, which this run skips)
-        from apple_video.engine.factories import EngineFactories
-
-        settings = SwapSettings(swapper="apple", model=ModelOptions(preset="krea-512"))
+        Image.fromarray(photo).save(source)
+        settings = SwapSettings(swapper="apple", model=ModelOptions(preset="krea-512"),
+                                selector=SelectorSettings(mode="many"))
         start = time.perf_counter()
         with busy:
-            summary = engine.swap_video([source], clip, Path(tmp) / "out.mp4", settings,
-                                        EngineFactories(swapper=lambda: swapper))
+            summary = engine.swap_video([source], clip, Path(tmp) / "out.mp4", settings, factories)
         total = time.perf_counter() - start
     figures = dict(frames=summary.frames, faces_swapped=summary.faces_swapped, stage_seconds=summary.seconds,
-                   wall_s=round(total, 1), gpu_busy_share=busy.share, error=summary.error)
+                   wall_s=round(total, 1), s_per_frame=round(total / max(1, summary.frames), 3),
+                   gpu_busy_share=busy.share, error=summary.error)
     return summary.status == "ok" and summary.faces_swapped > 0, figures
 
 
@@ -589,16 +822,20 @@ def phase_train(ctx: Context) -> tuple[bool, dict]:
                                                     peak_gib=round(peak_gib(ctx.device), 1))
 
 
+# (name, function, seconds): 420 s together, so that install (~20 s), imports and start-up fit a 480 s `timeout`
+# inside the device's 600 s command (scripts/gpu_acceptance.sh); compile before swap, which times the warm graphs
 PHASES: tuple[tuple[str, Callable[[Context], tuple[bool, dict]], float], ...] = (
-    ("build", phase_build, 90), ("guard", phase_guard, 45), ("forward", phase_forward, 75), ("swap", phase_swap, 90),
-    ("compile", phase_compile, 150), ("fp8", phase_fp8, 45), ("offload", phase_offload, 30),
-    ("engine", phase_engine, 60), ("train", phase_train, 30),
+    ("build", phase_build, 40), ("guard", phase_guard, 10), ("forward", phase_forward, 30),
+    ("compile", phase_compile, 170), ("swap", phase_swap, 80), ("fp8", phase_fp8, 20), ("offload", phase_offload, 20),
+    ("engine", phase_engine, 40), ("train", phase_train, 10),
 )
-NEEDS_MODEL = {"guard", "forward", "swap", "engine"}
+NEEDS_MODEL = {"guard", "forward", "compile", "swap", "engine"}
+SMOKE_LIMIT_FACTOR = 10  # a shared 2-core CPU runs the toy phases, compiles included, far slower than an H200
 
 
 def run_phase(ctx: Context, name: str, fn: Callable[[Context], tuple[bool, dict]], limit: float, out: Path | None) -> dict:
     start = time.perf_counter()
+    reset_peak(ctx.device)
     try:
         if name in NEEDS_MODEL and ctx.model is None:
             raise RuntimeError("the build phase did not finish")
@@ -610,6 +847,7 @@ def run_phase(ctx: Context, name: str, fn: Callable[[Context], tuple[bool, dict]
                       if str(error) else error.__class__.__name__)
     record["seconds"] = round(time.perf_counter() - start, 1)
     record["limit_s"] = limit
+    record["phase_peak_gib"] = round(peak_gib(ctx.device), 1)
     line = json.dumps(record, default=str)
     print(line, flush=True)
     if out is not None:
@@ -620,17 +858,34 @@ def run_phase(ctx: Context, name: str, fn: Callable[[Context], tuple[bool, dict]
 
 
 def table(results: list[dict]) -> str:
-    rows = ["| phase | result | seconds | figures |", "|---|---|---|---|"]
+    rows = ["| phase | result | seconds | peak GiB | figures |", "|---|---|---|---|---|"]
+    goals = ["| goal | value | limit | result |", "|---|---|---|---|"]
     for r in results:
-        figures = {k: v for k, v in r.items() if k not in ("phase", "status", "seconds", "limit_s")}
-        text = json.dumps(figures, default=str)
-        rows.append(f"| {r['phase']} | {r['status']} | {r['seconds']} | {text[:400]} |")
-    return "\n".join(rows)
+        skip = ("phase", "status", "seconds", "limit_s", "phase_peak_gib", "goals")
+        text = json.dumps({k: v for k, v in r.items() if k not in skip}, default=str)
+        rows.append(f"| {r['phase']} | {r['status']} | {r['seconds']} / {r['limit_s']:.0f} | {r['phase_peak_gib']} | "
+                    f"{text[:400]} |")
+        for key, g in r.get("goals", {}).items():
+            goals.append(f"| {r['phase']}: {key} | {g['value']} | {g['limit']} | {g['status']} |")
+    return "\n".join(rows + ([""] + goals if len(goals) > 2 else []))
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(text)
+    partial.replace(path)
+
+
+def default_out() -> Path:
+    """Under $OUT where the device tool sets it (what is written elsewhere stays on the lent machine)."""
+    return Path(os.environ["OUT"]) / "gpu-acceptance.jsonl" if os.environ.get("OUT") else Path("gpu-acceptance.jsonl")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("gpu-acceptance.jsonl"), help="JSON lines, appended")
+    parser.add_argument("--out", type=Path, default=None, help="JSON lines, appended (default: $OUT/gpu-acceptance.jsonl "
+                        "where $OUT is set, else ./gpu-acceptance.jsonl)")
+    parser.add_argument("--table", type=Path, default=None, help="also write the PASS/FAIL table (markdown) here")
     parser.add_argument("--only", default=None, help="comma-separated phases (build runs whenever a phase needs it)")
     parser.add_argument("--smoke", action="store_true", help="toy sizes on the CPU: proves the phases run, no figures")
     args = parser.parse_args(argv)
@@ -639,16 +894,28 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.smoke else "cuda")
     ctx = Context(device, torch.float32 if args.smoke else torch.bfloat16, SMOKE if args.smoke else FULL)
     wanted = set(args.only.split(",")) if args.only else {name for name, _, _ in PHASES}
+    unknown = wanted - {name for name, _, _ in PHASES}
+    if unknown:
+        print(f"benchmarks/gpu.py: unknown phase(s) {', '.join(sorted(unknown))}; phases: "
+              f"{', '.join(name for name, _, _ in PHASES)}", file=sys.stderr)
+        return 2
+    out = args.out or default_out()
     if wanted & NEEDS_MODEL:
         wanted.add("build")
     started = time.perf_counter()
     for name, fn, limit in PHASES:
         if name in wanted:
-            run_phase(ctx, name, fn, limit, args.out)
-    print(table(ctx.results))
+            run_phase(ctx, name, fn, limit * (SMOKE_LIMIT_FACTOR if args.smoke else 1), out)
+    text = table(ctx.results)
+    print(text)
     failed = [r["phase"] for r in ctx.results if r["status"] != "PASS"]
-    print(f"acceptance: {'PASS' if not failed else 'FAIL (' + ', '.join(failed) + ')'} in "
-          f"{time.perf_counter() - started:.0f} s")
+    verdict = (f"acceptance: {'PASS' if not failed else 'FAIL (' + ', '.join(failed) + ')'} in "
+               f"{time.perf_counter() - started:.0f} s")
+    if args.smoke:
+        verdict += " (smoke: toy sizes on the CPU, goals reported but not enforced)"
+    print(verdict)
+    if args.table is not None:
+        _write_atomic(args.table, f"{text}\n\n{verdict}\n")
     return 0 if not failed else 1
 
 

@@ -100,3 +100,95 @@ def test_auto_batch_size_from_free_memory() -> None:
     assert choose_batch_size(64 * GIB, per_crop, CPU_BATCH_LIMIT) == 4
     pipe = ApplePipeline.from_preset(_tiny_preset(), torch.device("cpu"))
     assert 1 <= pipe.auto_batch_size() <= CPU_BATCH_LIMIT
+
+
+def test_offload_with_fp8_is_refused_before_any_weight_is_built() -> None:
+    """Offloaded blocks stream plain bf16 host buffers, so torchao's float8 weights would be dropped silently: the
+    pair is refused in one line, before the model is built (the check the planning step calls too)."""
+    from apple_video.errors import UserError
+    from apple_video.models.pipeline import check_speed_options
+
+    with pytest.raises(UserError, match="--offload and --fp8 cannot be combined") as caught:
+        ApplePipeline.from_preset(_tiny_preset(fp8=True), torch.device("cpu"), offload=True)
+    assert len(str(caught.value).splitlines()) == 1
+    for offload, fp8 in ((True, False), (False, True), (False, False)):
+        check_speed_options(offload, fp8)  # each lever alone is fine
+
+
+def test_offloaded_blocks_live_in_one_exact_host_buffer_each() -> None:
+    """Each block's weights are views of one flat host buffer the size of the weights (ALIGN-padded per tensor),
+    which is what gets page-locked in place: not PyTorch's pinned allocator, which rounds every allocation up to a
+    power of two. The streamed forward equals the resident one."""
+    from apple_video.models.offload import ALIGN
+
+    transformer, _, _, _ = build_tiny(load_preset("tiny"))
+    inputs = _forward_inputs(transformer)
+    with torch.no_grad():
+        resident = transformer(inputs)
+    blocks = [*transformer.transformer_blocks, *transformer.single_transformer_blocks]
+    sizes = [[t.numel() * t.element_size() for t in [*b.parameters(), *b.buffers()]] for b in blocks]
+    transformer.stream_blocks(torch.device("cpu"))
+    offloader = transformer.offloader
+    for block, flat, block_sizes in zip(blocks, offloader.buffers, sizes, strict=True):
+        assert sum(block_sizes) <= flat.numel() <= sum(block_sizes) + ALIGN * len(block_sizes)
+        base = flat.untyped_storage().data_ptr()
+        assert all(p.untyped_storage().data_ptr() == base for p in block.parameters())
+    assert offloader.host_bytes == sum(flat.numel() for flat in offloader.buffers)
+    with torch.no_grad():
+        streamed = transformer(inputs)
+    assert torch.equal(resident, streamed)
+    assert offloader.copied_bytes == offloader.host_bytes + offloader.buffers[0].numel()  # + block 0, prefetched
+
+
+def _forward_inputs(transformer, batch: int = 1):
+    from apple_video.sampling.inputs import TransformerInputs
+
+    g = torch.Generator().manual_seed(3)
+    cfg = transformer.config
+    side = 8
+    ids = torch.zeros(side, side, 3)
+    ids[..., 1] = torch.arange(side)[:, None]
+    ids[..., 2] = torch.arange(side)[None, :]
+    return TransformerInputs(
+        latents=torch.randn(batch, side * side, cfg.in_channels, generator=g), timestep=torch.full((batch,), 0.5),
+        prompt_embeds=torch.randn(batch, 8, cfg.joint_attention_dim, generator=g),
+        pooled_embeds=torch.randn(batch, cfg.pooled_projection_dim, generator=g), img_ids=ids.reshape(-1, 3),
+        txt_ids=torch.zeros(8, 3), guidance=torch.ones(batch),
+        condition=torch.randn(batch, side * side, cfg.in_channels, generator=g),
+        id_embed=torch.randn(batch, 32, 16, generator=g))
+
+
+def test_compiled_blocks_trace_static_graphs_for_the_cache_read() -> None:
+    """`compile_blocks` traces static shapes (`dynamic=False`): the condition-cache write (image + condition tokens)
+    and read (image tokens only) each get exact graphs, also when a second batch size comes (where automatic dynamic
+    shapes would retrace symbolic graphs), and a batch size seen before compiles nothing more."""
+    from torch._dynamo.utils import counters
+
+    from apple_video.sampling.inputs import ConditionKVCache
+
+    symbolic: list[bool] = []
+
+    def recording_backend(graph: torch.fx.GraphModule, example_inputs):
+        values = [node.meta.get("example_value") for node in graph.graph.nodes if node.op == "placeholder"]
+        symbolic.append(any(isinstance(v, torch.SymInt) or (isinstance(v, torch.Tensor) and any(
+            isinstance(size, torch.SymInt) for size in v.shape)) for v in values))
+        return graph.forward
+
+    transformer, _, _, _ = build_tiny(with_overrides(load_preset("tiny"), independent_condition=True))
+    torch._dynamo.reset()
+    counters.clear()
+    transformer.compile_blocks(True, backend=recording_backend)
+    try:
+        assert transformer.compile_options["dynamic"] is False
+        frames = []
+        with torch.no_grad():
+            for batch in (2, 3, 2):
+                inputs, cache = _forward_inputs(transformer, batch), ConditionKVCache()
+                transformer(inputs, cache)  # writes the condition K/V
+                transformer(inputs, cache)  # reads them
+                frames.append(counters["frames"]["total"])
+        assert symbolic and not any(symbolic)
+        assert frames[2] == frames[1] > frames[0]  # batch 3 compiled its own graphs; batch 2 again: nothing new
+    finally:
+        transformer.compile_blocks(False)
+        torch._dynamo.reset()

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from apple_video import weights
 from apple_video.config import Preset, with_overrides
-from apple_video.errors import DeviceError, WeightsError
+from apple_video.errors import DeviceError, UserError, WeightsError
 from apple_video.faces.parsing import create_parser
 from apple_video.faces.types import SourceFace
 from apple_video.models import latents as L
@@ -209,6 +209,16 @@ def load_prompt_embeddings(flux_dir: Path, device: torch.device, dtype: torch.dt
     return PromptEmbeddings(tensors["prompt_embeds"], tensors["pooled_embeds"])
 
 
+def check_speed_options(offload: bool, fp8: bool) -> None:
+    """Refuse option pairs that cannot work together, before any weight is read (callers: the planning step and
+    the pipeline itself). `--offload --fp8`: the blocks are streamed from host memory as plain tensors, and
+    torchao's float8 weights are tensor subclasses that the per-block host buffers cannot hold, so fp8 would be
+    silently dropped."""
+    if offload and fp8:
+        raise UserError("--offload and --fp8 cannot be combined (offloaded blocks stream bf16 weights): "
+                        "leave one of them off")
+
+
 def _pad(images: np.ndarray, size: int) -> np.ndarray:
     """Repeat the last image up to `size` rows."""
     return np.concatenate([images, np.repeat(images[-1:], size - len(images), axis=0)])
@@ -237,6 +247,7 @@ class ApplePipeline:
         self.identity = identity
         self.real = real
         self.offload = offload
+        check_speed_options(offload, preset.sampling.fp8)
         self.to(device)
 
     def to(self, device: torch.device) -> ApplePipeline:
@@ -265,6 +276,7 @@ class ApplePipeline:
         """Build the preset's model; `lora` replaces the preset's LoRA (e.g. a student you trained), and "fresh"
         gives a new zero-effect LoRA of the preset's rank to train from scratch (no LoRA file needed). `files`
         gives each model file's path by its catalogue name (a job passes the ones its planner resolved)."""
+        check_speed_options(offload, preset.sampling.fp8)
         if preset.model.kind == "tiny":
             preset = _independent_if_trained(preset, Path(lora) if lora not in (None, "fresh") else None)
             transformer, vae, prompt, identity = build_tiny(preset)

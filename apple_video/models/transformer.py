@@ -147,6 +147,7 @@ class AppleFluxTransformer(FluxTransformer2DModel):
         )
         self.pulid_encoder = IDFormer(**idformer) if idformer is not None else None
         self._compiled: dict[Callable, Callable] = {}
+        self.compile_options: dict = {}  # what compile_blocks passed to torch.compile
         self._memo = _Memo()
         self.stream_device: torch.device | None = None  # set by stream_blocks(): blocks live on the host
         self.offloader = None
@@ -177,9 +178,15 @@ class AppleFluxTransformer(FluxTransformer2DModel):
 
     # -- speed switches ------------------------------------------------------------------------------------------
     def compile_blocks(self, enabled: bool = True, **options) -> None:
-        """torch.compile each block kind once: one graph serves every block (parameters are graph inputs)."""
+        """torch.compile each block kind once: one graph serves every block (parameters are graph inputs).
+
+        Static shapes (`dynamic=False`) unless `options` say otherwise: a run calls at one padded batch size, so
+        each layout (with condition tokens, writing or reading the condition K/V cache) gets its own exact graph,
+        where automatic dynamic shapes would trace a symbolic one after the second size and compile once more."""
+        options = {"dynamic": False, **options}
         self._compiled = {fn: torch.compile(fn, **options) for fn in (packed.double_block, packed.single_block)} \
             if enabled else {}
+        self.compile_options = options if enabled else {}
 
     @property
     def compiled(self) -> bool:
