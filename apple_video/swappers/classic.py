@@ -259,21 +259,36 @@ class ClassicSwapper:
             raise RuntimeError("prepare() must be called before swap()")
         if job.landmarks is None:
             raise SwapSkipped("no 68 landmarks for this face")
-        dst_points = extended_points(regularised_landmarks(job.landmarks, self._source.landmarks, self.keep_shape))
+        dst_points = self.target_points(job.landmarks)
+        layers = self.warp(dst_points)
+        region, weight = self.masks(job.landmarks, layers[..., 3])
+        return self.blend(layers[..., :3], np.ascontiguousarray(job.crop[..., :3]), region, weight)
+
+    def target_points(self, landmarks: np.ndarray) -> np.ndarray:
+        """Where the source's warp points land on this target; skips a warp that would fold."""
+        dst_points = extended_points(regularised_landmarks(landmarks, self._source.landmarks, self.keep_shape))
         src_sign = np.sign(_signed_areas(self._src_points, self._triangles))
         dst_sign = np.sign(_signed_areas(dst_points, self._triangles))
         if np.mean(src_sign != dst_sign) > self.fold_tolerance:
             raise SwapSkipped("the warp would fold (extreme profile)")
-        layers = warp_triangles(self._src_layers, self._src_points, dst_points, self._triangles, self.crop_size)
-        region = self.blend_region(job.landmarks, layers[..., 3])
-        weight = far_side_weight(self._source.landmarks, job.landmarks, self.crop_size)
-        target = np.ascontiguousarray(job.crop[..., :3])
+        return dst_points
+
+    def warp(self, dst_points: np.ndarray) -> np.ndarray:
+        """The source's RGB and usable-face layers warped onto `dst_points` (S, S, 4) float32."""
+        return warp_triangles(self._src_layers, self._src_points, dst_points, self._triangles, self.crop_size)
+
+    def masks(self, landmarks: np.ndarray, warped_source_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The blend region (0/255) and the far-side weight (0..1) of this target."""
+        region = self.blend_region(landmarks, warped_source_mask)
+        return region, far_side_weight(self._source.landmarks, landmarks, self.crop_size)
+
+    def blend(self, face: np.ndarray, target: np.ndarray, region: np.ndarray, weight: np.ndarray) -> np.ndarray:
         sigma = self.crop_size * self.low_band
         if self.poisson:
             region[weight < 0.5] = 0
-            face = np.clip(match_low_band(layers[..., :3], target, region, sigma) + 0.5, 0, 255).astype(np.uint8)
+            face = np.clip(match_low_band(face, target, region, sigma) + 0.5, 0, 255).astype(np.uint8)
             return poisson_blend(face, target, region)
-        return band_blend(layers[..., :3], target, region, sigma, edge=max(2, self.crop_size // 32), weight=weight)
+        return band_blend(face, target, region, sigma, edge=max(2, self.crop_size // 32), weight=weight)
 
     def swap(self, jobs: list[CropJob]) -> list[np.ndarray | None]:
         results: list[np.ndarray | None] = []
