@@ -4,6 +4,8 @@ target's lips and mouth interior kept. Works with no model weights at all, and t
 
 from __future__ import annotations
 
+import logging
+
 import cv2
 import numpy as np
 from scipy.spatial import Delaunay
@@ -13,6 +15,8 @@ from apple_video.faces.align import alignment_matrix, similarity_from_points
 from apple_video.faces.mask import face_height
 from apple_video.swappers.base import CropJob, SourceFace, SwapSkipped
 from apple_video.swappers.classic_masks import inner_face_mask, skin_mask, soft_edge
+
+logger = logging.getLogger(__name__)
 
 
 def extended_points(landmarks: np.ndarray) -> np.ndarray:
@@ -236,6 +240,9 @@ class ClassicSwapper:
         if not usable:
             raise NoFaceError("the classic swapper needs 68 landmarks of the source face; none were found")
         self._source = usable[0]
+        if len(sources) > 1:
+            logger.info("classic swapper: uses one source photo, number %d of %d (the first with 68 landmarks); the "
+                        "others are not used", sources.index(self._source) + 1, len(sources))
         self._src_points = extended_points(self._source.landmarks)
         self._triangles = delaunay(self._src_points)
         crop = np.ascontiguousarray(self._source.crop[..., :3])  # antialiased by warp_crop when it shrinks
