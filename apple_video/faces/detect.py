@@ -179,8 +179,8 @@ class DlibDetector:
         """The 68 landmarks of the face in a known box (no detection: a few ms instead of ~20 ms at 720p)."""
         return self._face(np.ascontiguousarray(rgb), bbox, 1.0)
 
-    def _boxes(self, small: np.ndarray, upsample: int | None = None) -> list[tuple[tuple[int, int, int, int], float]]:
-        upsample = (1 if max(small.shape[:2]) < 400 else 0) if upsample is None else upsample
+    def _boxes(self, small: np.ndarray) -> list[tuple[tuple[int, int, int, int], float]]:
+        upsample = 1 if max(small.shape[:2]) < 400 else 0
         if self._cnn is not None:
             return [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), float(d.confidence))
                     for d in self._cnn(small, upsample)]
@@ -213,34 +213,6 @@ class DlibDetector:
 
     def detect(self, rgb: np.ndarray, embed: bool = True, scale: float | None = None) -> list[Face]:
         return detect_with_angles(lambda image: self._detect_upright(image, embed, scale), rgb, self.settings.angles)
-
-    def follow(self, rgb: np.ndarray, face: Face, scale: float) -> Face | None:
-        """`face` (found in the previous frame) in this frame, or None: the detector must still find a face around
-        its window (searched at `scale` in a square twice the window's side, a fraction of the frame), and the
-        landmarks are refitted from the previous ones. The refit settles on the fixed point the frame alone decides,
-        so a followed face has the landmarks a whole-frame search would give it, for a few percent of its cost."""
-        if self.settings.angles != (0,) or face.landmarks is None:
-            return None
-        rgb = np.ascontiguousarray(rgb)
-        h, w = rgb.shape[:2]
-        side = float(face.bbox[2] - face.bbox[0])
-        centre = (face.bbox[:2] + face.bbox[2:]) / 2
-        x0, y0 = np.maximum(np.floor(centre - side).astype(int), 0)
-        x1, y1 = np.minimum(np.ceil(centre + side).astype(int), (w, h))
-        if x1 - x0 < 16 or y1 - y0 < 16:
-            return None
-        region = rgb[y0:y1, x0:x1]
-        if abs(scale - 1.0) >= 1e-3:
-            size = (max(1, round((x1 - x0) * scale)), max(1, round((y1 - y0) * scale)))
-            region = cv2.resize(region, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
-        upsample = 1 if max(h, w) * scale < 400 else 0  # as the whole frame's search would
-        inside = [score for (bx0, by0, bx1, by1), score in self._boxes(np.ascontiguousarray(region), upsample)
-                  if face.bbox[0] <= x0 + (bx0 + bx1) / (2 * scale) <= face.bbox[2]
-                  and face.bbox[1] <= y0 + (by0 + by1) / (2 * scale) <= face.bbox[3]]
-        if not inside:
-            return None
-        landmarks, window = self.refine(rgb, face.landmarks)
-        return Face(window.bbox, kps_from_68(landmarks), max(inside), landmarks)
 
 
 class InsightFaceDetector:
@@ -283,42 +255,22 @@ class ScaleSearch:
     `probe_every`-th frame and any frame that lost a face are also searched at the fine scale (faces down to
     MIN_FACE px); when that finds more faces, it wins and the scale follows the smallest face found, so a clip
     of small faces is searched finely throughout while a clip of large faces costs one fine pass now and then.
-    Between whole-frame searches (every `search_every`-th frame, and whenever a face is not found again) the
-    previous frame's faces are followed: confirmed by the detector around where they were and refitted there.
     Make one per chunk: results then depend only on the chunk's frames, whichever worker runs it."""
 
-    def __init__(self, detector: FaceDetector, probe_every: int = 24, search_every: int = 8) -> None:
+    def __init__(self, detector: FaceDetector, probe_every: int = 24) -> None:
         self.detector = detector
         self.probe_every = probe_every
-        self.search_every = search_every
         self.scale: float | None = None
         self.previous = 0
         self.seen = 0
         self.used: float | None = None  # the scale the last frame's faces came from
-        self.last: list[Face] = []  # the previous frame's faces
-        self.last_index = -2
-
-    def _followed(self, index: int, rgb: np.ndarray, scale: float) -> list[Face] | None:
-        """The previous frame's faces followed into this one (see `follow`); None when a whole-frame search is due
-        (every `search_every`-th frame, for faces that come in) or any face was not found again."""
-        follow = getattr(self.detector, "follow", None)
-        if follow is None or not self.last or self.last_index != index - 1 or index % self.search_every == 0:
-            return None
-        faces: list[Face] = []
-        for face in self.last:
-            found = follow(rgb, face, scale)
-            if found is None or any(np.array_equal(found.bbox, other.bbox) for other in faces):
-                return None
-            faces.append(found)
-        return faces
 
     def detect(self, index: int, rgb: np.ndarray, embed: bool = True) -> list[Face]:
         if not hasattr(self.detector, "fine_scale"):
             return self.detector.detect(rgb, embed)
         base, fine = self.detector.base_scale(rgb.shape), self.detector.fine_scale(rgb.shape)
         current = self.scale or base
-        followed = None if embed else self._followed(index, rgb, current)
-        faces = self.detector.detect(rgb, embed, current) if followed is None else followed
+        faces = self.detector.detect(rgb, embed, current)
         self.used = current
         due = self.seen == 0 or index % self.probe_every == 0 or len(faces) < self.previous
         if due and fine > current * 1.05:
@@ -330,7 +282,6 @@ class ScaleSearch:
             wanted = min(fine, max(base, 1.25 * HOG_FACE / max(smallest, 1.0)))
             self.scale = wanted if wanted > base * 1.05 else None
         self.previous, self.seen = len(faces), self.seen + 1
-        self.last, self.last_index = faces, index
         return faces
 
 
