@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import cv2
@@ -243,3 +244,19 @@ def test_chunking_never_changes_a_frame(tmp_path: Path, source_photo: Path, clip
         runs[chunk] = [np.asarray(Image.open(output / f"f{i}.png")) for i in range(8)]
     for a, b in zip(runs[3], runs[96], strict=True):
         assert np.array_equal(a, b)
+
+
+def test_several_source_photos_say_which_one_serves(source_photo: Path, hopper: np.ndarray,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """Issue 36: the classic swapper uses one photo; with several it says so, and which, in one line."""
+    from apple_video.faces.sources import source_faces
+
+    detector = create_detector(DetectorSettings(name="dlib"))
+    sources = source_faces([hopper, hopper[:, ::-1].copy()], ["a", "b"], detector, 256)
+    with caplog.at_level(logging.INFO, logger="apple_video.swappers.classic"):
+        ClassicSwapper().prepare(sources[:1])
+        assert not caplog.records
+        ClassicSwapper().prepare(sources)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["classic swapper: uses one source photo, number 1 of 2 (the first with 68 landmarks); the "
+                     "others are not used"], lines

@@ -13,7 +13,7 @@ from apple_video.faces.align import alignment_matrix, invert, matrix_scale, tran
 from apple_video.faces.detect import DetectorSettings, ScaleSearch, create_detector
 from apple_video.faces.track import one_euro, smooth_zero_phase
 from apple_video.settings import ModelOptions, SwapSettings, TrackSettings
-from tests import synth, talking
+from tests import heldout, synth, talking
 
 STILL_FRAMES = 30  # chunk of 28: frames 0, 23, 24 (the fine probe), 25, 27 of one chunk and 0, 1 of the next
 
@@ -232,4 +232,42 @@ def test_classic_flicker_on_talking_clips_in_general(talking_swaps) -> None:
         assert report.metrics["id_closer_to_source"] >= 0.8, (name, report.metrics["id_closer_to_source"])
     frames = {name: sum(v is not None for v in r.series["id_similarity"]) for name, r in talking_swaps.items()}
     closer = sum(r.metrics["id_closer_to_source"] * frames[name] for name, r in talking_swaps.items())
+    assert closer / sum(frames.values()) >= 0.9, (closer, frames)
+
+
+@pytest.fixture(scope="module")
+def held_out_swaps(tmp_path_factory, source_photo: Path, astronaut: np.ndarray, astronaut_patch: np.ndarray,
+                   hopper: np.ndarray, detector):
+    """The classic swap of the held-out clips (heldout.py: faces, sizes and seeds the tuning never used), with
+    `apple-video eval`'s metrics. Grace Hopper's face as a target gets the astronaut as its source."""
+    from conftest import HOPPER_FACE_BOX
+
+    from apple_video.engine.run import swap_video
+    from apple_video.evaluate.clip import evaluate_clip
+    from apple_video.settings import EvalSettings
+
+    folder = tmp_path_factory.mktemp("held-out")
+    astronaut_photo = folder / "astronaut.jpg"
+    Image.fromarray(astronaut).save(astronaut_photo, quality=92)
+    patches = {"astronaut": astronaut_patch, "hopper": synth.face_patch(hopper, HOPPER_FACE_BOX)}
+    results = {}
+    for case in heldout.HELD_OUT:
+        clip = heldout.write_held_out(folder, patches[case.photo], detector, case)
+        source = astronaut_photo if case.photo == "hopper" else source_photo
+        output = folder / f"{case.name}-swapped.mp4"
+        swap_video([source], clip, output, SwapSettings(swapper="classic"))
+        results[case.name] = evaluate_clip(source, clip, output, EvalSettings(identity_model="dlib"))
+    return results
+
+
+def test_classic_flicker_on_held_out_clips(held_out_swaps) -> None:
+    """Issue 36: on clips the tuning never saw (other faces, 60-250 px, noise from none to heavy, a lighting change,
+    a cut) the face flicker stays at most 1.5x the input's on every clip (measured 0.76, 1.08, 0.76, 1.07, 1.00,
+    1.07), and the identity still moves to the source: 3 of the 4 sampled frames at least on each clip, 90% over
+    all (23/24 measured)."""
+    for name, report in held_out_swaps.items():
+        assert report.metrics["flicker_ratio"] <= 1.5, (name, report.metrics["flicker_ratio"])
+        assert report.metrics["id_closer_to_source"] >= 0.75, (name, report.metrics["id_closer_to_source"])
+    frames = {name: sum(v is not None for v in r.series["id_similarity"]) for name, r in held_out_swaps.items()}
+    closer = sum(r.metrics["id_closer_to_source"] * frames[name] for name, r in held_out_swaps.items())
     assert closer / sum(frames.values()) >= 0.9, (closer, frames)

@@ -163,6 +163,7 @@ class DlibDetector:
     def refine(self, rgb: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, FitWindow]:
         """Refit `landmarks` in their grid window until the window repeats (1-2 rounds); a cycle settles on its
         smallest window, so the result does not depend on where the first guess came from."""
+        fitted: dict[FitWindow, np.ndarray] = {}  # a window's fit, kept: the fit that converged is not redone
         seen: list[FitWindow] = []
         window = fit_window(landmarks)
         for _ in range(FIT_ROUNDS):
@@ -170,9 +171,11 @@ class DlibDetector:
                 window = min(seen[seen.index(window):], key=lambda w: (w.level, w.cx, w.cy))
                 break
             seen.append(window)
-            landmarks = self._fit_in(rgb, window)
+            fitted[window] = landmarks = self._fit_in(rgb, window)
             window = fit_window(landmarks)
-        return self._fit_in(rgb, window), window
+        if window not in fitted:
+            fitted[window] = self._fit_in(rgb, window)
+        return fitted[window], window
 
     def _face(self, rgb: np.ndarray, bbox, score: float) -> Face:
         landmarks, window = self.refine(rgb, self._points(rgb, bbox))

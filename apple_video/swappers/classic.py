@@ -4,6 +4,8 @@ target's lips and mouth interior kept. Works with no model weights at all, and t
 
 from __future__ import annotations
 
+import logging
+
 import cv2
 import numpy as np
 from scipy.spatial import Delaunay
@@ -13,6 +15,8 @@ from apple_video.faces.align import alignment_matrix, similarity_from_points
 from apple_video.faces.mask import face_height
 from apple_video.swappers.base import CropJob, SourceFace, SwapSkipped
 from apple_video.swappers.classic_masks import inner_face_mask, skin_mask, soft_edge
+
+logger = logging.getLogger(__name__)
 
 
 def extended_points(landmarks: np.ndarray) -> np.ndarray:
@@ -48,21 +52,29 @@ def _signed_areas(points: np.ndarray, triangles: np.ndarray) -> np.ndarray:
     return (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])
 
 
+def triangle_affines(src_pts: np.ndarray, dst_pts: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """(T, 2, 3) affine maps taking each triangle of `dst_pts` onto the same triangle of `src_pts`, all solved at once."""
+    dst = np.asarray(dst_pts, np.float64)[triangles]
+    src = np.asarray(src_pts, np.float64)[triangles]
+    corners = np.concatenate([dst, np.ones((len(triangles), 3, 1))], axis=2)  # rows (x, y, 1)
+    return np.linalg.solve(corners, src).transpose(0, 2, 1)
+
+
 def triangle_maps(src_pts: np.ndarray, dst_pts: np.ndarray, triangles: np.ndarray,
                   size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-pixel source coordinates (map_x, map_y) of the piecewise-affine warp src -> dst, and the pixels covered."""
     ids = np.zeros((size, size), np.uint8)  # triangle index + 1; fewer than 255 triangles for 78 points
-    affine = np.zeros((len(triangles), 2, 3), np.float64)
-    for k, tri in enumerate(triangles):
-        d = dst_pts[tri].astype(np.float32)
-        affine[k] = cv2.getAffineTransform(d, src_pts[tri].astype(np.float32))
-        cv2.fillConvexPoly(ids, np.round(d * 16).astype(np.int32), k + 1, lineType=cv2.LINE_8, shift=4)
-    ys, xs = np.nonzero(ids)
-    m = affine[ids[ys, xs] - 1]
-    map_x = np.full((size, size), -1.0, np.float32)
-    map_y = np.full((size, size), -1.0, np.float32)
-    map_x[ys, xs] = m[:, 0, 0] * xs + m[:, 0, 1] * ys + m[:, 0, 2]
-    map_y[ys, xs] = m[:, 1, 0] * xs + m[:, 1, 1] * ys + m[:, 1, 2]
+    corners = np.round(np.asarray(dst_pts, np.float32)[triangles] * 16).astype(np.int32)
+    for k, polygon in enumerate(corners):
+        cv2.fillConvexPoly(ids, polygon, k + 1, lineType=cv2.LINE_8, shift=4)
+    table = np.zeros((len(triangles) + 1, 6), np.float32)
+    table[0, [2, 5]] = -1.0  # no triangle: (-1, -1)
+    table[1:] = triangle_affines(src_pts, dst_pts, triangles).reshape(-1, 6)
+    coefficients = table[ids]
+    xs = np.arange(size, dtype=np.float32)[None, :]
+    ys = np.arange(size, dtype=np.float32)[:, None]
+    map_x = coefficients[..., 0] * xs + coefficients[..., 1] * ys + coefficients[..., 2]
+    map_y = coefficients[..., 3] * xs + coefficients[..., 4] * ys + coefficients[..., 5]
     return map_x, map_y, ids > 0
 
 
@@ -83,13 +95,17 @@ def _masked_blur(image: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndar
     h, w = weight.shape
     factor = 4 if sigma >= 8 and min(h, w) >= 64 else 1
     small = (w // factor, h // factor)
-    weighted = np.dstack([image * weight[..., None], weight])
+    channels = 1 if image.ndim == 2 else image.shape[2]
+    weighted = np.empty((h, w, channels + 1), np.float32)
+    np.multiply(image.reshape(h, w, channels), weight[..., None], out=weighted[..., :channels])
+    weighted[..., channels] = weight
     if factor > 1:
         weighted = cv2.resize(weighted, small, interpolation=cv2.INTER_AREA)
     blurred = cv2.GaussianBlur(weighted, (0, 0), sigma / factor)
-    if factor > 1:
-        blurred = cv2.resize(blurred, (w, h), interpolation=cv2.INTER_LINEAR)
-    return blurred[..., :-1] / np.maximum(blurred[..., -1:], 1e-4)
+    normalised = blurred[..., :channels] / np.maximum(blurred[..., channels:], np.float32(1e-4))
+    if factor > 1:  # normalised at the small size: a quarter of the divisions, and it interpolates smoothly
+        normalised = cv2.resize(normalised, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, channels)
+    return normalised
 
 
 def fill_outside(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -101,14 +117,20 @@ def fill_outside(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return np.where(inside[..., None] > 0, image, filled).astype(np.float32)
 
 
+def _masked_std(image: np.ndarray, inside: np.ndarray) -> np.ndarray:
+    """Per-channel standard deviation of `image` over the pixels where `inside` (uint8) is non-zero."""
+    return cv2.meanStdDev(image, mask=inside)[1].ravel()
+
+
 def match_fine_detail(face: np.ndarray, target: np.ndarray, inside: np.ndarray, sigma: float) -> np.ndarray:
     """`face` (one channel) with its detail finer than `sigma` scaled down to the target's amount inside `inside`
-    (never up): a crisp source on a soft target looks pasted, and its sharp edges (glasses rims, wrinkles) show
-    every sub-pixel wobble of the warp as flicker."""
+    (uint8, non-zero inside; never up): a crisp source on a soft target looks pasted, and its sharp edges (glasses
+    rims, wrinkles) show every sub-pixel wobble of the warp as flicker."""
     fine_face = face - cv2.GaussianBlur(face, (0, 0), sigma)
     fine_target = target - cv2.GaussianBlur(target, (0, 0), sigma)
-    ratio = float(np.clip((fine_target[inside].std() + 1e-3) / (fine_face[inside].std() + 1e-3), 0.3, 1.0))
-    return face - (1.0 - ratio) * fine_face
+    ratio = float(np.clip((_masked_std(fine_target, inside)[0] + 1e-3) / (_masked_std(fine_face, inside)[0] + 1e-3),
+                          0.3, 1.0))
+    return face - np.float32(1.0 - ratio) * fine_face
 
 
 def match_low_band(face: np.ndarray, target: np.ndarray, region: np.ndarray, sigma: float,
@@ -119,17 +141,18 @@ def match_low_band(face: np.ndarray, target: np.ndarray, region: np.ndarray, sig
 
     Colour thus comes from the target alone, which makes grey and differently lit sources fit and keeps the
     colour as steady as the target's own; only the detail is the source's."""
-    weight = (region > 0).astype(np.float32)
-    if weight.sum() < 16:
+    inside = (region > 0).astype(np.uint8)
+    if cv2.countNonZero(inside) < 16:
         return face
-    face_lab = cv2.cvtColor(np.clip(face, 0, 255).astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    target_lab = cv2.cvtColor(target.astype(np.float32) / 255.0, cv2.COLOR_RGB2LAB)
-    inside = weight > 0
-    gain = np.clip((target_lab[inside].std(0) + 1.0) / (face_lab[inside].std(0) + 1.0), 0.5, 2.0)
-    face_lab = face_lab * gain
+    weight = inside.astype(np.float32)
+    face_lab = cv2.cvtColor(np.clip(face, 0, 255, dtype=np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2LAB)
+    target_lab = cv2.cvtColor(target.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2LAB)
+    gain = np.clip((_masked_std(target_lab, inside) + 1.0) / (_masked_std(face_lab, inside) + 1.0), 0.5, 2.0)
+    face_lab *= gain.astype(np.float32)
     face_lab += _masked_blur(target_lab, weight, sigma) - _masked_blur(face_lab, weight, sigma)
-    face_lab[..., 0] = match_fine_detail(face_lab[..., 0], target_lab[..., 0], inside, fine)
-    return cv2.cvtColor(face_lab, cv2.COLOR_LAB2RGB) * 255.0
+    channels = list(cv2.split(face_lab))
+    channels[0] = match_fine_detail(channels[0], cv2.extractChannel(target_lab, 0), inside, fine)
+    return cv2.cvtColor(cv2.merge(channels), cv2.COLOR_LAB2RGB) * np.float32(255)
 
 
 def far_side_weight(source: np.ndarray, target: np.ndarray, size: int, turned: float = 0.85,
@@ -217,6 +240,9 @@ class ClassicSwapper:
         if not usable:
             raise NoFaceError("the classic swapper needs 68 landmarks of the source face; none were found")
         self._source = usable[0]
+        if len(sources) > 1:
+            logger.info("classic swapper: uses one source photo, number %d of %d (the first with 68 landmarks); the "
+                        "others are not used", sources.index(self._source) + 1, len(sources))
         self._src_points = extended_points(self._source.landmarks)
         self._triangles = delaunay(self._src_points)
         crop = np.ascontiguousarray(self._source.crop[..., :3])  # antialiased by warp_crop when it shrinks
@@ -259,21 +285,36 @@ class ClassicSwapper:
             raise RuntimeError("prepare() must be called before swap()")
         if job.landmarks is None:
             raise SwapSkipped("no 68 landmarks for this face")
-        dst_points = extended_points(regularised_landmarks(job.landmarks, self._source.landmarks, self.keep_shape))
+        dst_points = self.target_points(job.landmarks)
+        layers = self.warp(dst_points)
+        region, weight = self.masks(job.landmarks, layers[..., 3])
+        return self.blend(layers[..., :3], np.ascontiguousarray(job.crop[..., :3]), region, weight)
+
+    def target_points(self, landmarks: np.ndarray) -> np.ndarray:
+        """Where the source's warp points land on this target; skips a warp that would fold."""
+        dst_points = extended_points(regularised_landmarks(landmarks, self._source.landmarks, self.keep_shape))
         src_sign = np.sign(_signed_areas(self._src_points, self._triangles))
         dst_sign = np.sign(_signed_areas(dst_points, self._triangles))
         if np.mean(src_sign != dst_sign) > self.fold_tolerance:
             raise SwapSkipped("the warp would fold (extreme profile)")
-        layers = warp_triangles(self._src_layers, self._src_points, dst_points, self._triangles, self.crop_size)
-        region = self.blend_region(job.landmarks, layers[..., 3])
-        weight = far_side_weight(self._source.landmarks, job.landmarks, self.crop_size)
-        target = np.ascontiguousarray(job.crop[..., :3])
+        return dst_points
+
+    def warp(self, dst_points: np.ndarray) -> np.ndarray:
+        """The source's RGB and usable-face layers warped onto `dst_points` (S, S, 4) float32."""
+        return warp_triangles(self._src_layers, self._src_points, dst_points, self._triangles, self.crop_size)
+
+    def masks(self, landmarks: np.ndarray, warped_source_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The blend region (0/255) and the far-side weight (0..1) of this target."""
+        region = self.blend_region(landmarks, warped_source_mask)
+        return region, far_side_weight(self._source.landmarks, landmarks, self.crop_size)
+
+    def blend(self, face: np.ndarray, target: np.ndarray, region: np.ndarray, weight: np.ndarray) -> np.ndarray:
         sigma = self.crop_size * self.low_band
         if self.poisson:
             region[weight < 0.5] = 0
-            face = np.clip(match_low_band(layers[..., :3], target, region, sigma) + 0.5, 0, 255).astype(np.uint8)
+            face = np.clip(match_low_band(face, target, region, sigma) + 0.5, 0, 255).astype(np.uint8)
             return poisson_blend(face, target, region)
-        return band_blend(layers[..., :3], target, region, sigma, edge=max(2, self.crop_size // 32), weight=weight)
+        return band_blend(face, target, region, sigma, edge=max(2, self.crop_size // 32), weight=weight)
 
     def swap(self, jobs: list[CropJob]) -> list[np.ndarray | None]:
         results: list[np.ndarray | None] = []
