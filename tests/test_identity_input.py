@@ -90,5 +90,5 @@ def test_pulid_alignment_maps_the_keypoints_to_the_template_with_a_grey_border(h
     edge = np.ascontiguousarray(hopper[:, 150:])  # the face near the left edge: the border shows
     kps = face.kps - (150, 0)
     crop, matrix = pulid_align(edge, kps)
-    assert np.abs(transform_points(kps, matrix) - template(512)).max() < 12
+    assert np.abs(transform_points(kps, matrix) - template(512)).max() < 14  # issue 33: 11.5 measured; misaligned is tens
     assert (crop[:, 0] == BORDER_GREY).all(axis=-1).any()
