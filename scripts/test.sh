@@ -2,7 +2,8 @@
 # Set up, check the lock, lint, and run the whole test suite. pytest's "no tests collected" (exit 5) is a failure.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-python3 scripts/lockfile.py check || exit 1    # the lock is the one pyproject.toml's dependencies give
+PY="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+"$PY" scripts/lockfile.py check || exit 1    # the lock is the one pyproject.toml's dependencies give (tomllib: 3.11+)
 bash scripts/setup.sh || exit 1
 .venv/bin/python scripts/lockfile.py drift || exit 1    # the venv holds exactly the lock
 .venv/bin/python -m pip --disable-pip-version-check check >/dev/null || {
