@@ -172,7 +172,7 @@ def test_what_covers_the_face_stays_the_targets(home: Path, hopper: np.ndarray, 
     kept[inside] = (pasted >= 0.5)[where[inside][:, 1], where[inside][:, 0]]
     kept &= (np.abs(without.astype(int) - target).sum(2) > 14) & ~occluder
     assert kept.sum() > 300  # not vacuous (614 here)
-    assert changed[kept].mean() > 0.95, changed[kept].mean()
+    assert changed[kept].mean() > 0.9, changed[kept].mean()  # 1.0: half of > 14 is > 6; 0.9 for resampling at edges
 
 
 def test_cli_face_mask_types(tmp_path: Path, home: Path, source_photo: Path, astronaut: np.ndarray) -> None:
