@@ -66,7 +66,7 @@ def drift() -> int:
     extra = sorted(f"{n} {v} (not in the lock)" for n, v in have.items() if n not in want and n not in TOOLS)
     if differ or extra:
         print(f"lock: the venv drifted from {LOCK.relative_to(ROOT)}: {', '.join(differ + extra)}; "
-              "rebuild it with `rm -rf .venv && bash scripts/setup.sh`", file=sys.stderr)
+              "bring it back with `rm .venv/.apple-video-installed && bash scripts/setup.sh`", file=sys.stderr)
         return 1
     return 0
 
