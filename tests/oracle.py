@@ -1,4 +1,4 @@
-"""Load the official APPLE code's recorded run (../shared/oracle) into our classes."""
+"""Load the official APPLE code's recorded run (tests/data/oracle, see its README) into our classes."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from safetensors.torch import load_file
 from apple_video.models.lora import add_condition_lora
 from apple_video.models.transformer import AppleFluxTransformer
 
-ORACLE = Path(__file__).resolve().parents[2] / "shared" / "oracle"
+ORACLE = Path(__file__).resolve().parent / "data" / "oracle"
 
 
 def oracle_files() -> tuple[dict, dict[str, torch.Tensor]]:
     json_path, tensors_path = ORACLE / "apple_tiny_128.json", ORACLE / "apple_tiny_128.safetensors"
     if not tensors_path.is_file():
-        pytest.fail(f"oracle files missing at {ORACLE} (CI runs with ../shared beside the clone)")
+        pytest.fail(f"oracle files missing at {ORACLE} (they are part of the repository)")
     return json.loads(json_path.read_text()), load_file(str(tensors_path))
 
 

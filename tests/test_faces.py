@@ -39,7 +39,7 @@ def test_align_round_trip_under_one_pixel(detector, astronaut) -> None:
     again = detector.detect(crop)[0]
     back = transform_points(again.kps, invert(matrix))
     assert np.linalg.norm(back - face.kps, axis=1).mean() < 1.0
-    assert np.linalg.norm(again.kps - template(512), axis=1).mean() < 12
+    assert np.linalg.norm(again.kps - template(512), axis=1).mean() < 14  # issue 33: 11.4 measured; misaligned is tens
 
 
 def test_paste_back_outside_mask_is_bit_exact(detector, astronaut) -> None:

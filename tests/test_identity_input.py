@@ -58,7 +58,7 @@ def test_eva_input_is_grey_on_white_with_hair_kept(source, parser, monkeypatch) 
     assert (image[background] == 1.0).all()  # white: background, ears, cloth
     for kept in (labels == 17, labels == 1):  # hair and skin: the face's own grey values
         assert np.allclose(image[kept][:, 0], _grey(aligned)[kept], atol=1e-6)
-        assert (image[kept][:, 0] < 0.98).mean() > 0.9
+        assert (image[kept][:, 0] < 0.98).mean() > 0.8  # issue 33: 0.97 (hair); a whited-out region is 0
 
 
 def test_eva_input_through_a_real_parsing_network(source, parser) -> None:
@@ -90,5 +90,5 @@ def test_pulid_alignment_maps_the_keypoints_to_the_template_with_a_grey_border(h
     edge = np.ascontiguousarray(hopper[:, 150:])  # the face near the left edge: the border shows
     kps = face.kps - (150, 0)
     crop, matrix = pulid_align(edge, kps)
-    assert np.abs(transform_points(kps, matrix) - template(512)).max() < 12
+    assert np.abs(transform_points(kps, matrix) - template(512)).max() < 14  # issue 33: 11.5 measured; misaligned is tens
     assert (crop[:, 0] == BORDER_GREY).all(axis=-1).any()

@@ -59,3 +59,34 @@ def test_wheel_installed_elsewhere_swaps_with_the_tiny_preset(tmp_path: Path, so
     assert result.returncode == 0, result.stderr
     assert "swapper: apple (preset tiny)" in result.stderr and "1 faces swapped" in result.stdout
     assert (elsewhere / "out.png").is_file()
+
+
+def test_the_lock_is_the_one_pyproject_gives_with_one_opencv(tmp_path: Path) -> None:
+    """requirements/lock.txt: compiled from today's pyproject (its recorded input hash), every dependency of ours
+    (and of the test extra) pinned inside its range with hashes, one OpenCV wheel; a changed dependency list is
+    caught as stale."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        import lockfile
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert lockfile.check() == 0
+    pins = lockfile.locked()
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for line in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
+        requirement = Requirement(line)
+        name = lockfile.canonical(requirement.name)
+        assert name in pins and requirement.specifier.contains(pins[name], prereleases=True), (line, pins.get(name))
+    assert [n for n in pins if n.startswith("opencv")] == ["opencv-python"]
+    text = lockfile.LOCK.read_text()
+    assert text.count("==") == len(pins) and text.count("--hash=sha256:") >= len(pins)
+
+    changed = (ROOT / "pyproject.toml").read_text().replace('"click>=8.1"', '"click>=8.2"')
+    assert changed != (ROOT / "pyproject.toml").read_text()
+    stale = tmp_path / "pyproject.toml"
+    stale.write_text(changed)
+    assert lockfile.inputs_hash(stale) != lockfile.inputs_hash()

@@ -77,7 +77,7 @@ def test_round_trip_keeps_everything(tmp_path: Path, case: str) -> None:
         assert is_synthetic_tag(comment_of(container.metadata))
     decoded = [f.rgb for f in decode_frames(b)]
     original = [f.rgb for f in decode_frames(a)]
-    assert np.mean([np.abs(x.astype(int) - y).mean() for x, y in zip(decoded, original, strict=True)]) < 4
+    assert np.mean([np.abs(x.astype(int) - y).mean() for x, y in zip(decoded, original, strict=True)]) < 5  # issue 33: 3.8 (odd size)
 
 
 def test_lossless_encoder_is_bit_exact(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import torch
 from apple_video import weights
 from apple_video.engine.render import Renderer
 from apple_video.faces.align import transform_points
+from apple_video.faces.compose import mask_for
 from apple_video.faces.detect import DetectorSettings, create_detector
 from apple_video.faces.mask import hull_mask
 from apple_video.faces.occlusion import (
@@ -157,8 +158,17 @@ def test_what_covers_the_face_stays_the_targets(home: Path, hopper: np.ndarray, 
     assert np.array_equal(with_occlusion[covered], target[covered])
     assert np.abs(without[covered].astype(int) - target[covered]).mean() > 3  # without it, the hand was pasted over
     changed = np.abs(with_occlusion.astype(int) - target).sum(2) > 6
-    changed_without = np.abs(without.astype(int) - target).sum(2) > 6
-    assert changed[~occluder].sum() > 0.3 * changed_without[~occluder].sum() > 500  # the visible face is still swapped
+    assert changed[~occluder].sum() > 500  # the visible face is still swapped...
+    # ...wherever the mask the renderer pasted with (computed here from the same network) keeps at least half of a
+    # change over 14 grey levels: the reference is this run's own mask, not a share of the face (how much of the
+    # face the stand-in network calls covered moves with numpy/OpenCV releases; a fixed 0.3 share failed at 0.29 on
+    # a fresh install, issue 33)
+    pasted = mask_for(group.jobs[0].landmarks, crop.shape[0], renderer.settings, None, crop, renderer.occlusion)
+    kept = np.zeros(target.shape[:2], bool)
+    kept[inside] = (pasted >= 0.5)[where[inside][:, 1], where[inside][:, 0]]
+    kept &= (np.abs(without.astype(int) - target).sum(2) > 14) & ~occluder
+    assert kept.sum() > 300  # not vacuous (614 here)
+    assert changed[kept].mean() > 0.9, changed[kept].mean()  # 1.0: half of > 14 is > 6; 0.9 for resampling at edges
 
 
 def test_cli_face_mask_types(tmp_path: Path, home: Path, source_photo: Path, astronaut: np.ndarray) -> None:
