@@ -13,7 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-import synth
+
+from tests import synth
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-c", "from cli import main; main()"]
