@@ -157,7 +157,8 @@ class Trainer:
         cuda = torch.cuda.is_available()
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                        mixed_precision=cfg.mixed_precision if cuda else "no", cpu=not cuda)
-        self.pipe = ApplePipeline.from_preset(training_preset(cfg), self.accelerator.device, lora=cfg.init_lora or "fresh")
+        self.pipe = ApplePipeline.from_preset(training_preset(cfg), self.accelerator.device, lora=cfg.init_lora or "fresh",
+                                             seed=cfg.seed)
         self.transformer = self.pipe.transformer
         logger.info("LoRA initialised from %s", cfg.init_lora or "scratch (B = 0)")
         self.params = fp32_lora_params(self.transformer)

@@ -260,22 +260,23 @@ class ApplePipeline:
 
     @classmethod
     def from_preset(cls, preset: Preset, device: torch.device, lora: str | Path | None = None,
-                    offload: bool = False) -> ApplePipeline:
+                    offload: bool = False, seed: int = 0) -> ApplePipeline:
         """Build the preset's model; `lora` replaces the preset's LoRA (e.g. a student you trained), and "fresh"
-        gives a new zero-effect LoRA of the preset's rank to train from scratch (no LoRA file needed)."""
+        gives a new zero-effect LoRA of the preset's rank to train from scratch (no LoRA file needed), drawn from
+        `seed` (see `fresh_condition_lora`)."""
         if preset.model.kind == "tiny":
             preset = _independent_if_trained(preset, Path(lora) if lora not in (None, "fresh") else None)
             transformer, vae, prompt, identity = build_tiny(preset)
             if lora == "fresh":
-                fresh_condition_lora(transformer, preset.model.lora_rank)
+                fresh_condition_lora(transformer, preset.model.lora_rank, seed=seed)
             elif lora is not None:
                 load_lora(transformer, Path(lora))
             return cls(preset, transformer, vae, prompt, identity, device, real=False, offload=offload)
-        return cls._from_checkpoints(preset, device, lora, offload)
+        return cls._from_checkpoints(preset, device, lora, offload, seed)
 
     @classmethod
     def _from_checkpoints(cls, preset: Preset, device: torch.device, lora: str | Path | None,
-                          offload: bool) -> ApplePipeline:
+                          offload: bool, seed: int = 0) -> ApplePipeline:
         from apple_video.models.real_identity import PulidIdentity
 
         dtype = DTYPES[preset.model.dtype] if device.type == "cuda" else torch.float32
@@ -285,7 +286,7 @@ class ApplePipeline:
         transformer = load_transformer(flux_dir, weights.require(preset.model.pulid or "pulid-flux-v0.9.1"), dtype,
                                        preset.sampling.independent_condition, device)
         if lora_path is None:
-            fresh_condition_lora(transformer, preset.model.lora_rank)
+            fresh_condition_lora(transformer, preset.model.lora_rank, seed=seed)
         else:
             load_lora(transformer, lora_path)
         vae = AutoencoderKL.from_pretrained(str(flux_dir), subfolder="vae", torch_dtype=dtype)
