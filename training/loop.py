@@ -198,8 +198,8 @@ class Trainer:
         b, size = batch.target.shape[0], batch.target.shape[1]
         condition = batch.condition.copy()
         condition[rng.random(b) < cfg.drop_condition] = 0  # image drop: black condition (as the official data set)
-        x0 = L.encode(pipe.vae, batch.target).to(device)
-        cond = L.encode(pipe.vae, condition).to(device)
+        x0 = L.encode(pipe.vae, batch.target, gen).to(device).float()
+        cond = L.encode(pipe.vae, condition, gen).to(device)
         id_tokens = self._id_tokens(batch.identity).to(device)
         drop_id = torch.as_tensor(rng.random(b) < cfg.drop_id, device=device)
         id_tokens = torch.where(drop_id[:, None, None], self.null_id.to(device).expand_as(id_tokens), id_tokens)
@@ -210,11 +210,12 @@ class Trainer:
         t = torch.sigmoid(torch.randn(b, generator=gen)).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
+        dtype = pipe.dtype  # the model's weights: fp32 on a CPU, bf16 for krea-512 on CUDA whatever mixed_precision
         inputs = TransformerInputs(
-            latents=xt, timestep=t, prompt_embeds=prompt, pooled_embeds=pooled,
+            latents=xt.to(dtype), timestep=t, prompt_embeds=prompt.to(dtype), pooled_embeds=pooled.to(dtype),
             img_ids=L.image_ids(size, size, pipe.vae, device), txt_ids=pipe.prompt.txt_ids.to(device),
-            guidance=torch.ones(b, device=device), condition=cond, id_embed=id_tokens)
-        v = self.model(inputs)
+            guidance=torch.ones(b, device=device), condition=cond.to(dtype), id_embed=id_tokens.to(dtype))
+        v = self.model(inputs).float()
         mse = ((noise - x0) - v).pow(2).mean(dim=(1, 2))
         total = mse.mean()
         stats = {"mse": total.detach()}  # tensors: the caller reads them (no host sync here)
