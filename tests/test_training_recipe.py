@@ -270,6 +270,22 @@ def test_condition_uses_a_given_region(faces) -> None:
     assert np.array_equal(out[untouched], crop[untouched])
 
 
+def test_glasses_are_tinted_only_where_the_face_is_visible(faces) -> None:
+    """The official tints glasses on the intersected segmentation (parsing ∩ occlusion mask): glasses under a hand
+    keep their pixels when the region says the face is hidden there."""
+    crop, landmarks, _ = faces[0]
+    labels = np.ones(crop.shape[:2], np.uint8)
+    labels[20:60, 10:118] = 6  # glasses across the upper face
+    visible = np.ones(crop.shape[:2], np.uint8)
+    visible[:40] = 0  # the upper half of the glasses occluded
+    none = np.zeros((0, 2))
+    free = teacher_condition(crop, np.zeros((0, 2)), labels, none)
+    trimmed = teacher_condition(crop, np.zeros((0, 2)), labels, none, region=blur_region(labels, visible))
+    assert not np.array_equal(free[20:40], crop[20:40])  # tinted (and blurred) without an occlusion mask
+    assert np.array_equal(trimmed[20:40], crop[20:40])  # occluded: neither blurred nor tinted
+    assert np.array_equal(trimmed[40:60], free[40:60])  # visible glasses as before
+
+
 def _upper_half_occluded(crop: np.ndarray) -> np.ndarray:
     """A stand-in occlusion model: something over the upper half of every face."""
     visible = np.ones(crop.shape[:2], np.uint8)
