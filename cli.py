@@ -368,7 +368,8 @@ def train_student_cmd(config_path: str, data: str | None, output: str | None, st
               help="auto: images whose face already sits on the crop template (VGGFace2-HQ as distributed) are taken as "
                    "they are, others re-aligned; as-is / align: always.")
 @click.option("--min-aesthetic", type=float, default=None,
-              help="Keep images whose LAION aesthetic score is above this (the released teacher: 5.1).")
+              help="Targets are images whose LAION aesthetic score is above this; the others stay identity images "
+                   "[default: 5.1 as the released teacher, off for the tiny preset; 0: off].")
 @click.option("--irises", type=click.Choice(["auto", "mediapipe", "estimated"]), default="auto", show_default=True,
               help="Iris points: MediaPipe's iris model (with gaze; `mediapipe-iris` + ai-edge-litert), or estimated from "
                    "the eye contour; auto: the model when present.")
@@ -376,14 +377,18 @@ def prepare_data_cmd(raw_dir: str, output: str, preset: str, identity_list: str 
                      framing: str, min_aesthetic: float | None, irises: str) -> None:
     """Align, mask and cache a face data set (one folder per identity) for training."""
     from apple_video.config import load_preset
-    from training.data import prepare_data
+    from training.data import OFFICIAL_MIN_AESTHETIC, prepare_data
 
-    size = load_preset(preset).sampling.crop_size
+    chosen = load_preset(preset)
+    size = chosen.sampling.crop_size
+    if min_aesthetic is None and chosen.model.kind != "tiny":
+        min_aesthetic = OFFICIAL_MIN_AESTHETIC
     manifest = prepare_data(Path(raw_dir), Path(output), size, Path(identity_list) if identity_list else None, workers,
                             shard_size, framing, min_aesthetic, irises)
     kept = sum(s["count"] for s in manifest["shards"])
     click.echo(f"{output}: {kept} faces in {len(manifest['shards'])} shards ({manifest['framed']['as-distributed']} taken "
-               f"as distributed), {len(manifest['skipped'])} images skipped")
+               f"as distributed, {len(manifest['identity_only'])} below the aesthetic threshold kept as identity images only), "
+               f"{len(manifest['skipped'])} images skipped")
 
 
 class _EvalGroup(click.Group):

@@ -191,6 +191,24 @@ def test_two_runs_of_one_config_give_the_same_lora(prepared: Path, tmp_path: Pat
     assert not torch.equal(first["transformer.x_embedder.lora_A.weight"], other["transformer.x_embedder.lora_A.weight"])
 
 
+def test_validation_loss_is_logged_plotted_and_deterministic(prepared: Path, tmp_path: Path) -> None:
+    """A held-out identity, scored every `val_every` steps on fixed t and noise: logged beside the training loss in
+    state.json, the same number for the same LoRA, refreshed in loss.png; the held-out person is never trained on."""
+    cfg = _config("teacher", data=prepared, output=tmp_path / "v", steps=4, val_every=2, checkpoint_every=4, sample_every=100)
+    trainer = train_teacher(cfg)
+    steps = [s for s, _ in trainer.val_history]
+    assert steps == [2, 4] and all(np.isfinite(v) for _, v in trainer.val_history)
+    state = json.loads((cfg.output / "checkpoint-4" / "state.json").read_text())
+    assert len(state["losses"]) == 4 and [tuple(v) for v in state["val"]] == trainer.val_history
+    assert trainer.validation_loss() == trainer.val_history[-1][1]  # fixed inputs: the same LoRA scores the same
+    assert Image.open(cfg.output / "loss.png").size[0] > 100
+    held = {str(trainer.sampler.data.identities[item.key]) for item in trainer.val_sampler.batch(np.random.default_rng(0), 20).identity}
+    trained = {str(trainer.sampler.data.identities[item.key]) for item in trainer.sampler.batch(np.random.default_rng(0), 50).identity}
+    assert held and trained and not held & trained
+    again = train_teacher(cfg.model_copy(update={"output": tmp_path / "w"}))
+    assert again.val_history == trainer.val_history
+
+
 def test_bad_data_sets(tmp_path: Path, raw_faces: Path, prepared: Path) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-c", "from cli import main; main()", *args], cwd=ROOT, capture_output=True,

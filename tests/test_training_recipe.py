@@ -434,7 +434,9 @@ class _Data:
         self.images = [crop + i for i in range(4)]
         self.crop, self.lm = crop, landmarks
 
+    is_target = None
     by_identity = FaceData.by_identity
+    target_indices = FaceData.target_indices
 
     def condition(self, index: int) -> np.ndarray:
         return self.images[index]
@@ -455,6 +457,22 @@ def test_sampling_is_uniform_over_images_and_may_reuse_the_target(faces) -> None
     assert np.all(keys[target_index == 3] == 3)  # B's only image is its own identity image
     assert 0.25 < np.mean(same[target_index < 3]) < 0.42  # A: the target itself 1 time in 3
     assert np.all((keys < 3) == (target_index < 3))  # never another person
+
+
+def test_identity_images_come_from_all_of_a_persons_images(faces) -> None:
+    """As the official dataset: the aesthetic filter picks targets only; a person's identity image is drawn from all
+    of that person's images, the filtered-out ones included. Held-out identities are never drawn."""
+    crop, landmarks, _ = faces[0]
+    data = _Data(crop.astype(np.uint8) // 2, landmarks)
+    data.is_target = np.array([True, False, True, True])  # A's second image scored below the threshold
+    batch = TeacherSampler(data).batch(np.random.default_rng(0), 600)
+    first = crop.astype(np.uint8)[0, 0, 0] // 2
+    target_index = batch.target[:, 0, 0, 0].astype(int) - int(first)
+    keys = np.array([item.key for item in batch.identity])
+    assert 1 not in set(target_index) and set(target_index) == {0, 2, 3}
+    assert np.mean(keys[target_index < 3] == 1) == pytest.approx(1 / 3, abs=0.07)  # an identity image all the same
+    only_b = TeacherSampler(data, {"B"}).batch(np.random.default_rng(1), 50)
+    assert all(item.key == 3 for item in only_b.identity)
 
 
 # -- issue 26.2: pseudo-labels in model-call batches ---------------------------------------------------------------
