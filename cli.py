@@ -327,7 +327,8 @@ def train_teacher_cmd(config_path: str, data: str | None, output: str | None, st
     from training.stages import train_teacher
 
     trainer = train_teacher(load_stage_config("teacher", config_path, data=data, output=output, steps=steps))
-    click.echo(f"teacher LoRA: {trainer.cfg.output / 'default.safetensors'} (last loss {trainer.history[-1]:.4f})")
+    if trainer.accelerator.is_main_process:  # one line from several processes
+        click.echo(f"teacher LoRA: {trainer.cfg.output / 'default.safetensors'} (last loss {trainer.history[-1]:.4f})")
 
 
 @train.command("pseudo-labels")
@@ -336,11 +337,15 @@ def train_teacher_cmd(config_path: str, data: str | None, output: str | None, st
 def train_pseudo_cmd(config_path: str, data: str | None, output: str | None, steps: int | None,
                      teacher_lora: str | None) -> None:
     """Teacher swaps target A to person B (attribute-aware inversion) -> (src of A, pseudo-label A->B, target A)."""
+    from accelerate import PartialState
+
     from training.config import load_stage_config
     from training.stages import make_pseudo_labels
 
     cfg = load_stage_config("pseudo-labels", config_path, data=data, output=output, teacher_lora=teacher_lora)
-    click.echo(f"pseudo-labels: {make_pseudo_labels(cfg)}")
+    folder = make_pseudo_labels(cfg)
+    if PartialState().is_main_process:
+        click.echo(f"pseudo-labels: {folder}")
 
 
 @train.command("student")
@@ -354,7 +359,8 @@ def train_student_cmd(config_path: str, data: str | None, output: str | None, st
 
     trainer = train_student(load_stage_config("student", config_path, data=data, output=output, steps=steps,
                                           init_lora=init_lora))
-    click.echo(f"student LoRA: {trainer.cfg.output / 'default.safetensors'} (last loss {trainer.history[-1]:.4f})")
+    if trainer.accelerator.is_main_process:
+        click.echo(f"student LoRA: {trainer.cfg.output / 'default.safetensors'} (last loss {trainer.history[-1]:.4f})")
 
 
 @cli.command("prepare-data")
