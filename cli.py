@@ -344,7 +344,7 @@ def train_pseudo_cmd(config_path: str, data: str | None, output: str | None, ste
 
     cfg = load_stage_config("pseudo-labels", config_path, data=data, output=output, teacher_lora=teacher_lora)
     folder = make_pseudo_labels(cfg)
-    if PartialState().is_main_process:
+    if PartialState().is_main_process:  # the group make_pseudo_labels formed
         click.echo(f"pseudo-labels: {folder}")
 
 

@@ -74,7 +74,9 @@ def test_pseudo_labels_from_two_processes_equal_one(prepared: Path, tmp_path: Pa
     result = _launch("train", "pseudo-labels", "--config", str(CONFIGS / "tiny_pseudo_labels.yaml"), "--data",
                      str(prepared), "--output", str(tmp_path / "two"), "--teacher-lora", str(teacher))
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("pseudo-labels:") == 1
+    assert result.stdout.count("pseudo-labels: /") == 1
+    log = result.stdout + result.stderr
+    assert "process 0 of 2: 1 of 2 shards" in log and "process 1 of 2: 1 of 2 shards" in log  # each its own shard
     ours, theirs = _pairs(one), _pairs(tmp_path / "two")
     assert len(ours) == 12 and len(set(theirs)) == len(theirs)  # none lost, none made twice
     assert sorted(theirs) == sorted(ours)

@@ -211,6 +211,56 @@ def test_min_aesthetic_without_its_files_is_one_line(no_weights, tmp_path, hoppe
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_the_real_presets_filter_by_default_and_say_how_to_opt_out(no_weights, tmp_path, hopper) -> None:
+    import os
+    import subprocess
+
+    raw = tmp_path / "raw" / "hopper"
+    raw.mkdir(parents=True)
+    Image.fromarray(hopper).save(raw / "0.jpg")
+    result = subprocess.run([sys.executable, "-c", "from cli import main; main()", "prepare-data", str(raw.parent), "-o",
+                             str(tmp_path / "out"), "--preset", "krea-512"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "APPLE_VIDEO_HOME": str(no_weights)})
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert all(word in result.stderr for word in ("5.1", "aesthetic-clip-l14", "aesthetic-mlp", "--min-aesthetic 0"))
+
+
+def test_images_below_the_aesthetic_threshold_stay_identity_images(no_weights, tmp_path, hopper, monkeypatch) -> None:
+    """The filter picks targets (the official `aes > 5.1`); an image below it stays in the prepared set, recorded in
+    the manifest's `identity_only`, never drawn as a target but drawn as its person's identity image."""
+    from apple_video import weights
+    from training import data as data_module
+
+    _, clip = _tiny_clip()
+    head = AestheticHead()
+    scorer = AestheticScorer(clip, head)
+    raw = tmp_path / "raw" / "hopper"
+    raw.mkdir(parents=True)
+    for i, image in enumerate(synth.face_variants(hopper, (161, 137, 376, 352), 4, seed=5)):
+        Image.fromarray(image).save(raw / f"{i}.png")
+    plain = prepare_data(raw.parent, tmp_path / "plain", 128)
+    crops = FaceData.load(tmp_path / "plain").images
+    scores = scorer.score([crops[i] for i in range(len(crops))])
+    with torch.no_grad():
+        head.layers[7].bias += 5.0 - float(np.min(scores))  # scores from 5.0 up: a positive threshold between them
+    scores = scores + 5.0 - float(np.min(scores))
+    threshold = float(np.median(scores))
+    present = weights.is_present
+    monkeypatch.setattr(weights, "is_present", lambda name: name in data_module.AESTHETIC_WEIGHTS or present(name))
+    monkeypatch.setattr(data_module.AestheticScorer, "from_weights", classmethod(lambda cls, device="cpu": scorer))
+    manifest = prepare_data(raw.parent, tmp_path / "filtered", 128, min_aesthetic=threshold)
+    sources = plain["shards"][0]["sources"]
+    below = sorted(path for path, score in zip(sources, scores, strict=True) if score <= threshold)
+    assert below and len(below) < len(sources) and sorted(manifest["identity_only"]) == below
+    assert sum(s["count"] for s in manifest["shards"]) == len(sources) and not manifest["skipped"]
+    data = FaceData.load(tmp_path / "filtered")
+    assert data.is_target.tolist() == [path not in below for path in manifest["shards"][0]["sources"]]
+    batch = TeacherSampler(data).batch(np.random.default_rng(0), 200)
+    only = [i for i, t in enumerate(data.is_target) if not t]
+    assert not any(any(np.array_equal(target, data.images[i]) for i in only) for target in batch.target)
+    assert {item.key for item in batch.identity} >= set(only)
+
+
 # -- 4: aligned data sets taken as they are ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dlib():

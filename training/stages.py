@@ -157,7 +157,7 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
         raise UserError("pseudo-labels need `teacher_lora` (the teacher's default.safetensors)")
     data = FaceData.load(cfg.data)
     pairs = plan_pairs(data, cfg.pairs, cfg.seed)
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # without `cpu`, CPU processes would not form a group
     preset = load_preset(cfg.preset)
     steps = {"inversion_steps": cfg.inversion_steps, "sampling_steps": cfg.inversion_steps} if cfg.inversion_steps else {}
     # pseudo-labels are the teacher's attribute-aware inversion, whatever the preset's swap recipe
@@ -169,6 +169,8 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
     shards = [pairs[i : i + cfg.shard_size] for i in range(0, len(pairs), cfg.shard_size)]
     mine = [k for k in range(len(shards)) if k % state.num_processes == state.process_index]
     todo = [k for k in mine if not (out / f"pseudo_{k:05d}").exists()]
+    logger.info("pseudo-labels: process %d of %d: %d of %d shards to make", state.process_index, state.num_processes,
+                len(todo), len(shards))
     batch_size = pipe.auto_batch_size()  # as the engine sizes its model calls
     logger.info("pseudo-labels: %d crops per model call", batch_size)
     for k in tqdm(todo, desc="pseudo-labels", unit="shard", disable=None):
