@@ -69,8 +69,13 @@ def test_pseudo_labels_from_two_processes_equal_one(prepared: Path, tmp_path: Pa
 
     teacher = save_lora(ApplePipeline.from_preset(load_preset("tiny"), torch.device("cpu"), lora="fresh").transformer,
                         tmp_path / "teacher.safetensors")
-    one = make_pseudo_labels(load_train_config(CONFIGS / "tiny_pseudo_labels.yaml", data=prepared, output=tmp_path / "one",
-                                               teacher_lora=teacher))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each launched process (OMP_NUM_THREADS=1): the same float sums, the same pixels
+    try:
+        one = make_pseudo_labels(load_train_config(CONFIGS / "tiny_pseudo_labels.yaml", data=prepared,
+                                                   output=tmp_path / "one", teacher_lora=teacher))
+    finally:
+        torch.set_num_threads(threads)
     result = _launch("train", "pseudo-labels", "--config", str(CONFIGS / "tiny_pseudo_labels.yaml"), "--data",
                      str(prepared), "--output", str(tmp_path / "two"), "--teacher-lora", str(teacher))
     assert result.returncode == 0, result.stderr[-3000:]
