@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -202,7 +203,10 @@ def load_prompt_embeddings(flux_dir: Path, device: torch.device, dtype: torch.dt
         pipe = FluxPipeline.from_pretrained(str(flux_dir), transformer=None, vae=None, dtype=dtype).to(device)
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, max_sequence_length=512)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"prompt_embeds": embeds.cpu().contiguous(), "pooled_embeds": pooled.cpu().contiguous()}, str(path))
+        # temp then rename: several training processes may encode it at once, none reads a half-written file
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file({"prompt_embeds": embeds.cpu().contiguous(), "pooled_embeds": pooled.cpu().contiguous()}, str(tmp))
+        os.replace(tmp, path)
         del pipe
     tensors = load_file(str(path))
     return PromptEmbeddings(tensors["prompt_embeds"], tensors["pooled_embeds"])
