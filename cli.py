@@ -337,7 +337,8 @@ def train_teacher_cmd(config_path: str, data: str | None, output: str | None, st
     from training.stages import train_teacher
 
     trainer = train_teacher(load_stage_config("teacher", config_path, data=data, output=output, steps=steps))
-    click.echo(f"teacher LoRA: {trainer.cfg.output / 'default.safetensors'} (last loss {trainer.history[-1]:.4f})")
+    if trainer.accelerator.is_main_process:  # one line from several processes
+        click.echo(f"teacher LoRA: {trainer.cfg.output / 'default.safetensors'} (last loss {trainer.history[-1]:.4f})")
 
 
 @train.command("pseudo-labels")
@@ -346,11 +347,15 @@ def train_teacher_cmd(config_path: str, data: str | None, output: str | None, st
 def train_pseudo_cmd(config_path: str, data: str | None, output: str | None, steps: int | None,
                      teacher_lora: str | None) -> None:
     """Teacher swaps target A to person B (attribute-aware inversion) -> (src of A, pseudo-label A->B, target A)."""
+    from accelerate import PartialState
+
     from training.config import load_stage_config
     from training.stages import make_pseudo_labels
 
     cfg = load_stage_config("pseudo-labels", config_path, data=data, output=output, teacher_lora=teacher_lora)
-    click.echo(f"pseudo-labels: {make_pseudo_labels(cfg)}")
+    folder = make_pseudo_labels(cfg)
+    if PartialState().is_main_process:  # the group make_pseudo_labels formed
+        click.echo(f"pseudo-labels: {folder}")
 
 
 @train.command("student")
@@ -364,7 +369,8 @@ def train_student_cmd(config_path: str, data: str | None, output: str | None, st
 
     trainer = train_student(load_stage_config("student", config_path, data=data, output=output, steps=steps,
                                           init_lora=init_lora))
-    click.echo(f"student LoRA: {trainer.cfg.output / 'default.safetensors'} (last loss {trainer.history[-1]:.4f})")
+    if trainer.accelerator.is_main_process:
+        click.echo(f"student LoRA: {trainer.cfg.output / 'default.safetensors'} (last loss {trainer.history[-1]:.4f})")
 
 
 @cli.command("prepare-data")
@@ -378,7 +384,8 @@ def train_student_cmd(config_path: str, data: str | None, output: str | None, st
               help="auto: images whose face already sits on the crop template (VGGFace2-HQ as distributed) are taken as "
                    "they are, others re-aligned; as-is / align: always.")
 @click.option("--min-aesthetic", type=float, default=None,
-              help="Keep images whose LAION aesthetic score is above this (the released teacher: 5.1).")
+              help="Targets are images whose LAION aesthetic score is above this; the others stay identity images "
+                   "[default: 5.1 as the released teacher, off for the tiny preset; 0: off].")
 @click.option("--irises", type=click.Choice(["auto", "mediapipe", "estimated"]), default="auto", show_default=True,
               help="Iris points: MediaPipe's iris model (with gaze; `mediapipe-iris` + ai-edge-litert), or estimated from "
                    "the eye contour; auto: the model when present.")
@@ -386,14 +393,18 @@ def prepare_data_cmd(raw_dir: str, output: str, preset: str, identity_list: str 
                      framing: str, min_aesthetic: float | None, irises: str) -> None:
     """Align, mask and cache a face data set (one folder per identity) for training."""
     from apple_video.config import load_preset
-    from training.data import prepare_data
+    from training.data import OFFICIAL_MIN_AESTHETIC, prepare_data
 
-    size = load_preset(preset).sampling.crop_size
+    chosen = load_preset(preset)
+    size = chosen.sampling.crop_size
+    if min_aesthetic is None and chosen.model.kind != "tiny":
+        min_aesthetic = OFFICIAL_MIN_AESTHETIC
     manifest = prepare_data(Path(raw_dir), Path(output), size, Path(identity_list) if identity_list else None, workers,
                             shard_size, framing, min_aesthetic, irises)
     kept = sum(s["count"] for s in manifest["shards"])
     click.echo(f"{output}: {kept} faces in {len(manifest['shards'])} shards ({manifest['framed']['as-distributed']} taken "
-               f"as distributed), {len(manifest['skipped'])} images skipped")
+               f"as distributed, {len(manifest['identity_only'])} below the aesthetic threshold kept as identity images only), "
+               f"{len(manifest['skipped'])} images skipped")
 
 
 class _EvalGroup(click.Group):

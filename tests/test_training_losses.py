@@ -129,3 +129,20 @@ def test_lpips_backbone_from_the_catalogue(tmp_path, monkeypatch) -> None:
     path.write_bytes(path.read_bytes() + b"\0" * 1_000_000)
     with pytest.raises(WeightsError):
         load_lpips("vgg16", torch.device("cpu"))
+
+
+def test_a_bf16_model_trains_without_mixed_precision(tmp_path, faces) -> None:
+    """krea-512 on CUDA holds bf16 weights; with `mixed_precision: "no"` (no autocast) the fp32 latents, noise and
+    embeddings are cast to the model's dtype at its input, and the loss is taken in fp32. Here: the tiny model and
+    VAE in bf16 on the CPU, the LoRA kept in fp32."""
+    trainer = Trainer(_config(tmp_path, steps=1, lpips_weight=0.0, mixed_precision="no"), FixedSampler(faces))
+    for name, param in trainer.transformer.named_parameters():
+        if "lora_" not in name:
+            param.data = param.data.bfloat16()
+    trainer.pipe.vae.to(torch.bfloat16)
+    trainer.pipe.dtype = torch.bfloat16
+    rng, gen = trainer._generator(0, 0)
+    loss, stats = trainer.loss(trainer.sampler.batch(rng, 2), 0, rng, gen)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in trainer.params)

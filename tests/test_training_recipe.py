@@ -18,6 +18,7 @@ from PIL import Image
 from apple_video.errors import WeightsError
 from apple_video.faces.align import alignment_matrix, warp_crop
 from apple_video.faces.detect import DetectorSettings, create_detector
+from tests import synth
 from tests.training_data import FixedSampler, aligned_faces
 from training import arcface, iris
 from training.aesthetic import AestheticHead, AestheticScorer, clip_preprocess, load_clip_vision, load_head
@@ -204,6 +205,56 @@ def test_min_aesthetic_without_its_files_is_one_line(no_weights, tmp_path, hoppe
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+def test_the_real_presets_filter_by_default_and_say_how_to_opt_out(no_weights, tmp_path, hopper) -> None:
+    import os
+    import subprocess
+
+    raw = tmp_path / "raw" / "hopper"
+    raw.mkdir(parents=True)
+    Image.fromarray(hopper).save(raw / "0.jpg")
+    result = subprocess.run([sys.executable, "-c", "from cli import main; main()", "prepare-data", str(raw.parent), "-o",
+                             str(tmp_path / "out"), "--preset", "krea-512"], cwd=ROOT, capture_output=True, text=True,
+                            env={**os.environ, "APPLE_VIDEO_HOME": str(no_weights)})
+    assert result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert all(word in result.stderr for word in ("5.1", "aesthetic-clip-l14", "aesthetic-mlp", "--min-aesthetic 0"))
+
+
+def test_images_below_the_aesthetic_threshold_stay_identity_images(no_weights, tmp_path, hopper, monkeypatch) -> None:
+    """The filter picks targets (the official `aes > 5.1`); an image below it stays in the prepared set, recorded in
+    the manifest's `identity_only`, never drawn as a target but drawn as its person's identity image."""
+    from apple_video import weights
+    from training import data as data_module
+
+    _, clip = _tiny_clip()
+    head = AestheticHead()
+    scorer = AestheticScorer(clip, head)
+    raw = tmp_path / "raw" / "hopper"
+    raw.mkdir(parents=True)
+    for i, image in enumerate(synth.face_variants(hopper, (161, 137, 376, 352), 4, seed=5)):
+        Image.fromarray(image).save(raw / f"{i}.png")
+    plain = prepare_data(raw.parent, tmp_path / "plain", 128)
+    crops = FaceData.load(tmp_path / "plain").images
+    scores = scorer.score([crops[i] for i in range(len(crops))])
+    with torch.no_grad():
+        head.layers[7].bias += 5.0 - float(np.min(scores))  # scores from 5.0 up: a positive threshold between them
+    scores = scores + 5.0 - float(np.min(scores))
+    threshold = float(np.median(scores))
+    present = weights.is_present
+    monkeypatch.setattr(weights, "is_present", lambda name: name in data_module.AESTHETIC_WEIGHTS or present(name))
+    monkeypatch.setattr(data_module.AestheticScorer, "from_weights", classmethod(lambda cls, device="cpu": scorer))
+    manifest = prepare_data(raw.parent, tmp_path / "filtered", 128, min_aesthetic=threshold)
+    sources = plain["shards"][0]["sources"]
+    below = sorted(path for path, score in zip(sources, scores, strict=True) if score <= threshold)
+    assert below and len(below) < len(sources) and sorted(manifest["identity_only"]) == below
+    assert sum(s["count"] for s in manifest["shards"]) == len(sources) and not manifest["skipped"]
+    data = FaceData.load(tmp_path / "filtered")
+    assert data.is_target.tolist() == [path not in below for path in manifest["shards"][0]["sources"]]
+    batch = TeacherSampler(data).batch(np.random.default_rng(0), 200)
+    only = [i for i, t in enumerate(data.is_target) if not t]
+    assert not any(any(np.array_equal(target, data.images[i]) for i in only) for target in batch.target)
+    assert {item.key for item in batch.identity} >= set(only)
+
+
 # -- 4: aligned data sets taken as they are ------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dlib():
@@ -261,6 +312,22 @@ def test_condition_uses_a_given_region(faces) -> None:
     untouched[np.nonzero(np.any(out != crop, axis=-1) & ~region)] = False  # landmark dots
     assert not np.array_equal(out[region], crop[region])
     assert np.array_equal(out[untouched], crop[untouched])
+
+
+def test_glasses_are_tinted_only_where_the_face_is_visible(faces) -> None:
+    """The official tints glasses on the intersected segmentation (parsing ∩ occlusion mask): glasses under a hand
+    keep their pixels when the region says the face is hidden there."""
+    crop, landmarks, _ = faces[0]
+    labels = np.ones(crop.shape[:2], np.uint8)
+    labels[20:60, 10:118] = 6  # glasses across the upper face
+    visible = np.ones(crop.shape[:2], np.uint8)
+    visible[:40] = 0  # the upper half of the glasses occluded
+    none = np.zeros((0, 2))
+    free = teacher_condition(crop, np.zeros((0, 2)), labels, none)
+    trimmed = teacher_condition(crop, np.zeros((0, 2)), labels, none, region=blur_region(labels, visible))
+    assert not np.array_equal(free[20:40], crop[20:40])  # tinted (and blurred) without an occlusion mask
+    assert np.array_equal(trimmed[20:40], crop[20:40])  # occluded: neither blurred nor tinted
+    assert np.array_equal(trimmed[40:60], free[40:60])  # visible glasses as before
 
 
 def _upper_half_occluded(crop: np.ndarray) -> np.ndarray:
@@ -411,7 +478,9 @@ class _Data:
         self.images = [crop + i for i in range(4)]
         self.crop, self.lm = crop, landmarks
 
+    is_target = None
     by_identity = FaceData.by_identity
+    target_indices = FaceData.target_indices
 
     def condition(self, index: int) -> np.ndarray:
         return self.images[index]
@@ -432,6 +501,22 @@ def test_sampling_is_uniform_over_images_and_may_reuse_the_target(faces) -> None
     assert np.all(keys[target_index == 3] == 3)  # B's only image is its own identity image
     assert 0.25 < np.mean(same[target_index < 3]) < 0.42  # A: the target itself 1 time in 3
     assert np.all((keys < 3) == (target_index < 3))  # never another person
+
+
+def test_identity_images_come_from_all_of_a_persons_images(faces) -> None:
+    """As the official dataset: the aesthetic filter picks targets only; a person's identity image is drawn from all
+    of that person's images, the filtered-out ones included. Held-out identities are never drawn."""
+    crop, landmarks, _ = faces[0]
+    data = _Data(crop.astype(np.uint8) // 2, landmarks)
+    data.is_target = np.array([True, False, True, True])  # A's second image scored below the threshold
+    batch = TeacherSampler(data).batch(np.random.default_rng(0), 600)
+    first = crop.astype(np.uint8)[0, 0, 0] // 2
+    target_index = batch.target[:, 0, 0, 0].astype(int) - int(first)
+    keys = np.array([item.key for item in batch.identity])
+    assert 1 not in set(target_index) and set(target_index) == {0, 2, 3}
+    assert np.mean(keys[target_index < 3] == 1) == pytest.approx(1 / 3, abs=0.07)  # an identity image all the same
+    only_b = TeacherSampler(data, {"B"}).batch(np.random.default_rng(1), 50)
+    assert all(item.key == 3 for item in only_b.identity)
 
 
 # -- issue 26.2: pseudo-labels in model-call batches ---------------------------------------------------------------

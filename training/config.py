@@ -47,6 +47,12 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool = True
     mixed_precision: Literal["no", "bf16", "fp16"] = "bf16"
     init_lora: Path | None = None  # student: the teacher's default.safetensors
+    # validation: this fraction of the identities held out (never trained on), scored every `val_every` steps on
+    # `val_samples` fixed samples at each t of `val_t` with fixed noise; 0 = no validation
+    val_fraction: float = Field(0.0, ge=0, lt=1)
+    val_every: int = Field(1000, ge=1)
+    val_samples: int = Field(8, ge=1)
+    val_t: tuple[float, ...] = Field((0.1, 0.3, 0.5, 0.7, 0.9), min_length=1)
     lora_rank: int | None = None  # default: the preset's
     # pseudo-labels
     teacher_lora: Path | None = None

@@ -24,7 +24,7 @@ import numpy as np
 from tqdm import tqdm
 
 from apple_video import weights
-from apple_video.errors import InputError, UserError
+from apple_video.errors import InputError, UserError, WeightsError
 from apple_video.faces.align import alignment_matrix, kps_from_68, transform_points, warp_crop
 from apple_video.faces.detect import DetectorSettings, create_detector
 from apple_video.faces.parsing import create_parser
@@ -39,6 +39,8 @@ from training.retina import RetinaPoints
 
 logger = logging.getLogger(__name__)
 
+AESTHETIC_WEIGHTS = ("aesthetic-clip-l14", "aesthetic-mlp")  # the LAION predictor's CLIP ViT-L/14 and its MLP head
+OFFICIAL_MIN_AESTHETIC = 5.1  # the released teacher's data: VGGFace2-HQ images scoring above 5.1 (its run name)
 MASK_SOURCES = {True: "bisenet-parsing", False: "landmark-hull"}
 Framing = Literal["auto", "as-is", "align"]
 # An image is taken as distributed when its face already sits on the crop template within these bounds (an aligned
@@ -182,8 +184,8 @@ class _Worker:
         score = float("nan")
         if cls.scorer is not None:
             score = float(cls.scorer.score([crop])[0])
-            if score <= cls.settings.min_aesthetic:
-                return f"aesthetic {score:.2f} <= {cls.settings.min_aesthetic}"
+        # as the official data: the aesthetic filter picks targets; every image of a person stays an identity image
+        target = cls.scorer is None or score > cls.settings.min_aesthetic
         size = cls.settings.size
         labels = parse_official(cls.parser, crop) if cls.parser is not None else hull_labels(landmarks, size)
         region = {"region": blur_region(labels, cls.occlusion(crop))} if cls.occlusion is not None else {}
@@ -195,7 +197,7 @@ class _Worker:
                 "embedding": np.asarray(face.embedding, np.float32), "identity": item.identity, "path": item.path,
                 "irises": irises.astype(np.float32), "kps": kps,
                 "eva_kps": eva_kps if eva_kps is not None else kps, "framing": framing,
-                "aesthetic": score, **region}
+                "aesthetic": score, "target": target, **region}
 
 
 SHARD_KEYS = ("images", "labels", "landmarks", "embeddings", "identities")
@@ -219,6 +221,7 @@ def _write_shard(path: Path, records: list[dict]) -> None:
         "irises": np.stack([r["irises"] for r in records]), "kps": np.stack([r["kps"] for r in records]),
         "eva_kps": np.stack([r["eva_kps"] for r in records]),
         "aesthetic": np.array([r["aesthetic"] for r in records], np.float32),
+        "targets": np.array([r["target"] for r in records], bool),
         **({"regions": np.stack([r["region"] for r in records])} if all("region" in r for r in records) else {}),
     })
 
@@ -248,13 +251,17 @@ def open_shards(folder: Path, names: list[str], keys: tuple[str, ...]) -> dict[s
 def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None = None, workers: int = 1,
                  shard_size: int = 256, framing: Framing = "auto", min_aesthetic: float | None = None,
                  irises: IrisSource = "auto") -> dict:
+    if min_aesthetic is not None and min_aesthetic <= 0:  # `--min-aesthetic 0`: no filter (LAION scores are 1..10)
+        min_aesthetic = None
     settings = PrepareSettings(size, framing, min_aesthetic, irises)
     items, warnings = scan(raw, identity_list)
     for line in warnings:
         logger.warning(line)
     if min_aesthetic is not None:  # one clear line now rather than in every worker
-        weights.require("aesthetic-clip-l14")
-        weights.require("aesthetic-mlp")
+        missing = [name for name in AESTHETIC_WEIGHTS if not weights.is_present(name)]
+        if missing:
+            raise WeightsError(f"the aesthetic filter (targets scoring above {min_aesthetic}) needs {' and '.join(missing)} "
+                               "(`apple-video weights where`); `--min-aesthetic 0` prepares without it")
     output.mkdir(parents=True, exist_ok=True)
     (output / "shards").mkdir(exist_ok=True)
     manifest_path = output / "manifest.json"
@@ -278,7 +285,7 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
     filters = {"framing": framing, "min_aesthetic": min_aesthetic,
                "aesthetic_model": "laion-improved-aesthetic-predictor sac+logos+ava1-l14-linearMSE" if min_aesthetic else None}
     manifest = {"crop_size": size, "shards": [], "skipped": [], "framed": {"as-distributed": 0, "re-aligned": 0},
-                **source, **filters, **manifest}
+                "identity_only": [], **source, **filters, **manifest}
     done = {path for shard in manifest["shards"] for path in shard["sources"]} | {s["path"] for s in manifest["skipped"]}
     todo = [item for item in items if item.path not in done]
     groups = [todo[i : i + shard_size] for i in range(0, len(todo), shard_size)]
@@ -298,6 +305,8 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
                     manifest["shards"].append({"file": name, "count": len(records), "sources": [r["path"] for r in records]})
                     for record in records:
                         manifest["framed"][record["framing"]] += 1
+                    # below the aesthetic threshold: kept as identity images, never drawn as targets
+                    manifest["identity_only"].extend(r["path"] for r in records if not r["target"])
                 manifest["skipped"].extend(skipped)
                 with atomic_write(manifest_path) as tmp:
                     tmp.write_text(json.dumps(manifest, indent=1))
@@ -323,6 +332,7 @@ class FaceData:
     kps: ShardArray | None = None  # (N, 5, 2) the points ArcFace is aligned on
     eva_kps: ShardArray | None = None  # (N, 5, 2) the points EVA-CLIP is aligned on
     regions: ShardArray | None = None  # (N, S, S) bool blur region (parsing ∩ occlusion) when an occlusion model ran
+    is_target: np.ndarray | None = None  # (N,) bool, in memory: above the aesthetic threshold (None: every image)
 
     @classmethod
     def load(cls, folder: Path) -> FaceData:
@@ -339,8 +349,15 @@ class FaceData:
         present = [k for k in OPTIONAL_KEYS if all((folder / "shards" / n / f"{k}.npy").is_file() for n in names)]
         arrays |= open_shards(folder / "shards", names, tuple(present))
         identities = np.concatenate([np.load(folder / "shards" / n / "identities.npy") for n in names])
+        targets = [folder / "shards" / n / "targets.npy" for n in names]
+        is_target = np.concatenate([np.load(p) for p in targets]) if all(p.is_file() for p in targets) else None
         return cls(arrays["images"], arrays["labels"], arrays["landmarks"], arrays["embeddings"], identities,
-                   arrays.get("irises"), arrays.get("kps"), arrays.get("eva_kps"), arrays.get("regions"))
+                   arrays.get("irises"), arrays.get("kps"), arrays.get("eva_kps"), arrays.get("regions"), is_target)
+
+    def target_indices(self, names: set[str] | None = None) -> list[int]:
+        """Images that may be drawn as targets (above the aesthetic threshold), of the people `names` (None: all)."""
+        return [i for i, name in enumerate(self.identities)
+                if (self.is_target is None or self.is_target[i]) and (names is None or str(name) in names)]
 
     def condition(self, index: int) -> np.ndarray:
         """The teacher's `blur_landmark_iris` condition of sample `index`."""
@@ -363,12 +380,14 @@ class FaceData:
         return groups
 
     def pairable(self) -> dict[str, list[int]]:
-        """Identities with at least two images (a target and another image for the identity condition)."""
+        """Identities with at least two images (a target and another image for the identity condition), one of
+        them a target image."""
         groups = self.by_identity()
         single = sorted(name for name, idx in groups.items() if len(idx) < 2)
         if single:
             logger.warning("%d identities have a single image and cannot be paired: %s", len(single), ", ".join(single[:5]))
-        usable = {name: idx for name, idx in groups.items() if len(idx) >= 2}
+        targets = set(self.target_indices())
+        usable = {name: idx for name, idx in groups.items() if len(idx) >= 2 and targets.intersection(idx)}
         if not usable:
             raise UserError("no identity has two or more images: the teacher needs pairs of the same person")
         return usable

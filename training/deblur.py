@@ -144,6 +144,8 @@ def teacher_condition(image: np.ndarray, landmarks: np.ndarray, labels: np.ndarr
     out[iris_pixels(irises if irises is not None else irises_from_eyes(landmarks), shape)] = IRIS_COLOUR
     if labels is not None:
         glasses = labels == GLASSES_LABEL
+        if region is not None:  # as the official: only where the face is visible (parsing ∩ occlusion mask)
+            glasses &= region
         if glasses.any():
             tint = np.zeros_like(out)
             tint[glasses] = GLASSES_COLOUR

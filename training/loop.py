@@ -79,10 +79,12 @@ class IdentityCache:
     the default 4096 hold ~0.5 GiB); the least recently used is moved to `folder` on disk (one file per image,
     written under a temporary name) and read back from there when it comes again."""
 
-    def __init__(self, capacity: int, folder: Path | None = None, device: torch.device | None = None) -> None:
+    def __init__(self, capacity: int, folder: Path | None = None, device: torch.device | None = None,
+                 writer: bool = True) -> None:
         self.capacity = capacity
         self.folder = folder
         self.device = device
+        self.writer = writer  # several processes: only the main one writes to `folder`, all read from it
         self.tokens: OrderedDict[int, torch.Tensor] = OrderedDict()
         self.misses = 0
 
@@ -98,7 +100,7 @@ class IdentityCache:
         return torch.load(self._path(key), map_location=self.device or "cpu", weights_only=True)
 
     def _store(self, key: int, value: torch.Tensor) -> None:
-        if self.folder is None or self._path(key).is_file():
+        if self.folder is None or not self.writer or self._path(key).is_file():
             return
         self.folder.mkdir(parents=True, exist_ok=True)
         with atomic_write(self._path(key)) as tmp:
@@ -148,15 +150,24 @@ def fp32_lora_params(transformer: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 
 class Trainer:
-    """Owns the model pieces and runs `steps` optimizer steps with checkpoints and sample grids."""
+    """Owns the model pieces and runs `steps` optimizer steps with checkpoints, sample grids and, with a sampler of
+    held-out identities, a validation loss.
 
-    def __init__(self, cfg: TrainConfig, sampler: Sampler) -> None:
+    Several processes (`accelerate launch`): each draws its own batches (the process index is part of every draw's
+    key), accelerate's DDP averages the gradients, the logged loss is the mean over processes, and only the main
+    process writes checkpoints, sample grids, identity tokens, the loss plot and the final LoRA."""
+
+    def __init__(self, cfg: TrainConfig, sampler: Sampler, val_sampler: Sampler | None = None) -> None:
         self.cfg = cfg
         self.sampler = sampler
+        self.val_sampler = val_sampler
+        self._val_inputs: tuple | None = None
+        self.val_history: list[tuple[int, float]] = []
         cuda = torch.cuda.is_available()
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                        mixed_precision=cfg.mixed_precision if cuda else "no", cpu=not cuda)
-        self.pipe = ApplePipeline.from_preset(training_preset(cfg), self.accelerator.device, lora=cfg.init_lora or "fresh")
+        self.pipe = ApplePipeline.from_preset(training_preset(cfg), self.accelerator.device, lora=cfg.init_lora or "fresh",
+                                             seed=cfg.seed)
         self.transformer = self.pipe.transformer
         logger.info("LoRA initialised from %s", cfg.init_lora or "scratch (B = 0)")
         self.params = fp32_lora_params(self.transformer)
@@ -169,7 +180,8 @@ class Trainer:
         self.empty_prompt = empty_prompt(self.pipe, cfg.seed)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
-        self.id_cache = IdentityCache(cfg.id_cache_size, cfg.output / "id_tokens", self.pipe.device)
+        self.id_cache = IdentityCache(cfg.id_cache_size, cfg.output / "id_tokens", self.pipe.device,
+                                      writer=self.accelerator.is_main_process)
         self.null_id: torch.Tensor | None = None
 
     # -- pieces ------------------------------------------------------------------------------------------------
@@ -196,8 +208,8 @@ class Trainer:
         b, size = batch.target.shape[0], batch.target.shape[1]
         condition = batch.condition.copy()
         condition[rng.random(b) < cfg.drop_condition] = 0  # image drop: black condition (as the official data set)
-        x0 = L.encode(pipe.vae, batch.target).to(device)
-        cond = L.encode(pipe.vae, condition).to(device)
+        x0 = L.encode(pipe.vae, batch.target, gen).to(device).float()
+        cond = L.encode(pipe.vae, condition, gen).to(device)
         id_tokens = self._id_tokens(batch.identity).to(device)
         drop_id = torch.as_tensor(rng.random(b) < cfg.drop_id, device=device)
         id_tokens = torch.where(drop_id[:, None, None], self.null_id.to(device).expand_as(id_tokens), id_tokens)
@@ -208,11 +220,12 @@ class Trainer:
         t = torch.sigmoid(torch.randn(b, generator=gen)).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         xt = (1 - t)[:, None, None] * x0 + t[:, None, None] * noise
+        dtype = pipe.dtype  # the model's weights: fp32 on a CPU, bf16 for krea-512 on CUDA whatever mixed_precision
         inputs = TransformerInputs(
-            latents=xt, timestep=t, prompt_embeds=prompt, pooled_embeds=pooled,
+            latents=xt.to(dtype), timestep=t, prompt_embeds=prompt.to(dtype), pooled_embeds=pooled.to(dtype),
             img_ids=L.image_ids(size, size, pipe.vae, device), txt_ids=pipe.prompt.txt_ids.to(device),
-            guidance=torch.ones(b, device=device), condition=cond, id_embed=id_tokens)
-        v = self.model(inputs)
+            guidance=torch.ones(b, device=device), condition=cond.to(dtype), id_embed=id_tokens.to(dtype))
+        v = self.model(inputs).float()
         mse = ((noise - x0) - v).pow(2).mean(dim=(1, 2))
         total = mse.mean()
         stats = {"mse": total.detach()}  # tensors: the caller reads them (no host sync here)
@@ -254,7 +267,7 @@ class Trainer:
             tmp.mkdir(parents=True)
             save_lora(self.accelerator.unwrap_model(self.model), tmp / f"{ADAPTER}.safetensors", preset=self.cfg.preset)
             torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            (tmp / "state.json").write_text(json.dumps({"step": step, "losses": history}))
+            (tmp / "state.json").write_text(json.dumps({"step": step, "losses": history, "val": self.val_history}))
         for old in self.checkpoints()[: -self.cfg.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
         return folder
@@ -268,6 +281,7 @@ class Trainer:
         set_peft_model_state_dict(self.accelerator.unwrap_model(self.model), state, adapter_name=ADAPTER)
         self.optimizer.load_state_dict(torch.load(folder / "optimizer.pt", map_location="cpu", weights_only=True))
         info = json.loads((folder / "state.json").read_text())
+        self.val_history = [(int(s), float(v)) for s, v in info.get("val", [])]
         logger.warning("resuming from %s (step %d)", folder, info["step"])
         return info["step"], info["losses"]
 
@@ -298,6 +312,57 @@ class Trainer:
         Image.fromarray(grid).save(path)
         return path
 
+    # -- validation --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """The flow loss on a fixed batch of held-out identities, at each t of `val_t` with fixed noise and fixed
+        latent draws, no drops: the same inputs at every validation, so only the LoRA changes the number."""
+        cfg, pipe, device = self.cfg, self.pipe, self.pipe.device
+        if self._val_inputs is None:
+            batch = self.val_sampler.batch(np.random.default_rng([cfg.seed, 2**31 - 1]), cfg.val_samples)
+            gen = torch.Generator().manual_seed(cfg.seed + 2**20)
+            x0 = L.encode(pipe.vae, batch.target, gen).to(device).float()
+            cond = L.encode(pipe.vae, batch.condition, gen).to(device)
+            noise = torch.randn((len(cfg.val_t), *x0.shape), generator=gen).to(device)
+            self._val_inputs = (batch.target.shape[1], x0, cond, self._id_tokens(batch.identity).to(device), noise)
+        size, x0, cond, ids, noise = self._val_inputs
+        b, dtype = x0.shape[0], pipe.dtype
+        model = self.accelerator.unwrap_model(self.model)  # main process only: no DDP collective
+        losses = []
+        for k, value in enumerate(cfg.val_t):
+            t = torch.full((b,), value, device=device)
+            xt = (1 - value) * x0 + value * noise[k]
+            inputs = TransformerInputs(
+                latents=xt.to(dtype), timestep=t, prompt_embeds=pipe.prompt.prompt_embeds.to(device, dtype).expand(b, -1, -1),
+                pooled_embeds=pipe.prompt.pooled_embeds.to(device, dtype).expand(b, -1),
+                img_ids=L.image_ids(size, size, pipe.vae, device), txt_ids=pipe.prompt.txt_ids.to(device),
+                guidance=torch.ones(b, device=device), condition=cond.to(dtype), id_embed=ids.to(dtype))
+            losses.append(((noise[k] - x0) - model(inputs).float()).pow(2).mean())
+        return float(torch.stack(losses).mean())
+
+    def plot_losses(self, history: list[float]) -> Path:
+        """<output>/loss.png: the training loss per step (and its running mean) with the validation loss."""
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        figure = Figure(figsize=(7, 4), dpi=100)
+        FigureCanvasAgg(figure)
+        axes = figure.add_subplot()
+        steps = np.arange(1, len(history) + 1)
+        axes.plot(steps, history, color="0.75", linewidth=0.8, label="training (per step)")
+        window = max(1, len(history) // 50)
+        if len(history) >= window:
+            axes.plot(steps[window - 1 :], np.convolve(history, np.ones(window) / window, "valid"), label=f"training (mean of {window})")
+        if self.val_history:
+            axes.plot(*zip(*self.val_history, strict=True), "o-", label="validation (held-out identities)")
+        axes.set(xlabel="step", ylabel="loss", title=f"{self.cfg.stage}: {self.cfg.output.name}")
+        axes.set_yscale("log")
+        axes.legend()
+        path = self.cfg.output / "loss.png"
+        with atomic_write(path) as tmp:
+            figure.savefig(tmp)
+        return path
+
     # -- the loop ----------------------------------------------------------------------------------------------
     def train(self, stop_after: int | None = None) -> Path:
         cfg = self.cfg
@@ -318,10 +383,17 @@ class Trainer:
                         self.optimizer.step()
                         self.optimizer.zero_grad()
                     step_loss += float(loss.detach()) / cfg.grad_accum
+                if self.accelerator.num_processes > 1:  # the mean over processes (one per process otherwise)
+                    step_loss = float(self.accelerator.reduce(torch.tensor([step_loss], device=self.pipe.device), "mean")[0])
                 history.append(step_loss)
-                bar.set_postfix(loss=f"{step_loss:.4f}", **{k: f"{float(v):.3f}" for k, v in stats.items()})
                 done = step + 1
                 main = self.accelerator.is_main_process  # one writer; the others wait for it
+                if self.val_sampler is not None and main and (done % cfg.val_every == 0 or done == cfg.steps):
+                    self.val_history.append((done, self.validation_loss()))
+                    logger.info("step %d: training loss %.4f, validation loss %.4f", done, step_loss, self.val_history[-1][1])
+                    self.plot_losses(history)
+                val = {"val": f"{self.val_history[-1][1]:.4f}"} if self.val_history else {}
+                bar.set_postfix(loss=f"{step_loss:.4f}", **val, **{k: f"{float(v):.3f}" for k, v in stats.items()})
                 if done % cfg.checkpoint_every == 0 or done == cfg.steps:
                     if main:
                         self.save(done, history)

@@ -23,24 +23,41 @@ from training.loop import Batch, IdentityImage, Trainer
 logger = logging.getLogger(__name__)
 
 
-class TeacherSampler:
-    """Target = a clean image drawn uniformly from the whole data set (identities with more images weigh more, as the
-    official dataset); condition = its `blur_landmark_iris` version; id = an image of the same person drawn anew
-    every step, which may be the target itself (as the official dataset)."""
+def split_identities(names: list[str], fraction: float, seed: int) -> tuple[set[str], set[str]]:
+    """(training, held-out) identities: `fraction` of them (at least one) held out for the validation loss, drawn
+    from the seed; none when `fraction` is 0 or fewer than two identities remain."""
+    names = sorted(set(names))
+    count = max(1, round(fraction * len(names))) if fraction > 0 else 0
+    if count and len(names) - count < 1:
+        logger.warning("validation off: %d identities leave none to train on", len(names))
+        count = 0
+    order = np.random.default_rng([seed, 4242]).permutation(len(names))
+    held = {names[i] for i in order[:count]}
+    return set(names) - held, held
 
-    def __init__(self, data: FaceData) -> None:
+
+class TeacherSampler:
+    """Target = a clean image drawn uniformly from the data set's target images (identities with more images weigh
+    more, as the official dataset); condition = its `blur_landmark_iris` version; id = an image of the same person
+    drawn anew every step from ALL of that person's images (the aesthetic filter picks targets only), which may be
+    the target itself (as the official dataset). `names`: the identities to draw from (None: all)."""
+
+    def __init__(self, data: FaceData, names: set[str] | None = None) -> None:
         self.data = data
-        groups = data.by_identity()
-        self.same_person = [groups[str(name)] for name in data.identities]
-        single = sum(len(g) == 1 for g in groups.values())
+        self.groups = data.by_identity()
+        self.targets = data.target_indices(names)
+        if not self.targets:
+            raise UserError("the prepared data set holds no target image (all below the aesthetic threshold?)")
+        people = {str(data.identities[i]) for i in self.targets}
+        single = sum(len(self.groups[name]) == 1 for name in people)
         if single:
-            logger.warning("%d of %d identities have a single image: it is its own identity image", single, len(groups))
+            logger.warning("%d of %d identities have a single image: it is its own identity image", single, len(people))
 
     def batch(self, rng: np.random.Generator, size: int) -> Batch:
         targets, conditions, identity = [], [], []
         for _ in range(size):
-            target = int(rng.integers(len(self.same_person)))
-            group = self.same_person[target]
+            target = self.targets[int(rng.integers(len(self.targets)))]
+            group = self.groups[str(self.data.identities[target])]
             source = int(group[rng.integers(len(group))])
             targets.append(self.data.images[target])
             conditions.append(self.data.condition(target))
@@ -52,9 +69,10 @@ PSEUDO_KEYS = ("target", "pseudo", "src_image", "src_landmarks", "src_embedding"
 
 
 class StudentSampler:
-    """Target = the real image of A; condition = the teacher's pseudo-label A->B; id = another image of A."""
+    """Target = the real image of A; condition = the teacher's pseudo-label A->B; id = another image of A.
+    `names`: the identities A to draw from (None: all)."""
 
-    def __init__(self, folder: Path) -> None:
+    def __init__(self, folder: Path, people: set[str] | None = None) -> None:
         manifest = folder / "manifest.json"
         if not manifest.is_file():
             raise InputError(f"not a pseudo-label folder (no manifest.json): {folder}; run `apple-video train pseudo-labels`")
@@ -65,10 +83,12 @@ class StudentSampler:
         optional = tuple(k for k in ("src_kps", "src_eva_kps") if all((folder / n / f"{k}.npy").is_file() for n in names))
         extra = open_shards(folder, names, optional)
         self.kps, self.eva_kps = extra.get("src_kps"), extra.get("src_eva_kps")
+        self.identities = np.concatenate([np.load(folder / n / "identity.npy") for n in names])
+        self.indices = [i for i, name in enumerate(self.identities) if people is None or str(name) in people]
 
     def batch(self, rng: np.random.Generator, size: int) -> Batch:
         a = self.arrays
-        picks = rng.integers(len(a["target"]), size=size)
+        picks = [self.indices[i] for i in rng.integers(len(self.indices), size=size)]
         kps, eva = self.kps, self.eva_kps
         identity = [IdentityImage(a["src_image"][i], a["src_landmarks"][i], a["src_embedding"][i], 1_000_000 + int(i),
                                   kps[i] if kps is not None else None, eva[i] if eva is not None else None) for i in picks]
@@ -76,7 +96,9 @@ class StudentSampler:
 
 
 def train_teacher(cfg: TrainConfig, stop_after: int | None = None) -> Trainer:
-    trainer = Trainer(cfg, TeacherSampler(FaceData.load(cfg.data)))
+    data = FaceData.load(cfg.data)
+    train, held = split_identities([str(n) for n in data.identities], cfg.val_fraction, cfg.seed)
+    trainer = Trainer(cfg, TeacherSampler(data, train), TeacherSampler(data, held) if held else None)
     trainer.train(stop_after)
     return trainer
 
@@ -84,25 +106,35 @@ def train_teacher(cfg: TrainConfig, stop_after: int | None = None) -> Trainer:
 def train_student(cfg: TrainConfig, stop_after: int | None = None) -> Trainer:
     if cfg.init_lora is None:
         logger.warning("student without init_lora: the paper resumes the student from the teacher's LoRA")
-    trainer = Trainer(cfg, StudentSampler(cfg.data))
+    everyone = StudentSampler(cfg.data)
+    train, held = split_identities([str(n) for n in everyone.identities], cfg.val_fraction, cfg.seed)
+    trainer = Trainer(cfg, StudentSampler(cfg.data, train) if held else everyone,
+                      StudentSampler(cfg.data, held) if held else None)
     trainer.train(stop_after)
     return trainer
 
 
 def plan_pairs(data: FaceData, count: int, seed: int) -> list[tuple[int, int, int]]:
-    """(target of A, another image of A, source of B != A), shuffled with a fixed seed."""
+    """(target of A, another image of A, source of B != A), drawn with a fixed seed. Targets and B's source are
+    target images (above the aesthetic threshold, as the official pairs); A's other image, the student's identity
+    image, any image of A."""
+    targets = set(data.target_indices())
+    by_person = {name: [i for i in idx if i in targets] for name, idx in data.by_identity().items()}
+    sources = sorted(name for name, idx in by_person.items() if idx)
+    if len(data.by_identity()) < 2 or len(sources) < 1:
+        raise UserError("pseudo-labels need at least two identities (a target A and a source B of someone else)")
     groups = data.pairable()
     names = sorted(groups)
-    all_names = sorted(data.by_identity())
-    if len(all_names) < 2:
-        raise UserError("pseudo-labels need at least two identities (a target A and a source B of someone else)")
     rng = random.Random(seed)
     pairs = []
     for _ in range(count):
         a = rng.choice(names)
-        target, src_a = rng.sample(groups[a], 2)
-        b = rng.choice([n for n in all_names if n != a])
-        pairs.append((target, src_a, rng.choice(data.by_identity()[b])))
+        target = rng.choice(by_person[a])
+        src_a = rng.choice([i for i in groups[a] if i != target])
+        others = [n for n in sources if n != a]
+        if not others:
+            raise UserError("pseudo-labels need a second identity with a target image as the source B")
+        pairs.append((target, src_a, rng.choice(by_person[rng.choice(others)])))
     return pairs
 
 
@@ -125,7 +157,7 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
         raise UserError("pseudo-labels need `teacher_lora` (the teacher's default.safetensors)")
     data = FaceData.load(cfg.data)
     pairs = plan_pairs(data, cfg.pairs, cfg.seed)
-    state = PartialState()
+    state = PartialState(cpu=not torch.cuda.is_available())  # without `cpu`, CPU processes would not form a group
     preset = load_preset(cfg.preset)
     steps = {"inversion_steps": cfg.inversion_steps, "sampling_steps": cfg.inversion_steps} if cfg.inversion_steps else {}
     # pseudo-labels are the teacher's attribute-aware inversion, whatever the preset's swap recipe
@@ -137,6 +169,8 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
     shards = [pairs[i : i + cfg.shard_size] for i in range(0, len(pairs), cfg.shard_size)]
     mine = [k for k in range(len(shards)) if k % state.num_processes == state.process_index]
     todo = [k for k in mine if not (out / f"pseudo_{k:05d}").exists()]
+    logger.info("pseudo-labels: process %d of %d: %d of %d shards to make", state.process_index, state.num_processes,
+                len(todo), len(shards))
     batch_size = pipe.auto_batch_size()  # as the engine sizes its model calls
     logger.info("pseudo-labels: %d crops per model call", batch_size)
     for k in tqdm(todo, desc="pseudo-labels", unit="shard", disable=None):

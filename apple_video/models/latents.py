@@ -31,10 +31,13 @@ def image_ids(height: int, width: int, vae: AutoencoderKL, device=None, dtype=to
 
 
 @torch.no_grad()
-def encode(vae: AutoencoderKL, images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Images -> packed tokens (B, N, 4 * latent_channels), using the latent mode (deterministic)."""
+def encode(vae: AutoencoderKL, images: np.ndarray | torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Images -> packed tokens (B, N, 4 * latent_channels): the latent mode (deterministic, inference and inversion),
+    or with `generator` a draw from the latent distribution (`latent_dist.sample`, as the official trainer encodes
+    its targets and conditions)."""
     pixels = to_unit(images).to(vae.device, vae.dtype)
-    latents = vae.encode(pixels).latent_dist.mode()
+    dist = vae.encode(pixels).latent_dist
+    latents = dist.mode() if generator is None else dist.sample(generator)
     latents = (latents - vae.config.shift_factor) * vae.config.scaling_factor
     b, c, h, w = latents.shape
     return FluxPipeline._pack_latents(latents, b, c, h, w)

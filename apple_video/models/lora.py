@@ -37,11 +37,21 @@ def add_condition_lora(transformer, rank: int, adapter: str = ADAPTER, init: str
                             adapter_name=adapter)
 
 
-def fresh_condition_lora(transformer, rank: int, adapter: str = ADAPTER) -> None:
-    """A new LoRA to train from scratch (replacing any present): A Gaussian, B zero, so it starts as a no-op."""
+def fresh_condition_lora(transformer, rank: int, adapter: str = ADAPTER, seed: int = 0) -> None:
+    """A new LoRA to train from scratch (replacing any present): A Gaussian (std 1/rank, peft's "gaussian" init), B
+    zero, so it starts as a no-op. A is drawn on the host from a private generator seeded with `seed`, module by
+    module in name order: the same seed gives the same LoRA on any device, and torch's global generator is untouched."""
     if adapter in getattr(transformer, "peft_config", {}):
         transformer.delete_adapters(adapter)
-    add_condition_lora(transformer, rank, adapter, init="gaussian")
+    with torch.random.fork_rng(devices=[]):  # the new modules' default init draws from the global generator
+        add_condition_lora(transformer, rank, adapter, init=False)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(transformer.named_parameters()):
+            if name.endswith(f"lora_A.{adapter}.weight"):
+                param.copy_(torch.randn(param.shape, generator=generator) / rank)
+            elif name.endswith(f"lora_B.{adapter}.weight"):
+                param.zero_()
 
 
 def lora_state_dict(transformer, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:

@@ -19,6 +19,7 @@ from apple_video.config import Preset, with_overrides
 from apple_video.errors import DeviceError, UserError, WeightsError
 from apple_video.faces.parsing import create_parser
 from apple_video.faces.types import SourceFace
+from apple_video.media.paths import atomic_write
 from apple_video.models import latents as L
 from apple_video.models.identity import IdentityFeatureExtractor, TinyIdentity
 from apple_video.models.lora import add_condition_lora, fresh_condition_lora, load_lora, trained_independent
@@ -203,7 +204,9 @@ def load_prompt_embeddings(flux_dir: Path, device: torch.device, dtype: torch.dt
         pipe = FluxPipeline.from_pretrained(str(flux_dir), transformer=None, vae=None, dtype=dtype).to(device)
         embeds, pooled, _ = pipe.encode_prompt(prompt=prompt, prompt_2=None, device=device, max_sequence_length=512)
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({"prompt_embeds": embeds.cpu().contiguous(), "pooled_embeds": pooled.cpu().contiguous()}, str(path))
+        # temp then rename: several training processes may encode it at once, none reads a half-written file
+        with atomic_write(path) as tmp:
+            save_file({"prompt_embeds": embeds.cpu().contiguous(), "pooled_embeds": pooled.cpu().contiguous()}, str(tmp))
         del pipe
     tensors = load_file(str(path))
     return PromptEmbeddings(tensors["prompt_embeds"], tensors["pooled_embeds"])
@@ -272,24 +275,26 @@ class ApplePipeline:
 
     @classmethod
     def from_preset(cls, preset: Preset, device: torch.device, lora: str | Path | None = None,
-                    offload: bool = False, files: Callable[[str], Path] = weights.require) -> ApplePipeline:
+                    offload: bool = False, files: Callable[[str], Path] = weights.require,
+                    seed: int = 0) -> ApplePipeline:
         """Build the preset's model; `lora` replaces the preset's LoRA (e.g. a student you trained), and "fresh"
-        gives a new zero-effect LoRA of the preset's rank to train from scratch (no LoRA file needed). `files`
-        gives each model file's path by its catalogue name (a job passes the ones its planner resolved)."""
+        gives a new zero-effect LoRA of the preset's rank to train from scratch (no LoRA file needed), drawn from
+        `seed` (see `fresh_condition_lora`). `files` gives each model file's path by its catalogue name (a job
+        passes the ones its planner resolved)."""
         check_speed_options(offload, preset.sampling.fp8)
         if preset.model.kind == "tiny":
             preset = _independent_if_trained(preset, Path(lora) if lora not in (None, "fresh") else None)
             transformer, vae, prompt, identity = build_tiny(preset)
             if lora == "fresh":
-                fresh_condition_lora(transformer, preset.model.lora_rank)
+                fresh_condition_lora(transformer, preset.model.lora_rank, seed=seed)
             elif lora is not None:
                 load_lora(transformer, Path(lora))
             return cls(preset, transformer, vae, prompt, identity, device, real=False, offload=offload)
-        return cls._from_checkpoints(preset, device, lora, offload, files)
+        return cls._from_checkpoints(preset, device, lora, offload, files, seed)
 
     @classmethod
     def _from_checkpoints(cls, preset: Preset, device: torch.device, lora: str | Path | None,
-                          offload: bool, files: Callable[[str], Path]) -> ApplePipeline:
+                          offload: bool, files: Callable[[str], Path], seed: int = 0) -> ApplePipeline:
         from apple_video.models.real_identity import PulidIdentity
 
         dtype = DTYPES[preset.model.dtype] if device.type == "cuda" else torch.float32
@@ -299,7 +304,7 @@ class ApplePipeline:
         transformer = load_transformer(flux_dir, files(preset.model.pulid or "pulid-flux-v0.9.1"), dtype,
                                        preset.sampling.independent_condition, device)
         if lora_path is None:
-            fresh_condition_lora(transformer, preset.model.lora_rank)
+            fresh_condition_lora(transformer, preset.model.lora_rank, seed=seed)
         else:
             load_lora(transformer, lora_path)
         vae = AutoencoderKL.from_pretrained(str(flux_dir), subfolder="vae", torch_dtype=dtype)
