@@ -211,4 +211,8 @@ def test_lora_names_its_preset_and_refusals_come_in_planning(tmp_path: Path, sou
         result = _cli("swap", *base, "--swapper", "classic", "--face-detector-model", "scrfd")
         assert result.returncode == 2 and "antelopev2-det" in result.stderr.strip().splitlines()[-1], result.stderr
         assert not any(line.startswith(("analyze:", "swap:")) for line in result.stderr.splitlines())
+    from apple_video.errors import UserError
+
+    with pytest.raises(UserError, match="--offload and --fp8 cannot be combined"):  # refused before any file lookup
+        plan_job("swap", *_options([*base, "--preset", "tiny", "--offload", "--fp8"]))
     assert not (tmp_path / "o.mp4").exists()

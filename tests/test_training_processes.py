@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file
-from test_training import prepared, raw_faces  # noqa: F401  (module fixtures: the toy data set)
 
+from tests.test_training import prepared, raw_faces  # noqa: F401  (module fixtures: the toy data set)
 from training.config import load_train_config
 from training.stages import make_pseudo_labels
 

@@ -243,6 +243,9 @@ def check_weights(settings: SwapSettings) -> ModelFiles:
     sampling overrides, and whether the model can run here, checked before anything is read or written."""
     if resolve_swapper_name(settings) != "apple":
         return ModelFiles()
+    from apple_video.models.pipeline import check_speed_options
+
+    check_speed_options(settings.model.offload, settings.model.fp8)  # before any file is looked up
     preset = apple_preset(settings.model)
     files = ModelFiles.resolve(required_weights(preset, settings.model))
     if settings.executor == "ray":
