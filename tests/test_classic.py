@@ -16,7 +16,7 @@ from apple_video.faces.mask import face_height
 from apple_video.media.video import decode_frames, probe
 from apple_video.settings import SwapSettings
 from apple_video.swappers.base import CropJob
-from apple_video.swappers.classic import ClassicSwapper
+from apple_video.swappers.classic import ClassicSwapper, triangle_affines
 from apple_video.swappers.classic_masks import mouth_interior_mask
 from tests import synth
 from tests.talking import jaw_rig, open_jaw
@@ -260,3 +260,15 @@ def test_several_source_photos_say_which_one_serves(source_photo: Path, hopper: 
     lines = [r.getMessage() for r in caplog.records]
     assert lines == ["classic swapper: uses one source photo, number 1 of 2 (the first with 68 landmarks); the "
                      "others are not used"], lines
+
+
+def test_flat_target_triangles_still_get_a_map() -> None:
+    """Landmarks that fall on one line (a face seen edge-on, a squashed jaw) make zero-area target triangles: the
+    batched affine solve takes them apart instead of failing the whole swap (it raised 'Singular matrix')."""
+    src = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [5.0, 5.0], [20.0, 20.0]])
+    dst = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [5.0, 0.0], [20.0, 0.0]])  # 0, 1, 3, 4 on one line
+    triangles = np.array([[0, 1, 2], [0, 1, 3], [1, 3, 4]])
+    affines = triangle_affines(src, dst, triangles)
+    assert np.isfinite(affines).all()
+    corners = np.concatenate([dst[triangles[0]], np.ones((3, 1))], axis=1)
+    np.testing.assert_allclose(corners @ affines[0].T, src[triangles[0]], atol=1e-9)  # a proper triangle: exact

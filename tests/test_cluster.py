@@ -150,7 +150,7 @@ def test_ray_batch_reports_the_bad_clip_in_one_line_and_finishes_the_others(tmp_
     (clips / "bad.mp4").write_bytes((clips / "clip0.mp4").read_bytes()[:2500])
     result = _cli(["swap", str(source_photo), str(clips), "-o", str(tmp_path / "out"), "--swapper", "classic",
                    "--executor", "ray", "--workers", "1"])
-    assert result.returncode == 1
+    assert result.returncode == 2  # the only failure is a bad input, refused in planning (issue 34: exit 2)
     assert "2 of 3 clips done" in result.stdout and "bad.mp4: FAILED: " in result.stdout
     assert (tmp_path / "out" / "clip0.mp4").exists() and (tmp_path / "out" / "clip1.mp4").exists()
     lines = result.stderr.splitlines()

@@ -406,6 +406,7 @@ def test_sigterm_and_sighup_exit_like_ctrl_c_with_their_own_code(signum: int, co
                                                                  capsys: pytest.CaptureFixture) -> None:
     import cli
 
+    before = signal.getsignal(signum)  # SIG_DFL, or Ray's handler where an earlier test ran ray.init here
     with pytest.raises(SystemExit) as done:
         with cli._signals_stop_like_ctrl_c():
             try:
@@ -415,4 +416,4 @@ def test_sigterm_and_sighup_exit_like_ctrl_c_with_their_own_code(signum: int, co
                 cli._interrupted(error)
     assert done.value.code == code
     assert capsys.readouterr().err.strip() == "interrupted: run the same command again to resume"
-    assert signal.getsignal(signum) is signal.SIG_DFL  # restored after the command
+    assert signal.getsignal(signum) is before  # restored after the command

@@ -240,11 +240,10 @@ def held_out_swaps(tmp_path_factory, source_photo: Path, astronaut: np.ndarray, 
                    hopper: np.ndarray, detector):
     """The classic swap of the held-out clips (heldout.py: faces, sizes and seeds the tuning never used), with
     `apple-video eval`'s metrics. Grace Hopper's face as a target gets the astronaut as its source."""
-    from conftest import HOPPER_FACE_BOX
-
     from apple_video.engine.run import swap_video
     from apple_video.evaluate.clip import evaluate_clip
     from apple_video.settings import EvalSettings
+    from tests.conftest import HOPPER_FACE_BOX
 
     folder = tmp_path_factory.mktemp("held-out")
     astronaut_photo = folder / "astronaut.jpg"

@@ -57,7 +57,12 @@ def triangle_affines(src_pts: np.ndarray, dst_pts: np.ndarray, triangles: np.nda
     dst = np.asarray(dst_pts, np.float64)[triangles]
     src = np.asarray(src_pts, np.float64)[triangles]
     corners = np.concatenate([dst, np.ones((len(triangles), 3, 1))], axis=2)  # rows (x, y, 1)
-    return np.linalg.solve(corners, src).transpose(0, 2, 1)
+    affines = np.empty((len(triangles), 3, 2))
+    solvable = np.abs(np.linalg.det(corners)) > 1e-9
+    affines[solvable] = np.linalg.solve(corners[solvable], src[solvable])
+    # a flat (zero-area) target triangle covers no pixel: any map through its corners will do
+    affines[~solvable] = np.linalg.pinv(corners[~solvable]) @ src[~solvable]
+    return affines.transpose(0, 2, 1)
 
 
 def triangle_maps(src_pts: np.ndarray, dst_pts: np.ndarray, triangles: np.ndarray,
