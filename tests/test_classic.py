@@ -22,6 +22,8 @@ from tests import synth
 from tests.talking import jaw_rig, open_jaw
 
 FLICKER_BOUND = 1.2  # issue 17; measured: eval (DIS) flicker 1.18 (1.99 before), frame difference 1.01 (1.14)
+# A product goal, not a noise bound, so its margin (~2%) is kept small on purpose: the swap is deterministic for one
+# install (the lock pins every resampler), and a change that moves it past 1.2 is a regression to look at.
 
 
 def test_identity_moves_to_source(tmp_path: Path, source_photo: Path, face_clip: Path, hopper: np.ndarray) -> None:

@@ -229,6 +229,8 @@ def test_classic_flicker_on_talking_clips_in_general(talking_swaps) -> None:
     closer to the source over the three (14/15 measured; the ~80 px face alone 4/5)."""
     for name, report in talking_swaps.items():
         assert report.metrics["flicker_ratio"] <= 1.5, (name, report.metrics["flicker_ratio"])
+        # a count over 5 sampled frames: >= 0.8 allows one miss per clip (the ~80 px face has one); the 90% over all
+        # 15 below is the identity guard
         assert report.metrics["id_closer_to_source"] >= 0.8, (name, report.metrics["id_closer_to_source"])
     frames = {name: sum(v is not None for v in r.series["id_similarity"]) for name, r in talking_swaps.items()}
     closer = sum(r.metrics["id_closer_to_source"] * frames[name] for name, r in talking_swaps.items())

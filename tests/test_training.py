@@ -144,6 +144,8 @@ def test_loss_goes_down_on_an_overfit_batch(prepared: Path, tmp_path: Path) -> N
     trainer._generator = lambda step, micro: (np.random.default_rng(0), torch.Generator().manual_seed(0))
     trainer.train()
     losses = trainer.history
+    # margin ~7% (1.03 against 1.11 when audited): the run is bit-exact for one install (seeded draws, the lock),
+    # so the figure does not move between runs; the second assert (90% of steps go down) is the robust one
     assert np.mean(losses[-5:]) < 0.85 * np.mean(losses[:5]), losses
     assert sum(b < a for a, b in zip(losses, losses[1:], strict=False)) >= 0.9 * (len(losses) - 1)
 
