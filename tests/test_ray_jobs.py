@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests import synth
+from tests.test_cluster import _run_in_netns as _in_netns  # one loopback-only namespace runner
 
 ROOT = Path(__file__).resolve().parent.parent
 CLI = [sys.executable, "-c", "from cli import main; main()"]
@@ -24,22 +24,6 @@ CLIPS = ("a.mp4", "b.mp4")
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(os.geteuid() != 0 or shutil.which("unshare") is None,
                                  reason="needs root for namespaces")]
-
-
-def _in_netns(command: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """A loopback-only network namespace of our own: the head's ports clash with nobody's."""
-    script = "ip link set lo up && exec " + " ".join(command)
-    process = subprocess.Popen(["unshare", "-n", "bash", "-c", script], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True, start_new_session=True,
-                               env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        stdout, stderr = process.communicate(timeout=timeout)
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)  # only this test's processes: its own process group
-        except ProcessLookupError:
-            pass
-    return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
 
 
 @pytest.fixture(scope="module")
