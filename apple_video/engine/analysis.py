@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from apple_video.faces.detect import FaceDetector, ScaleSearch
+from apple_video.faces.detect import FaceDetector
+from apple_video.faces.follow import follow_frames
 from apple_video.faces.types import Face
 
 
@@ -29,7 +30,7 @@ def face_from_dict(data: dict) -> Face:
 class Analyzer:
     """Detect faces (boxes, landmarks, embeddings) on every frame of a chunk."""
 
-    def __init__(self, detector: FaceDetector, embed_every: int = 8) -> None:
+    def __init__(self, detector: FaceDetector, embed_every: int = 24) -> None:
         self.detector = detector
         self.embed_every = embed_every
 
@@ -38,12 +39,10 @@ class Analyzer:
         tracks average them, which is all selection needs."""
         found: dict[int, list[Face]] = {}
         previous = -1
-        search = ScaleSearch(self.detector)
-        for index, _, rgb in frames:
-            faces = search.detect(index, rgb, embed=False)
+        for index, rgb, faces, scale in follow_frames(self.detector, frames):
             if faces and (index % self.embed_every == 0 or len(faces) != previous):
                 faces = (self.detector.embed(rgb, faces) if self.detector.settings.angles == (0,)
-                         else self.detector.detect(rgb, True, search.used))
+                         else self.detector.detect(rgb, True, scale))
             previous = len(faces)
             found[index] = faces
         return found

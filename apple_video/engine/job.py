@@ -412,6 +412,11 @@ def settings_from(opts: dict, record: type = SwapSettings, prefix: str = "") -> 
     return record(**values)
 
 
+def _classic(opts: dict) -> bool:
+    """Whether these options run the classic swapper (decided as the swapper factory decides it)."""
+    return resolve_swapper_name(settings_from(opts)) == "classic"
+
+
 def resolve_runtime(opts: dict) -> dict:
     """Options with the runtime decided: the executor, the Ray connection (made now, so an unreachable cluster
     fails before any work), the GPUs per actor."""
@@ -422,7 +427,9 @@ def resolve_runtime(opts: dict) -> dict:
         from apple_video.engine.executors import connect_ray
 
         connect_ray(opts["ray_address"])
-    if "num_gpus" in opts:
+    if "num_gpus" in opts and opts["num_gpus"] is None and opts.get("executor") == "local" and _classic(opts):
+        opts["num_gpus"] = 0.0  # the classic swapper never uses a GPU (and importing torch costs ~2 s of start-up)
+    elif "num_gpus" in opts:
         import torch
 
         if opts["num_gpus"] is None and opts.get("executor") == "local":

@@ -31,9 +31,16 @@ FINE_MAX_SIDE = 2560  # the fine pass never looks at a picture larger than this 
 # of 1/FIT_CENTRE_STEPS of the face, side in steps of 2^(1/FIT_SIZE_STEPS)) and refitted until it stops moving:
 # the fixed point depends on the frame alone, so identical frames give identical landmarks on any chunk or probe.
 FIT_FACE = 256
+FIT_CANVAS = 3 * FIT_FACE // 2  # the face and a quarter of its size around it: all the landmark model looks at
 FIT_CENTRE_STEPS = 32
 FIT_SIZE_STEPS = 16
 FIT_ROUNDS = 8
+# Following a face between full-frame searches (faces/follow.py): the detector looks at a window FOLLOW_SPAN times
+# the face's box, resampled so the face is FOLLOW_FACE px wide (the HOG window is HOG_WINDOW px).
+FOLLOW_FACE = 90
+FOLLOW_SPAN = 1.8
+FOLLOW_OVERLAP = 0.3
+HOG_WINDOW = 80
 BOX_SPREAD = 2.7  # a dlib HOG box's side over the RMS distance of the 68 points from their mean (measured 2.5-3.1)
 
 
@@ -49,6 +56,15 @@ class FaceDetector(Protocol):
 
     def embed(self, rgb: np.ndarray, faces: list[Face]) -> list[Face]:
         """Add identity embeddings to upright faces found earlier in this image (no new detection)."""
+
+
+def box_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """Intersection over union of two (x0, y0, x1, y1) boxes."""
+    w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    if w <= 0 or h <= 0:
+        return 0.0
+    inter = w * h
+    return float(inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter))
 
 
 def _sigmoid(x: float) -> float:
@@ -92,9 +108,10 @@ class FitWindow:
         return np.concatenate([self.centre - half, self.centre + half])
 
     def matrix(self) -> np.ndarray:
-        """Frame -> fit canvas (2 * FIT_FACE square, the face in the middle FIT_FACE)."""
+        """Frame -> fit canvas (FIT_CANVAS square, the face in the middle FIT_FACE)."""
         scale = FIT_FACE / self.side
-        return np.array([[scale, 0.0, FIT_FACE - scale * self.centre[0]], [0.0, scale, FIT_FACE - scale * self.centre[1]]])
+        middle = FIT_CANVAS / 2
+        return np.array([[scale, 0.0, middle - scale * self.centre[0]], [0.0, scale, middle - scale * self.centre[1]]])
 
 
 def fit_window(landmarks: np.ndarray) -> FitWindow:
@@ -123,7 +140,7 @@ def fit_canvas(rgb: np.ndarray, window: FitWindow) -> np.ndarray:
             matrix = matrix.copy()
             matrix[:, 2] += matrix[:, :2] @ np.array([x0, y0], np.float64)
             rgb = roi
-    return cv2.warpAffine(np.ascontiguousarray(rgb), matrix, (2 * FIT_FACE, 2 * FIT_FACE), flags=cv2.INTER_LINEAR,
+    return cv2.warpAffine(np.ascontiguousarray(rgb), matrix, (FIT_CANVAS, FIT_CANVAS), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_REPLICATE)
 
 
@@ -157,7 +174,8 @@ class DlibDetector:
 
     def _fit_in(self, rgb: np.ndarray, window: FitWindow) -> np.ndarray:
         matrix = window.matrix()
-        box = (FIT_FACE // 2, FIT_FACE // 2, FIT_FACE * 3 // 2, FIT_FACE * 3 // 2)
+        margin = (FIT_CANVAS - FIT_FACE) // 2
+        box = (margin, margin, margin + FIT_FACE, margin + FIT_FACE)
         return (self._points(fit_canvas(rgb, window), box) - matrix[:, 2]) / matrix[0, 0]
 
     def refine(self, rgb: np.ndarray, landmarks: np.ndarray) -> tuple[np.ndarray, FitWindow]:
@@ -185,14 +203,39 @@ class DlibDetector:
         """The 68 landmarks of the face in a known box (no detection: a few ms instead of ~20 ms at 720p)."""
         return self._face(np.ascontiguousarray(rgb), bbox, 1.0)
 
-    def _boxes(self, small: np.ndarray) -> list[tuple[tuple[int, int, int, int], float]]:
-        upsample = 1 if max(small.shape[:2]) < 400 else 0
+    def _boxes(self, small: np.ndarray, upsample: int | None = None) -> list[tuple[tuple[int, int, int, int], float]]:
+        upsample = (1 if max(small.shape[:2]) < 400 else 0) if upsample is None else upsample
         if self._cnn is not None:
             return [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), float(d.confidence))
                     for d in self._cnn(small, upsample)]
         threshold = -0.5 * math.log(1 / max(self.settings.score, 1e-6) - 1) if self.settings.score < 1 else 10.0
         rects, scores, _ = self._hog.run(small, upsample, threshold)
         return [((r.left(), r.top(), r.right(), r.bottom()), _sigmoid(s)) for r, s in zip(rects, scores, strict=True)]
+
+    def follow(self, rgb: np.ndarray, face: Face) -> Face | None:
+        """`face`, found in a neighbouring frame, in this one: confirmed by the detector in a window around its box
+        (resampled so the face is FOLLOW_FACE px wide) and its landmarks refitted from the neighbour's; None when
+        the detector does not find it there."""
+        if face.landmarks is None:
+            return None
+        rgb = np.ascontiguousarray(rgb)
+        side = float(face.bbox[2] - face.bbox[0])
+        centre = (face.bbox[:2] + face.bbox[2:]) / 2
+        h, w = rgb.shape[:2]
+        x0, y0 = (max(0, int(v - FOLLOW_SPAN * side / 2)) for v in centre)
+        x1, y1 = min(w, int(centre[0] + FOLLOW_SPAN * side / 2) + 1), min(h, int(centre[1] + FOLLOW_SPAN * side / 2) + 1)
+        scale = FOLLOW_FACE / max(side, 1.0)
+        if min(x1 - x0, y1 - y0) * scale < HOG_WINDOW:
+            return None
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+        small = cv2.resize(rgb[y0:y1, x0:x1], None, fx=scale, fy=scale, interpolation=interpolation)
+        boxes = [(np.array([x0 + bx0 / scale, y0 + by0 / scale, x0 + bx1 / scale, y0 + by1 / scale]), score)
+                 for (bx0, by0, bx1, by1), score in self._boxes(small, upsample=0)]
+        landmarks, window = self.refine(rgb, face.landmarks)
+        confirmed = [score for box, score in boxes if box_iou(box, window.bbox) > FOLLOW_OVERLAP]
+        if not confirmed:
+            return None
+        return Face(window.bbox, kps_from_68(landmarks), max(confirmed), landmarks)
 
     def base_scale(self, shape: tuple[int, ...]) -> float:
         return min(1.0, self.settings.size / max(shape[:2]))
