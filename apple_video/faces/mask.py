@@ -67,10 +67,10 @@ def feather(mask: np.ndarray, blur: float) -> np.ndarray:
     """Soft float mask in [0, 1]: erode by the feather width, then blur, so the edge falls inside the hull."""
     if blur <= 0:
         return (mask > 0).astype(np.float32)
-    ys, xs = np.nonzero(mask)
-    if len(xs) == 0:
+    _, _, width, height = cv2.boundingRect(mask)
+    if width == 0:
         return np.zeros(mask.shape, np.float32)
-    extent = max(xs.max() - xs.min(), ys.max() - ys.min())
+    extent = max(width, height) - 1
     radius = max(1, int(extent * blur * 0.1))
     kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * radius + 1, 2 * radius + 1))
     eroded = cv2.erode(mask, kernel)

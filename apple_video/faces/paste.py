@@ -10,11 +10,10 @@ from apple_video.faces.align import invert
 
 def mask_bounds(mask: np.ndarray, inverse: np.ndarray, shape: tuple[int, int]) -> tuple[int, int, int, int] | None:
     """Frame-space box (x0, y0, x1, y1) covering the non-zero mask after the inverse warp."""
-    ys, xs = np.nonzero(mask > 0)
-    if len(xs) == 0:
+    x, y, width, height = cv2.boundingRect((mask > 0).astype(np.uint8))
+    if width == 0:
         return None
-    corners = np.array([[xs.min(), ys.min()], [xs.max() + 1, ys.min()], [xs.min(), ys.max() + 1], [xs.max() + 1, ys.max() + 1]],
-                       np.float64)
+    corners = np.array([[x, y], [x + width, y], [x, y + height], [x + width, y + height]], np.float64)
     mapped = corners @ inverse[:, :2].T + inverse[:, 2]
     h, w = shape
     x0, y0 = np.floor(mapped.min(0)).astype(int) - 2

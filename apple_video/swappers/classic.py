@@ -65,32 +65,50 @@ def triangle_affines(src_pts: np.ndarray, dst_pts: np.ndarray, triangles: np.nda
     return affines.transpose(0, 2, 1)
 
 
-def triangle_maps(src_pts: np.ndarray, dst_pts: np.ndarray, triangles: np.ndarray,
-                  size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-pixel source coordinates (map_x, map_y) of the piecewise-affine warp src -> dst, and the pixels covered."""
+def triangle_box_maps(src_pts: np.ndarray, dst_pts: np.ndarray, triangles: np.ndarray,
+                      size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple[int, int]]:
+    """Per-pixel source coordinates (map_x, map_y) of the piecewise-affine warp src -> dst, and the pixels covered,
+    over the box the triangles cover; the box's (x, y) offset in the size x size output."""
     ids = np.zeros((size, size), np.uint8)  # triangle index + 1; fewer than 255 triangles for 78 points
     corners = np.round(np.asarray(dst_pts, np.float32)[triangles] * 16).astype(np.int32)
     for k, polygon in enumerate(corners):
         cv2.fillConvexPoly(ids, polygon, k + 1, lineType=cv2.LINE_8, shift=4)
+    x, y, w, h = cv2.boundingRect(ids)
+    ids = ids[y : y + h, x : x + w]
     table = np.zeros((len(triangles) + 1, 6), np.float32)
     table[0, [2, 5]] = -1.0  # no triangle: (-1, -1)
     table[1:] = triangle_affines(src_pts, dst_pts, triangles).reshape(-1, 6)
     coefficients = table[ids]
-    xs = np.arange(size, dtype=np.float32)[None, :]
-    ys = np.arange(size, dtype=np.float32)[:, None]
+    xs = np.arange(x, x + w, dtype=np.float32)[None, :]
+    ys = np.arange(y, y + h, dtype=np.float32)[:, None]
     map_x = coefficients[..., 0] * xs + coefficients[..., 1] * ys + coefficients[..., 2]
     map_y = coefficients[..., 3] * xs + coefficients[..., 4] * ys + coefficients[..., 5]
-    return map_x, map_y, ids > 0
+    return map_x, map_y, ids > 0, (x, y)
+
+
+def triangle_maps(src_pts: np.ndarray, dst_pts: np.ndarray, triangles: np.ndarray,
+                  size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-pixel source coordinates (map_x, map_y) of the piecewise-affine warp src -> dst over the whole
+    size x size output ((-1, -1) where no triangle covers it), and the pixels covered."""
+    box_x, box_y, box_covered, (x, y) = triangle_box_maps(src_pts, dst_pts, triangles, size)
+    map_x, map_y = np.full((size, size), -1.0, np.float32), np.full((size, size), -1.0, np.float32)
+    covered = np.zeros((size, size), bool)
+    h, w = box_covered.shape
+    map_x[y : y + h, x : x + w], map_y[y : y + h, x : x + w], covered[y : y + h, x : x + w] = box_x, box_y, box_covered
+    return map_x, map_y, covered
 
 
 def warp_triangles(src: np.ndarray, src_pts: np.ndarray, dst_pts: np.ndarray, triangles: np.ndarray,
                    size: int) -> np.ndarray:
     """Piecewise-affine warp of `src` (any channel count) so that its points move onto `dst_pts`; float32, zero
     where no triangle covers the output."""
-    map_x, map_y, covered = triangle_maps(src_pts, dst_pts, triangles, size)
-    out = cv2.remap(src.astype(np.float32), map_x, map_y, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT101)
-    out = out.reshape(size, size, -1)
-    out[~covered] = 0.0
+    map_x, map_y, covered, (x, y) = triangle_box_maps(src_pts, dst_pts, triangles, size)
+    channels = 1 if src.ndim == 2 else src.shape[2]
+    out = np.zeros((size, size, channels), np.float32)
+    if covered.size:
+        warped = cv2.remap(np.asarray(src, np.float32), map_x, map_y, cv2.INTER_LINEAR,
+                           borderMode=cv2.BORDER_REFLECT101).reshape(*covered.shape, channels)
+        np.multiply(warped, covered[..., None], out=out[y : y + covered.shape[0], x : x + covered.shape[1]])
     return out
 
 
