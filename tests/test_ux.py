@@ -226,10 +226,10 @@ def test_disk_full_is_a_user_error_and_leaves_no_partial_files(tmp_path: Path, s
 
 def test_second_job_on_same_output_refuses(tmp_path: Path, source_photo: Path, face_clip: Path) -> None:
     output = tmp_path / "out.mp4"
-    holder = subprocess.Popen([sys.executable, "-c", (
-        "import fcntl, sys, time\n"
-        f"f = open({str(lock_path_for(output))!r}, 'a+'); fcntl.flock(f, fcntl.LOCK_EX); f.write('4242'); f.flush()\n"
-        "print('held', flush=True); time.sleep(60)")], stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen([sys.executable, "-c", (  # another job: the product's own lock, held a minute
+        "import time\nfrom pathlib import Path\nfrom apple_video.engine.run import job_lock\n"
+        f"with job_lock(Path({str(output)!r})):\n    print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         assert holder.stdout.readline().strip() == "held"
         one_line_error(run("swap", str(source_photo), str(face_clip), "-o", str(output)), "another apple-video job")
@@ -238,7 +238,7 @@ def test_second_job_on_same_output_refuses(tmp_path: Path, source_photo: Path, f
         holder.kill()
         holder.wait()
     with open(lock_path_for(output), "a+") as handle:  # released with its process
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 # 8. weights check

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import multiprocessing
 import os
 import re
+import signal
 import socket
 import tempfile
 import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from multiprocessing.connection import Connection
 from typing import Any
 
 from apple_video.engine.factories import EngineFactories
@@ -198,14 +201,88 @@ def _our_error(error: BaseException | None) -> AppleVideoError | None:
     return None
 
 
-class LocalPool:
-    """One worker of each stage in this process; tasks run one at a time when a result is asked for."""
+def _serve_analysis(factories: EngineFactories, connection: Connection) -> None:
+    """The analysis helper process: analyse each chunk task received until told to stop (None) or orphaned."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it stops this process
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # not the parent's handlers (they stop the parent's job)
+        signal.signal(signum, signal.SIG_DFL)
+    worker = AnalyzeWorker(factories)
+    with contextlib.suppress(EOFError, OSError, KeyboardInterrupt):  # the parent died or closed the pipe: done
+        while (args := connection.recv()) is not None:
+            try:
+                reply = ("done", worker.analyze(*args))
+            except Exception as error:  # noqa: BLE001 - sent back: the parent fails that clip as in-process
+                reply = ("error", error)
+            connection.send(reply)
+
+
+class AnalysisHelper:
+    """A forked process analysing one chunk at a time beside the parent's own work. dlib holds the GIL, so a
+    thread would not run beside the parent; a fork shares the models already loaded (no load, ~10 ms start).
+    Chunk results depend only on the chunk, so who analysed it never changes an output."""
 
     def __init__(self, factories: EngineFactories) -> None:
+        context = multiprocessing.get_context("fork")
+        self._connection, child = context.Pipe()
+        self._process = context.Process(target=_serve_analysis, args=(factories, child), daemon=True,
+                                        name="apple-video-analysis")
+        self._process.start()
+        child.close()
+        self.ticket: Ticket | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.ticket is not None
+
+    def send(self, ticket: Ticket, args: tuple) -> bool:
+        try:
+            self._connection.send(args)
+        except (OSError, ValueError):
+            return False
+        self.ticket = ticket
+        return True
+
+    def ready(self) -> bool:
+        return self.busy and self._connection.poll()
+
+    def receive(self) -> Done | None:
+        """The chunk's result (waits for it); None when the process died (its ticket must run elsewhere)."""
+        ticket, self.ticket = self.ticket, None
+        try:
+            kind, value = self._connection.recv()
+        except (EOFError, OSError):
+            return None
+        return Done(ticket, value) if kind == "done" else Done(ticket, error=value)
+
+    def close(self) -> None:
+        """Stop the process: at once when it is busy (its result is no longer wanted: an error or Ctrl-C)."""
+        if not self.busy:
+            with contextlib.suppress(OSError, ValueError):
+                self._connection.send(None)
+            self._process.join(timeout=5)
+        if self._process.is_alive():
+            self._process.kill()
+            self._process.join()
+        self._connection.close()
+
+
+def helper_allowed() -> bool:
+    """A second process only where a second core and fork exist (Linux/macOS CPython)."""
+    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) >= 2 and \
+        "fork" in multiprocessing.get_all_start_methods()
+
+
+class LocalPool:
+    """One worker of each stage in this process, tasks run one at a time when a result is asked for; with
+    `helper`, a forked process analyses a second chunk meanwhile. It is forked here, before the run takes any job
+    lock or starts a thread: it inherits neither (a lock it held would outlive a killed run)."""
+
+    def __init__(self, factories: EngineFactories, helper: bool = False) -> None:
         self.factories = factories
         self.analyzer = AnalyzeWorker(factories)
         self.renderer: RenderWorker | None = None  # built at the first chunk to render
         self.queues: dict[str, deque[Ticket]] = {RENDER: deque(), ANALYZE: deque()}
+        self.helper: AnalysisHelper | None = AnalysisHelper(factories) if helper else None
 
     def share(self, value: object) -> object:
         return value
@@ -218,10 +295,44 @@ class LocalPool:
         for stage, queue in self.queues.items():
             self.queues[stage] = deque(t for t in queue if t.clip != clip)
 
+    def _feed_helper(self) -> None:
+        """Hand the helper an analysis chunk when this process has other work to do meanwhile."""
+        analyses = self.queues[ANALYZE]
+        if not analyses or (len(analyses) < 2 and not self.queues[RENDER]):
+            return
+        if self.helper is None or self.helper.busy:
+            return
+        ticket = analyses.popleft()
+        try:
+            args = ticket.make()
+        except Exception:  # noqa: BLE001 - this process runs it again and reports the error as its own
+            analyses.appendleft(ticket)
+            return
+        if not self.helper.send(ticket, args):
+            analyses.appendleft(ticket)
+            self._drop_helper()
+
+    def _drop_helper(self) -> None:
+        self.helper.close()
+        self.helper = None
+
+    def _helper_done(self) -> Done | None:
+        ticket = self.helper.ticket
+        done = self.helper.receive()
+        if done is None:  # the helper died (killed, out of memory): this process takes its chunk
+            logger.debug("the analysis helper process ended; analysing in this process")
+            self.queues[ANALYZE].appendleft(ticket)
+            self._drop_helper()
+            return self.next_done()
+        return done
+
     def next_done(self) -> Done | None:
+        if self.helper is not None and self.helper.ready():
+            return self._helper_done()
+        self._feed_helper()
         queue = self.queues[RENDER] or self.queues[ANALYZE]
         if not queue:
-            return None
+            return self._helper_done() if self.helper is not None and self.helper.busy else None
         ticket = queue.popleft()
         try:
             args = ticket.make()
@@ -239,7 +350,9 @@ class LocalPool:
         return [self.renderer.report()] if self.renderer is not None else []
 
     def close(self) -> None:
-        pass
+        if self.helper is not None:
+            self.helper.close()
+            self.helper = None
 
 
 @dataclass
@@ -383,7 +496,7 @@ class _Failed:
 
 def make_pool(settings: SwapSettings, factories: EngineFactories) -> LocalPool | RayPool:
     if settings.executor == "local":
-        return LocalPool(factories)
+        return LocalPool(factories, helper=helper_allowed())
     import ray
 
     connect_ray(settings.ray_address)

@@ -115,8 +115,12 @@ def job_lock(output: Path):
     handle = open(path, "a+")  # noqa: SIM115 - held for the whole job
     try:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            # a POSIX record lock: owned by this process alone, so the forked analysis helper never holds it
+            # (a flock would be shared with it and outlive a killed run)
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                raise
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             raise OutputError(f"another apple-video job is writing {output} (pid {holder}); wait for it to finish "
