@@ -14,6 +14,7 @@ import os
 import re
 import signal
 import socket
+import sys
 import tempfile
 import traceback
 from collections import deque
@@ -267,9 +268,12 @@ class AnalysisHelper:
 
 
 def helper_allowed() -> bool:
-    """A second process only where a second core and fork exist (Linux/macOS CPython)."""
-    return (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1) >= 2 and \
-        "fork" in multiprocessing.get_all_start_methods()
+    """A second process only where a second core and fork exist (Linux/macOS CPython), and not from a process
+    that joined Ray (its threads and sockets are not the fork's to share)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    ray = sys.modules.get("ray")
+    joined = ray is not None and hasattr(ray, "is_initialized") and ray.is_initialized()
+    return cores >= 2 and "fork" in multiprocessing.get_all_start_methods() and not joined
 
 
 class LocalPool:
