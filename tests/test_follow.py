@@ -88,6 +88,30 @@ def test_a_face_leaving_is_not_followed_onto_the_background(astronaut_patch) -> 
     assert [len(found[i]) for i in range(len(placements))] == [1] * leave + [0] * FULL_EVERY
 
 
+def test_a_cut_is_searched_in_full_and_nothing_is_followed_across_it(astronaut_patch, hopper) -> None:
+    """Shot one: the astronaut; shot two (another backdrop), from a frame that is not a search frame: Grace Hopper
+    where the astronaut was. Following would carry the astronaut's landmarks onto her face; the cut is searched in
+    full instead, and nothing of shot two is followed back into shot one."""
+    from tests.conftest import HOPPER_FACE_BOX
+
+    cut = FULL_EVERY + 3
+    first = _frames(astronaut_patch, [synth.Placement(240, 180, 1.0)] * cut)
+    hopper_patch = synth.face_patch(hopper, HOPPER_FACE_BOX, margin=0.25)[::2, ::2]
+    second = [synth.paste_patch(np.full((360, 480, 3), 200, np.uint8), hopper_patch, synth.Placement(240, 180, 1.0))]
+    detector = CountingDetector()
+    follower = FaceFollower(detector)
+    found, searched = [], []
+    for index, rgb in enumerate(first + second * 6):
+        before = detector.searches
+        found.append(follower.detect(index, rgb))
+        if detector.searches > before:
+            searched.append(index)
+    assert cut in searched
+    assert [len(faces) for faces in found] == [1] * (cut + 6)
+    fresh = FaceFollower(DlibDetector(DetectorSettings()), full_every=1).detect(0, second[0])
+    assert np.array_equal(found[cut][0].landmarks, fresh[0].landmarks)
+
+
 @pytest.mark.parametrize("angles", [(0, 90)])
 def test_detectors_that_search_turned_frames_are_not_followed(astronaut_patch, angles) -> None:
     detector = DlibDetector(DetectorSettings(angles=angles))

@@ -15,6 +15,7 @@ from apple_video import weights
 from apple_video.errors import WeightsError
 from apple_video.faces.align import kps_from_68
 from apple_video.faces.dlib_models import dlib_model_path
+from apple_video.faces.track import iou
 from apple_video.faces.types import Face
 from apple_video.settings import DetectorSettings
 
@@ -56,15 +57,6 @@ class FaceDetector(Protocol):
 
     def embed(self, rgb: np.ndarray, faces: list[Face]) -> list[Face]:
         """Add identity embeddings to upright faces found earlier in this image (no new detection)."""
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> float:
-    """Intersection over union of two (x0, y0, x1, y1) boxes."""
-    w, h = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
-    if w <= 0 or h <= 0:
-        return 0.0
-    inter = w * h
-    return float(inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter))
 
 
 def _sigmoid(x: float) -> float:
@@ -232,7 +224,7 @@ class DlibDetector:
         boxes = [(np.array([x0 + bx0 / scale, y0 + by0 / scale, x0 + bx1 / scale, y0 + by1 / scale]), score)
                  for (bx0, by0, bx1, by1), score in self._boxes(small, upsample=0)]
         landmarks, window = self.refine(rgb, face.landmarks)
-        confirmed = [score for box, score in boxes if box_iou(box, window.bbox) > FOLLOW_OVERLAP]
+        confirmed = [score for box, score in boxes if iou(box, window.bbox) > FOLLOW_OVERLAP]
         if not confirmed:
             return None
         return Face(window.bbox, kps_from_68(landmarks), max(confirmed), landmarks)

@@ -7,7 +7,8 @@ the face is ~ROI_FACE px) and its landmarks are refitted starting from the last 
 The refit settles on a grid window that depends on the frame alone, so a still shot gives the same landmarks on
 followed and searched frames. A face that a full search finds and following did not (it entered the shot, or the
 last search missed it) is followed backwards over the frames since the previous search, so it is swapped from
-the frame it appeared in. Make one per chunk: results then depend only on the chunk's frames."""
+the frame it appeared in. A cut (the frame's thumbnail changed as `find_cuts` sees it) is searched in full and
+nothing is followed across it. Make one per chunk: results then depend only on the chunk's frames."""
 
 from __future__ import annotations
 
@@ -17,8 +18,10 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
-from apple_video.faces.detect import FaceDetector, ScaleSearch, box_iou
+from apple_video.faces.detect import FaceDetector, ScaleSearch
+from apple_video.faces.track import frame_signature, iou
 from apple_video.faces.types import Face
+from apple_video.settings import TrackSettings
 
 FULL_EVERY = 8  # frames between full-frame searches while every face is followed
 SAME_FACE = 0.3  # box IoU above which two boxes are one face
@@ -33,7 +36,7 @@ class Follows(Protocol):
 
 
 def _matched(face: Face, others: Iterable[Face]) -> bool:
-    return any(box_iou(face.bbox, other.bbox) > SAME_FACE for other in others)
+    return any(iou(face.bbox, other.bbox) > SAME_FACE for other in others)
 
 
 @dataclass
@@ -49,8 +52,10 @@ class FaceFollower:
 
     detector: FaceDetector
     full_every: int = FULL_EVERY
+    cut_threshold: float = TrackSettings.cut_threshold  # a cut: nothing is followed across it, either way
     search: ScaleSearch = field(init=False)
     recent: list[_Seen] = field(default_factory=list)  # the frames since the last full search, that one included
+    signature: np.ndarray | None = None  # the last frame's thumbnail
 
     def __post_init__(self) -> None:
         self.search = ScaleSearch(self.detector)
@@ -68,6 +73,10 @@ class FaceFollower:
         followed backwards from the next full search)."""
         if not self.follows:
             return self.search.detect(index, rgb, embed=False)
+        signature = frame_signature(rgb)
+        if self.signature is not None and float(np.abs(signature - self.signature).mean()) > self.cut_threshold:
+            self.recent = []  # a new shot: searched in full, and its faces not followed back into the last one
+        self.signature = signature
         faces = self._followed(rgb) if self.recent and index % self.full_every else None
         if faces is None:
             faces = self.search.detect(index, rgb, embed=False)
