@@ -338,8 +338,12 @@ class ScaleSearch:
 
 
 def detect_faces(detector: FaceDetector, rgb: np.ndarray, embed: bool = True) -> list[Face]:
-    """One still picture (a photo, a preview frame): searched at the set size and finely, the richer result kept."""
-    return ScaleSearch(detector).detect(0, rgb, embed)
+    """One still picture (a photo, a preview frame): searched at the set size and finely, the richer result kept;
+    identity embeddings (the costly part) for the kept faces only."""
+    if not embed or not isinstance(detector, DlibDetector) or tuple(detector.settings.angles) != (0,):
+        return ScaleSearch(detector).detect(0, rgb, embed)
+    faces = ScaleSearch(detector).detect(0, rgb, embed=False)
+    return detector.embed(rgb, faces) if faces else faces
 
 
 def _rotate_back(face: Face, angle: int, shape: tuple[int, int]) -> Face:
