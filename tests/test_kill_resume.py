@@ -1,7 +1,8 @@
 """Interrupted anywhere, resumed identically: a local job killed (SIGKILL) at moments spread over its run ends,
 when the same command is run again, on the same bytes as a run never interrupted. The moments are read from the
 job folder's own state (no test hook in the product): during analysis, between rendered chunks, while the chunks
-are joined into the output's temp file."""
+are joined into the output's temp file, and while renaming (the joined file is put in place and the job folder
+removed after it)."""
 
 from __future__ import annotations
 
@@ -38,32 +39,55 @@ def _manifest(output: Path) -> dict | None:
         return None
 
 
-def _analysing(output: Path) -> bool:
+def _analysing(output: Path, size: int) -> bool:
     manifest = _manifest(output)
     return manifest is not None and 0 < len(manifest["analyzed"]) < len(manifest["chunks"])
 
 
-def _rendering(output: Path) -> bool:
+def _rendering(output: Path, size: int) -> bool:
     manifest = _manifest(output)
     return manifest is not None and 0 < len(manifest["rendered"]) < len(manifest["chunks"])
 
 
-def _joining(output: Path) -> bool:
-    return any(output.parent.glob(f".{output.stem}.partial-*{output.suffix}"))
+def _joining(output: Path, size: int) -> bool:
+    return any(output.parent.glob(f".{output.stem}.partial-*{output.suffix}")) or any(
+        job_dir_for(output).glob(f".*.partial-*{output.suffix}"))
 
 
-MOMENTS: dict[str, Callable[[Path], bool]] = {"analysis": _analysing, "render": _rendering, "join": _joining}
+def _has_size(path: Path, size: int) -> bool:
+    try:
+        return path.stat().st_size == size
+    except OSError:  # renamed or removed meanwhile
+        return False
 
 
-def _kill_when(command: list[str], output: Path, moment: Callable[[Path], bool]) -> bool:
-    """Start the job and SIGKILL it as soon as `moment` holds; False when it finished first."""
+def _renaming(output: Path, size: int) -> bool:
+    """The joined file is complete (the finished output's size) but not yet in place, or in place while the job
+    folder is still there."""
+    job_dir = job_dir_for(output)
+    if not job_dir.exists():
+        return False
+    if output.exists():
+        return True
+    beside = [*output.parent.glob(f".*{output.suffix}"), *job_dir.glob(f"*{output.suffix}"),
+              *job_dir.glob(f".*{output.suffix}")]
+    return any(_has_size(path, size) for path in beside)
+
+
+MOMENTS: dict[str, Callable[[Path, int], bool]] = {"analysis": _analysing, "render": _rendering, "join": _joining,
+                                                   "rename": _renaming}
+
+
+def _kill_when(command: list[str], output: Path, moment: Callable[[Path, int], bool], size: int) -> bool:
+    """Start the job and SIGKILL it as soon as `moment` holds; True when the files it left show that moment (False
+    when it finished first, or the kill landed after the moment had passed)."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     try:
         while process.poll() is None:
-            if moment(output):
+            if moment(output, size):
                 process.send_signal(signal.SIGKILL)
                 process.wait()
-                return True
+                return moment(output, size)
             time.sleep(0.001)
         return False
     finally:
@@ -84,16 +108,18 @@ def reference(tmp_path_factory: pytest.TempPathFactory, source_photo: Path, face
 @pytest.mark.parametrize("name", list(MOMENTS))
 def test_killed_job_resumes_to_the_same_bytes(tmp_path: Path, source_photo: Path, face_clip: Path, reference: bytes,
                                                name: str) -> None:
-    output = tmp_path / "out.mp4"
-    command = _command(source_photo, face_clip, output)
-    for _ in range(3):  # the join lasts milliseconds: a poll may miss it, then the job is run again from scratch
-        if _kill_when(command, output, MOMENTS[name]):
+    for attempt in range(5):  # the join and the rename last milliseconds: a poll may miss them, then the job is
+        folder = tmp_path / f"attempt{attempt}"  # run again from scratch, in a folder of its own
+        folder.mkdir()
+        output = folder / "out.mp4"
+        command = _command(source_photo, face_clip, output)
+        if _kill_when(command, output, MOMENTS[name], len(reference)):
             break
-        output.unlink()
     else:
         pytest.fail(f"the job was never caught {name}")
-    assert not output.exists(), "killed before the end: no output yet"
+    if name != "rename":
+        assert not output.exists(), "killed before the end: no output yet"
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
     assert result.returncode == 0, result.stderr
     assert output.read_bytes() == reference
-    assert not job_dir_for(output).exists() and not list(tmp_path.glob(".*partial*"))
+    assert not job_dir_for(output).exists() and not list(folder.glob(".*partial*"))
