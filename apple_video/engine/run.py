@@ -175,11 +175,14 @@ def output_errors(output: Path):
                           f"free space or fix the folder, then run the same command again to resume") from None
 
 
-def _recorded_key(manifest_path: Path) -> str | None:
+def _this_jobs(manifest_path: Path, key: str, chunks: list[tuple[int, int]]) -> dict | None:
+    """The manifest of an earlier run of this very job (same inputs, settings and chunks), or None."""
     try:
-        return json.loads(manifest_path.read_text()).get("key")
-    except (OSError, ValueError, AttributeError):
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
         return None
+    same = isinstance(manifest, dict) and manifest.get("key") == key
+    return manifest if same and manifest.get("chunks") == [list(c) for c in chunks] else None
 
 
 def _open_manifest(job_dir: Path, key: str, chunks: list[tuple[int, int]], force: bool) -> dict:
@@ -187,8 +190,8 @@ def _open_manifest(job_dir: Path, key: str, chunks: list[tuple[int, int]], force
     if force and job_dir.exists():
         shutil.rmtree(job_dir)
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("key") == key and manifest.get("chunks") == [list(c) for c in chunks]:
+        manifest = _this_jobs(manifest_path, key, chunks)
+        if manifest is not None:
             return manifest
         logger.info("inputs or settings changed since the interrupted run: starting over")
         shutil.rmtree(job_dir)
@@ -226,7 +229,8 @@ class ClipRun:
             self.plan.output.mkdir(parents=True, exist_ok=True)
         _remove_partials(self.plan.output)  # a killed run's half-written files (this run holds the output's lock)
         key = _fingerprint(self.plan.input, list(self.plan.sources), self.settings)
-        if self.plan.output.is_file() and not self.settings.force and _recorded_key(self.manifest_path) != key:
+        earlier = _this_jobs(self.manifest_path, key, self.chunks)
+        if self.plan.output.is_file() and not self.settings.force and earlier is None:
             # the planner lets an output in place through when its job folder joined it: only that same job may
             # finish it (another command's run would overwrite it without --force)
             raise OutputError(f"output exists: {self.plan.output} (use --force to overwrite)")
