@@ -61,32 +61,43 @@ def test_wheel_installed_elsewhere_swaps_with_the_tiny_preset(tmp_path: Path, so
     assert (elsewhere / "out.png").is_file()
 
 
+def _lockfile(*args: str, root: Path = ROOT) -> subprocess.CompletedProcess:
+    """scripts/lockfile.py as a user runs it (its ROOT is the folder above its own)."""
+    return subprocess.run([sys.executable, str(root / "scripts" / "lockfile.py"), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
 def test_the_lock_is_the_one_pyproject_gives_with_one_opencv(tmp_path: Path) -> None:
     """requirements/lock.txt: compiled from today's pyproject (its recorded input hash), every dependency of ours
     (and of the test extra) pinned inside its range with hashes, one OpenCV wheel; a changed dependency list is
     caught as stale."""
+    import re
     import tomllib
 
     from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
 
-    sys.path.insert(0, str(ROOT / "scripts"))
-    try:
-        import lockfile
-    finally:
-        sys.path.remove(str(ROOT / "scripts"))
-    assert lockfile.check() == 0
-    pins = lockfile.locked()
+    assert _lockfile("check").returncode == 0
+    text = (ROOT / "requirements" / "lock.txt").read_text()
+    pins = {canonicalize_name(name): version
+            for name, version in re.findall(r"^([A-Za-z0-9][A-Za-z0-9._-]*)==([^\s;\\]+)", text, flags=re.M)}
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     for line in [*project["dependencies"], *project["optional-dependencies"]["test"]]:
         requirement = Requirement(line)
-        name = lockfile.canonical(requirement.name)
+        name = canonicalize_name(requirement.name)
         assert name in pins and requirement.specifier.contains(pins[name], prereleases=True), (line, pins.get(name))
+        entry = _lockfile("subset", requirement.name)  # what installing it alone takes: its pin with its hashes
+        assert entry.returncode == 0 and f"=={pins[name]}" in entry.stdout and "--hash=sha256:" in entry.stdout, line
     assert [n for n in pins if n.startswith("opencv")] == ["opencv-python"]
-    text = lockfile.LOCK.read_text()
     assert text.count("==") == len(pins) and text.count("--hash=sha256:") >= len(pins)
 
     changed = (ROOT / "pyproject.toml").read_text().replace('"click>=8.1"', '"click>=8.2"')
     assert changed != (ROOT / "pyproject.toml").read_text()
-    stale = tmp_path / "pyproject.toml"
-    stale.write_text(changed)
-    assert lockfile.inputs_hash(stale) != lockfile.inputs_hash()
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "requirements").mkdir()
+    shutil.copy(ROOT / "scripts" / "lockfile.py", tmp_path / "scripts")
+    shutil.copy(ROOT / "requirements" / "lock.txt", tmp_path / "requirements")
+    (tmp_path / "pyproject.toml").write_text(changed)
+    assert _lockfile("stamp", root=tmp_path).stdout != _lockfile("stamp").stdout
+    stale = _lockfile("check", root=tmp_path)
+    assert stale.returncode == 1 and "is stale" in stale.stderr, stale.stderr

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from apple_video.engine.clips import ClipPlan, find_source_faces, plan_video
 from apple_video.engine.factories import EngineFactories, quiet_detector
+from apple_video.engine.layout import joined_earlier
 from apple_video.engine.run import BatchResult, Summary, run_clips
 from apple_video.errors import InputError, UserError
 from apple_video.faces.detect import FaceDetector
@@ -156,7 +157,7 @@ def plan_batch(items: Sequence[BatchItem], output_dir: Path, settings: SwapSetti
             duplicates += 1
             continue
         output = output_dir / name
-        if output.exists() and not settings.force:
+        if output.exists() and not settings.force and not joined_earlier(output):  # else: its job folder is left
             summaries.append(Summary(str(item.target), str(output), done_earlier=True))
             continue
         try:

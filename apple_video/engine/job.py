@@ -323,7 +323,7 @@ def check_sources(sources: list[Path], target: Path, lora: str | None = None) ->
 
 
 def check_output_for(kind: str, target: Path, output: Path, sources: list[Path], force: bool) -> None:
-    from apple_video.engine.layout import job_dir_for
+    from apple_video.engine.layout import job_dir_for, joined_earlier
 
     if kind == "image" and not is_image_path(output):
         raise OutputError(f"output of an image swap must be an image file (png/jpg/webp/tiff): {output}")
@@ -341,7 +341,8 @@ def check_output_for(kind: str, target: Path, output: Path, sources: list[Path],
         if kind == "folder" and output.is_dir() and any(output.iterdir()) and not (force or resumable):
             raise OutputError(f"output folder is not empty: {output} (use --force to overwrite)")
         return
-    check_output(output, [target, *sources], force)
+    # an output its job folder joined: the run was stopped before removing the folder, the rerun finishes that
+    check_output(output, [target, *sources], force or joined_earlier(output))
 
 
 def recipe_from(opts: dict) -> str | None:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from apple_video.batches import run_in_batches
 from apple_video.faces.align import transform_points, warp_crop
 from apple_video.faces.compose import mask_for
 from apple_video.faces.occlusion import create_occlusion
@@ -97,15 +98,12 @@ class Renderer:
         return group
 
     def swap(self, group: RenderGroup) -> list[np.ndarray | None]:
-        results: list[np.ndarray | None] = []
-        for start in range(0, len(group.jobs), self.batch_size):
-            jobs = group.jobs[start : start + self.batch_size]
-            if not self.swapper.per_crop:
-                # a model's float results depend on the batch's size (other kernels): always send full batches, so a
-                # frame comes out the same at the end of a chunk as in its middle
-                jobs = jobs + [jobs[-1]] * (self.batch_size - len(jobs))
-            results.extend(self.swapper.swap(jobs)[: min(self.batch_size, len(group.jobs) - start)])
-        return results
+        jobs = group.jobs
+        # full batches for a model whose float results depend on the batch's size: a frame comes out the same at
+        # the end of a chunk as in its middle
+        calls = run_in_batches(len(jobs), self.batch_size, lambda rows: self.swapper.swap([jobs[i] for i in rows]),
+                               pad=not self.swapper.per_crop)
+        return [result for call in calls for result in call]
 
     def finish(self, group: RenderGroup, results: list[np.ndarray | None]):
         """Return [(index, pts, rgb, swapped)] and stats. Frames without targets are returned as given."""

@@ -28,7 +28,14 @@ from apple_video.engine.executors import (
     worker_error,
 )
 from apple_video.engine.factories import EngineFactories, quiet_detector
-from apple_video.engine.layout import job_dir_for, lock_path_for
+from apple_video.engine.layout import (
+    MANIFEST,
+    file_identity,
+    job_dir_for,
+    joined_earlier,
+    lock_path_for,
+    remove_job_dir,
+)
 from apple_video.engine.media_io import FolderSink, write_atomic
 from apple_video.engine.stages import write_json
 from apple_video.engine.still import StillRenderer, no_faces_message
@@ -172,13 +179,23 @@ def output_errors(output: Path):
                           f"free space or fix the folder, then run the same command again to resume") from None
 
 
+def _this_jobs(manifest_path: Path, key: str, chunks: list[tuple[int, int]]) -> dict | None:
+    """The manifest of an earlier run of this very job (same inputs, settings and chunks), or None."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, ValueError):
+        return None
+    same = isinstance(manifest, dict) and manifest.get("key") == key
+    return manifest if same and manifest.get("chunks") == [list(c) for c in chunks] else None
+
+
 def _open_manifest(job_dir: Path, key: str, chunks: list[tuple[int, int]], force: bool) -> dict:
-    manifest_path = job_dir / "manifest.json"
+    manifest_path = job_dir / MANIFEST
     if force and job_dir.exists():
         shutil.rmtree(job_dir)
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
-        if manifest.get("key") == key and manifest.get("chunks") == [list(c) for c in chunks]:
+        manifest = _this_jobs(manifest_path, key, chunks)
+        if manifest is not None:
             return manifest
         logger.info("inputs or settings changed since the interrupted run: starting over")
         shutil.rmtree(job_dir)
@@ -205,7 +222,7 @@ class ClipRun:
         self.settings = plan.settings
         self.chunks = plan_chunks(plan.frame_count, plan.keyframes, self.settings.chunk_frames)
         self.summary = Summary(str(plan.input), str(plan.output), frames=plan.frame_count)
-        self.manifest_path = plan.job_dir / "manifest.json"
+        self.manifest_path = plan.job_dir / MANIFEST
         self.targets: dict[int, list[FaceTarget]] = {}
         self.started = time.perf_counter()
         self.stage_started = self.started
@@ -216,6 +233,11 @@ class ClipRun:
             self.plan.output.mkdir(parents=True, exist_ok=True)
         _remove_partials(self.plan.output)  # a killed run's half-written files (this run holds the output's lock)
         key = _fingerprint(self.plan.input, list(self.plan.sources), self.settings)
+        earlier = _this_jobs(self.manifest_path, key, self.chunks)
+        if self.plan.output.is_file() and not self.settings.force and earlier is None:
+            # the planner lets an output in place through when its job folder joined it: only that same job may
+            # finish it (another command's run would overwrite it without --force)
+            raise OutputError(f"output exists: {self.plan.output} (use --force to overwrite)")
         self.manifest = _open_manifest(self.plan.job_dir, key, self.chunks, self.settings.force)
         self.summary.chunks_resumed = len(self.manifest["rendered"])
         todo = [c for c in range(len(self.chunks)) if c not in self.manifest["analyzed"]]
@@ -304,9 +326,14 @@ class ClipRun:
             if settings.trimmed:
                 start_s = float(info.pts[0] * info.time_base)
                 window = (start_s, start_s + info.duration)
-            concat_chunks([spec.chunk_file(c) for c in range(len(self.chunks))], spec.output,
-                          info.path if info.audio else None, pts, info.time_base, info.rotation, window, rate=info.fps,
-                          last_duration=info.frame_duration, source=info.path)
+            if not joined_earlier(spec.output):  # else a run stopped after the rename: only the folder is left
+                joined = spec.job_dir / f"joined{spec.output.suffix}"
+                concat_chunks([spec.chunk_file(c) for c in range(len(self.chunks))], joined,
+                              info.path if info.audio else None, pts, info.time_base, info.rotation, window,
+                              rate=info.fps, last_duration=info.frame_duration, source=info.path)
+                self.manifest["joined"] = file_identity(joined)  # recorded before the rename, known after it
+                write_json(self.manifest_path, self.manifest)
+                os.replace(joined, spec.output)
         stats = self.manifest["stats"].values()
         summary.frames_swapped = sum(s["swapped_frames"] for s in stats)
         summary.faces_swapped = sum(s["faces_swapped"] for s in stats)
@@ -315,7 +342,7 @@ class ClipRun:
         if summary.faces_swapped == 0:
             logger.warning("no face was swapped in %s: the output is the input re-encoded%s", spec.input,
                            "" if settings.allow_no_faces else " (the swapper skipped every face it was given)")
-        shutil.rmtree(spec.job_dir, ignore_errors=True)
+        remove_job_dir(spec.job_dir)
         summary.seconds["finish"] = time.perf_counter() - started
         return summary
 

@@ -15,6 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from apple_video import weights
+from apple_video.batches import run_in_batches
 from apple_video.config import Preset, with_overrides
 from apple_video.errors import DeviceError, UserError, WeightsError
 from apple_video.faces.parsing import create_parser
@@ -222,11 +223,6 @@ def check_speed_options(offload: bool, fp8: bool) -> None:
                         "leave one of them off")
 
 
-def _pad(images: np.ndarray, size: int) -> np.ndarray:
-    """Repeat the last image up to `size` rows."""
-    return np.concatenate([images, np.repeat(images[-1:], size - len(images), axis=0)])
-
-
 def _independent_if_trained(preset: Preset, lora: Path | None) -> Preset:
     """A LoRA trained with independent_condition runs that way (and caches the condition K/V): the model is built
     so from the start rather than its config rewritten after loading."""
@@ -346,19 +342,14 @@ class ApplePipeline:
         (default: the crops themselves, as the student uses them; the teacher takes the deblurred crops).
         `id_embed` is (1 or B, n_id, dim)."""
         b = crops.shape[0]
-        fixed = self._fixed_batch(b)
         per_crop = id_embed.shape[0] == b > 1  # one id per crop rather than one for all
-        if fixed > b:  # compiled blocks: one batch shape for the whole run (rows are independent, so exact)
-            crops, seeds = _pad(crops, fixed), [*seeds, *[seeds[-1]] * (fixed - b)]
-            conditions = None if conditions is None else _pad(conditions, fixed)
-            if per_crop:
-                id_embed = torch.cat([id_embed, id_embed[-1:].expand(fixed - b, -1, -1)])
-        elif fixed < b:
-            return torch.cat([self.swap_latents(crops[i:i + fixed], id_embed[i:i + fixed] if per_crop else id_embed,
-                                                null_id, seeds[i:i + fixed],
-                                                None if conditions is None else conditions[i:i + fixed])
-                              for i in range(0, b, fixed)])
-        return self._swap_latents(crops, id_embed, null_id, seeds, conditions)[:b]
+
+        def run(rows: list[int]) -> torch.Tensor:
+            return self._swap_latents(crops[rows], id_embed[rows] if per_crop else id_embed, null_id,
+                                      [seeds[i] for i in rows], None if conditions is None else conditions[rows])
+
+        # compiled blocks: one batch shape for the whole run (rows are independent, so padding is exact)
+        return torch.cat(run_in_batches(b, self._fixed_batch(b), run))
 
     def _fixed_batch(self, batch: int) -> int:
         """With compiled blocks every call runs at the batch size of the first (smaller groups are padded,
