@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from apple_video.engine.layout import file_identity, job_dir_for
+from apple_video.engine.layout import file_identity, job_dir_for, removing_dir_for
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 8  # 51 frames: 7 chunks
@@ -131,19 +131,22 @@ def test_killed_right_after_the_rename_only_the_folder_is_removed(tmp_path: Path
     run of four), made every time: the job is caught with its joined file complete and recorded, and the rename
     it would have done next is done. The same command then only removes the folder; another command (other chunks)
     is refused, the output left as it is."""
-    for attempt in range(5):
+    for attempt in range(12):  # the recorded-but-not-yet-renamed moment lasts a write and a rename: a few tries
         folder = tmp_path / f"attempt{attempt}"
         folder.mkdir()
         output = folder / "out.mp4"
         command = _command(source_photo, face_clip, output)
-        if _kill_when(command, output, _renaming, len(reference)) and not output.exists():
-            recorded = (_manifest(output) or {}).get("joined")
-            joined = [p for p in job_dir_for(output).glob(f"*{output.suffix}") if file_identity(p) == recorded]
-            if joined:
-                break
+        if not _kill_when(command, output, _renaming, len(reference)):
+            continue
+        recorded = (_manifest(output) or {}).get("joined")
+        if output.exists() and file_identity(output) == recorded:
+            break  # killed after the rename itself: the state this test makes
+        joined = [p for p in job_dir_for(output).glob(f"*{output.suffix}") if file_identity(p) == recorded]
+        if joined and not output.exists():
+            joined[0].rename(output)
+            break
     else:
         pytest.fail("the job was never caught with its joined file recorded")
-    joined[0].rename(output)
     other = subprocess.run(_command(source_photo, face_clip, output, chunk=CHUNK - 2), cwd=ROOT, capture_output=True,
                            text=True, timeout=600, env=_env())
     assert other.returncode == 2 and "output exists" in other.stderr.strip().splitlines()[-1], other.stderr
@@ -152,3 +155,18 @@ def test_killed_right_after_the_rename_only_the_folder_is_removed(tmp_path: Path
     assert result.returncode == 0, result.stderr
     assert output.read_bytes() == reference
     assert not job_dir_for(output).exists() and not list(folder.glob(".*partial*"))
+
+
+def test_a_job_folder_left_half_deleted_is_removed_by_the_next_run(tmp_path: Path, source_photo: Path,
+                                                                    face_clip: Path, reference: bytes) -> None:
+    """A finished job's folder is renamed away before it is deleted; a kill during the deletion leaves that renamed
+    folder, and the next command on the output removes it (here: a rerun of the finished job, refused as usual)."""
+    output = tmp_path / "out.mp4"
+    output.write_bytes(reference)
+    leftover = removing_dir_for(output)
+    (leftover / "chunks").mkdir(parents=True)
+    (leftover / "chunks" / "00000.mp4").write_bytes(b"half")
+    result = subprocess.run(_command(source_photo, face_clip, output), cwd=ROOT, capture_output=True, text=True,
+                            timeout=600, env=_env())
+    assert result.returncode == 2 and "output exists" in result.stderr.strip().splitlines()[-1], result.stderr
+    assert not leftover.exists() and output.read_bytes() == reference

@@ -323,12 +323,13 @@ def check_sources(sources: list[Path], target: Path, lora: str | None = None) ->
 
 
 def check_output_for(kind: str, target: Path, output: Path, sources: list[Path], force: bool) -> None:
-    from apple_video.engine.layout import job_dir_for, joined_earlier
+    from apple_video.engine.layout import job_dir_for, joined_earlier, remove_leftovers
 
     if kind == "image" and not is_image_path(output):
         raise OutputError(f"output of an image swap must be an image file (png/jpg/webp/tiff): {output}")
     if kind == "video" and not is_video_path(output):
         raise OutputError(f"output of a video swap must be a video file (mp4/mov/mkv/webm): {output}")
+    remove_leftovers(output)  # a finished job's folder that a stopped run was deleting
     if kind in ("folder", "batch"):
         if output.resolve() == target.resolve():
             raise OutputError(f"output path equals the input: {output}")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -38,17 +38,24 @@ def joined_earlier(output: Path) -> bool:
         return False
 
 
-def remove_job_dir(job_dir: Path) -> None:
-    """Remove a finished job's folder, its manifest last: a run stopped while removing still finds its record."""
+def removing_dir_for(output: Path) -> Path:
+    """Where a finished job's folder goes to be deleted: renamed there first, so the folder vanishes in one step."""
+    job_dir = job_dir_for(output)
+    return job_dir.with_name(f"{job_dir.name}.removing")
+
+
+def remove_job_dir(output: Path) -> None:
+    """Remove a finished job's folder: renamed away at once (a run stopped at any moment leaves either the whole
+    folder, manifest included, or none), then deleted; a folder left half-deleted by a kill is deleted by the next
+    run on this output (`remove_leftovers`)."""
+    job_dir, removing = job_dir_for(output), removing_dir_for(output)
     if not job_dir.is_dir():
         return
-    for entry in job_dir.iterdir():
-        if entry.name == MANIFEST:
-            continue
-        if entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry, ignore_errors=True)
-        else:
-            entry.unlink(missing_ok=True)
-    (job_dir / MANIFEST).unlink(missing_ok=True)
-    with contextlib.suppress(OSError):
-        job_dir.rmdir()
+    shutil.rmtree(removing, ignore_errors=True)
+    os.replace(job_dir, removing)
+    shutil.rmtree(removing, ignore_errors=True)
+
+
+def remove_leftovers(output: Path) -> None:
+    """A job folder a stopped run was deleting."""
+    shutil.rmtree(removing_dir_for(output), ignore_errors=True)

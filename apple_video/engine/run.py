@@ -35,6 +35,7 @@ from apple_video.engine.layout import (
     joined_earlier,
     lock_path_for,
     remove_job_dir,
+    remove_leftovers,
 )
 from apple_video.engine.media_io import FolderSink, write_atomic
 from apple_video.engine.stages import write_json
@@ -151,7 +152,9 @@ _DISK_ERRORS = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota 
 
 
 def _remove_partials(output: Path) -> None:
-    """Half-written files (temp names) of this job; finished chunks stay for the resume."""
+    """Half-written files (temp names) of this job, a job folder a stopped run was deleting; finished chunks stay
+    for the resume."""
+    remove_leftovers(output)
     job_dir = job_dir_for(output)
     found = [*job_dir.rglob(".*.partial-*"), *job_dir.rglob(".*.tmp")] if job_dir.is_dir() else []
     if output.suffix:
@@ -342,7 +345,7 @@ class ClipRun:
         if summary.faces_swapped == 0:
             logger.warning("no face was swapped in %s: the output is the input re-encoded%s", spec.input,
                            "" if settings.allow_no_faces else " (the swapper skipped every face it was given)")
-        remove_job_dir(spec.job_dir)
+        remove_job_dir(spec.output)
         summary.seconds["finish"] = time.perf_counter() - started
         return summary
 
