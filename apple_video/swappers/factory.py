@@ -56,7 +56,7 @@ def announce_swapper(settings: SwapSettings) -> None:
                        preset.name)
 
 
-def create_swapper(settings: SwapSettings, files: ModelFiles | None = None) -> Swapper:
+def create_swapper(settings: SwapSettings, files: ModelFiles = ModelFiles()) -> Swapper:
     """Build the swapper (loads its models from `files`, the ones the planner resolved); `announce_swapper` says
     which one, once, on the driver."""
     if resolve_swapper_name(settings) == "classic":
