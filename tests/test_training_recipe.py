@@ -430,10 +430,11 @@ def test_mediapipe_iris_model_on_a_real_face(faces) -> None:
 def test_retinaface_points_loader_and_missing_file(no_weights, tmp_path, faces) -> None:
     from facexlib.detection.retinaface import RetinaFace
 
+    from apple_video import weights
     from training.retina import RetinaPoints, load_retinaface
 
     with pytest.raises(WeightsError, match="retinaface-resnet50"):
-        RetinaPoints.from_weights()
+        RetinaPoints.from_weights(weights.require("retinaface-resnet50"))  # the planner's check names the file
     torch.manual_seed(0)
     model = RetinaFace(network_name="resnet50", half=False, device="cpu")
     path = no_weights / "facexlib" / "detection_Resnet50_Final.pth"
@@ -442,7 +443,7 @@ def test_retinaface_points_loader_and_missing_file(no_weights, tmp_path, faces) 
     loaded = load_retinaface(path)
     key = next(iter(model.state_dict()))
     assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
-    points = RetinaPoints.from_weights()(faces[0][0])
+    points = RetinaPoints.from_weights(weights.require("retinaface-resnet50"))(faces[0][0])
     assert points is None or points.shape == (5, 2)  # random weights rarely pass PuLID's 0.97
     torch.save({"x": torch.zeros(3)}, path)
     path.write_bytes(path.read_bytes() + b"\0" * 1_000_000)

@@ -183,7 +183,7 @@ class _Worker:
         cls.iris = create_iris_model(settings.irises, files)[0]
         cls.scrfd = create_detector(DetectorSettings(name="insightface", embeddings=False), files, announce=False) \
             if INSIGHTFACE_DET in files else None
-        cls.retina = RetinaPoints.from_weights() if "retinaface-resnet50" in files else None
+        cls.retina = RetinaPoints.from_weights(files("retinaface-resnet50")) if "retinaface-resnet50" in files else None
         cls.occlusion = models.occlusion() if cls.parser is not None and models.occlusion is not None else None
         cls.settings = settings
 

@@ -38,7 +38,7 @@ from apple_video.swappers.presets import apple_files
 from apple_video.weights import ModelFiles
 from training.arcface import identity_files, identity_loss, identity_net
 from training.config import TrainConfig
-from training.losses import load_lpips
+from training.losses import load_lpips, lpips_files
 
 logger = logging.getLogger(__name__)
 
@@ -172,6 +172,7 @@ class Trainer:
         lora = cfg.init_lora or "fresh"
         files = apple_files(preset, ModelOptions(lora=str(lora)))  # each file the models load, checked once here
         id_files = identity_files(cfg.id_loss_model)
+        vgg_files = lpips_files(cfg.lpips_backbone) if cfg.lpips_weight > 0 else ModelFiles()
         self.pipe = ApplePipeline.from_preset(preset, self.accelerator.device, lora=lora, files=files, seed=cfg.seed)
         self.transformer = self.pipe.transformer
         logger.info("LoRA initialised from %s", cfg.init_lora or "scratch (B = 0)")
@@ -181,7 +182,7 @@ class Trainer:
         self.arcface = identity_net(cfg.id_loss_model, id_files, cfg.seed).to(self.accelerator.device).eval()
         self.arcface.requires_grad_(False)
         logger.info("identity loss network: %s", self.arcface.name)
-        self.lpips = load_lpips(cfg.lpips_backbone, self.accelerator.device) if cfg.lpips_weight > 0 else None
+        self.lpips = load_lpips(cfg.lpips_backbone, self.accelerator.device, vgg_files) if cfg.lpips_weight > 0 else None
         self.empty_prompt = empty_prompt(self.pipe, cfg.seed, files)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
