@@ -665,6 +665,10 @@ class PatchDetector:
         kps = box[:2] + FACE_KPS * (box[2:] - box[:2])
         return [Face(box, kps, float(score))]
 
+    def embed(self, rgb: np.ndarray, faces: list) -> list:
+        """The detector protocol's embedding step: the patch has no identity model, so the faces stay as found."""
+        return faces
+
 
 def patch_detector_factory(patch: np.ndarray, face_box: tuple[int, int, int, int]):
     """The engine's detector factory (DetectorSettings -> detector) for `PatchDetector`."""
