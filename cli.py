@@ -455,15 +455,16 @@ def eval_clip(source: str, original: str, swapped: str, json_path: str | None, r
               pose_model: str, identity_model: str, id_every: int) -> None:
     """Score SWAPPED against ORIGINAL (pose, expression, flicker; the FF++ 10-frame figures) and SOURCE (identity,
     and its variance over the clip)."""
-    from apple_video.evaluate.clip import evaluate_clip
+    from apple_video.evaluate.clip import eval_files, evaluate_clip
     from apple_video.evaluate.report import write_all, write_json
     from apple_video.settings import EvalSettings
 
     for path in (source, original, swapped):
         if not Path(path).exists():
             raise InputError(f"input not found: {path}")
+    files = eval_files(identity_model, pose_model)  # each model file checked once, before any work
     report = evaluate_clip(Path(source), Path(original), Path(swapped),
-                           EvalSettings(identity_model=identity_model, id_every=id_every), pose_model)
+                           EvalSettings(identity_model=identity_model, id_every=id_every), pose_model, files)
     if json_path:
         write_json(report, Path(json_path))
     if report_prefix:

@@ -305,11 +305,27 @@ class ModelFiles:
         """Each named file checked (present, not truncated) once: a one-line WeightsError otherwise."""
         return cls(tuple((name, require(name)) for name in dict.fromkeys(names)))
 
+    @classmethod
+    def present(cls, names: Iterable[str]) -> ModelFiles:
+        """Those of the named files that are present (the optional ones an `auto` choice uses when it can)."""
+        found = ((name, status(lookup(name))) for name in dict.fromkeys(names))
+        return cls(tuple((name, path) for name, (state, path) in found if state == "present"))
+
     def __call__(self, name: str) -> Path:
-        for known, path in self.paths:
-            if known == name:
-                return path
-        raise KeyError(f"model file {name} was not resolved by the planner")
+        path = self.get(name)
+        if path is None:
+            raise KeyError(f"model file {name} was not resolved by the planner")
+        return path
+
+    def get(self, name: str) -> Path | None:
+        return next((path for known, path in self.paths if known == name), None)
+
+    def __contains__(self, name: object) -> bool:
+        return any(known == name for known, _ in self.paths)
+
+    def __add__(self, other: ModelFiles) -> ModelFiles:
+        """Both sets of files (a name in both keeps this one's path)."""
+        return ModelFiles(self.paths + tuple((name, path) for name, path in other.paths if name not in self))
 
 
 def is_present(name: str) -> bool:

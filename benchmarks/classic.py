@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from apple_video.engine.analysis import Analyzer
+from apple_video.engine.factories import model_files
 from apple_video.engine.render import Renderer
 from apple_video.faces.detect import create_detector
 from apple_video.faces.select import select_targets
@@ -76,7 +77,8 @@ def profile(clip: Path, source: Path, settings: SwapSettings) -> tuple[dict[str,
     decode_time, decoded = cpu_timed(lambda: [(f.index, f.pts, f.rgb) for f in decode_frames(info, ahead=0)])
     clock.add("decode", decode_time)
     clock.add("cut thumbnails", cpu_timed(lambda: [frame_signature(rgb) for _, _, rgb in decoded])[0])
-    analyzer = Analyzer(create_detector(settings.detector, announce=False))
+    files = model_files(settings)  # as a job's planner resolves them: the detector's, parser's, occlusion net's
+    analyzer = Analyzer(create_detector(settings.detector, files, announce=False))
     detector = analyzer.detector
     for method in ("_points", "_fit_in"):  # every landmark fit: the first in a box, the refits in their windows
         clock.wrap(detector, method, "landmark fit/refit")
@@ -88,8 +90,8 @@ def profile(clip: Path, source: Path, settings: SwapSettings) -> tuple[dict[str,
     clock.add("tracking", select_time)
     swapper = ClassicSwapper()
     sources = source_faces([np.asarray(Image.open(source).convert("RGB"))], [source.name],
-                           create_detector(settings.detector, announce=False), swapper.crop_size)
-    renderer = Renderer(settings, swapper, sources)
+                           create_detector(settings.detector, files, announce=False), swapper.crop_size)
+    renderer = Renderer(settings, swapper, sources, files)
     for method, stage in (("target_points", "swap landmarks"), ("warp", "warp"), ("masks", "masks"),
                           ("blend", "blend")):
         clock.wrap(swapper, method, stage)

@@ -22,7 +22,7 @@ import psutil
 from apple_video.engine.analysis import Analyzer
 from apple_video.engine.batch import run_batch
 from apple_video.engine.clips import load_sources
-from apple_video.engine.factories import quiet_detector
+from apple_video.engine.factories import model_files, quiet_detector
 from apple_video.engine.run import swap_video
 from apple_video.faces.align import alignment_matrix, warp_crop
 from apple_video.media.video import decode_frames, probe
@@ -37,11 +37,12 @@ SOURCE = ROOT / "examples" / "source.jpg"
 
 def parts(clip: Path, settings: SwapSettings) -> dict[str, float]:
     frames = [f.rgb for f in decode_frames(probe(clip))]
-    analyzer = Analyzer(quiet_detector(settings.detector))  # the detection stage alone: detector + its embedding schedule, no orchestration
+    files = model_files(settings)  # as a job's planner resolves them
+    analyzer = Analyzer(quiet_detector(settings.detector, files))  # the detection stage alone: detector + its embedding schedule, no orchestration
     t_detect, found = timed(analyzer.analyze, ((i, i, f) for i, f in enumerate(frames)))
     faces = [found[i] for i in range(len(frames))]
     start = time.perf_counter()
-    swapper = create_swapper(settings)
+    swapper = create_swapper(settings, files)
     swapper.prepare(load_sources([SOURCE], analyzer.detector, swapper.crop_size))
     size = swapper.crop_size
     jobs = [CropJob(warp_crop(f, alignment_matrix(fs[0].kps, size), size), None, i)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable
 from pathlib import Path
 
 import matplotlib.cbook
@@ -12,7 +10,6 @@ import pytest
 import skimage.data
 from PIL import Image
 
-from apple_video import weights
 from tests import synth
 
 HOPPER_FACE_BOX = (161, 137, 376, 352)
@@ -96,16 +93,3 @@ def two_person_frames(astronaut_patch: np.ndarray, hopper: np.ndarray) -> list[n
 @pytest.fixture(scope="session")
 def two_person_clip(media_dir: Path, two_person_frames: list[np.ndarray]) -> Path:
     return synth.write_clip(media_dir / "two.mp4", two_person_frames, fps=12)
-
-
-@pytest.fixture
-def standin_entry(monkeypatch: pytest.MonkeyPatch) -> Callable[..., weights.WeightFile]:
-    """Use a small stand-in in a model file's official layout: its catalogue entry keeps the path and drops the
-    pinned size and hash (the real entry refuses any other file, tested in test_weights_download)."""
-
-    def use(name: str, min_bytes: int = 1) -> weights.WeightFile:
-        entry = dataclasses.replace(weights.lookup(name), size=None, sha256=None, min_bytes=min_bytes)
-        monkeypatch.setattr(weights, "REGISTRY", tuple(entry if e.name == name else e for e in weights.REGISTRY))
-        return entry
-
-    return use

@@ -14,12 +14,19 @@ from PIL import Image
 
 from apple_video.engine.run import swap_image
 from apple_video.errors import InputError, OutputError, WeightsError
-from apple_video.evaluate.clip import evaluate_clip
-from apple_video.evaluate.fid import FIDInception, activations, frechet_distance, load_fid_inception
+from apple_video.evaluate.clip import eval_files, evaluate_clip
+from apple_video.evaluate.fid import (
+    FID_WEIGHTS,
+    FIDInception,
+    activations,
+    frechet_distance,
+    load_fid_inception,
+)
 from apple_video.evaluate.identity import (
     best_face,
     create_identity_model,
     eval_detector,
+    identity_files,
     measure_scale,
     package_photos,
     photo_variants,
@@ -193,12 +200,12 @@ def test_fid_on_a_random_inception_of_the_real_class(astronaut) -> None:
 
 def test_fid_weights_load_from_the_catalogue_and_missing_ones_are_a_clear_error(weights_home: Path, astronaut) -> None:
     with pytest.raises(WeightsError, match="fid-inception"):
-        load_fid_inception()
+        eval_files("dlib", "landmarks", fid=True)  # the eval's planner checks the file before any work
     net = _random_inception()
     path = weights_home / "fid" / "pt_inception-2015-12-05-6726825d.pth"
     path.parent.mkdir(parents=True)
     torch.save(net.state_dict(), path)
-    loaded = load_fid_inception()
+    loaded = load_fid_inception(eval_files("dlib", "landmarks", fid=True)(FID_WEIGHTS))
     crops = _crops(astronaut, 0, 2)
     np.testing.assert_allclose(activations(loaded, crops), activations(net, crops), rtol=1e-5, atol=1e-6)
 
@@ -206,7 +213,7 @@ def test_fid_weights_load_from_the_catalogue_and_missing_ones_are_a_clear_error(
 def test_missing_identity_and_fid_weights_fail_before_any_work(tmp_path: Path, weights_home: Path, source_photo: Path,
                                                                  astronaut) -> None:
     with pytest.raises(WeightsError, match="arcface-w600k"):
-        create_identity_model("insightface", eval_detector())
+        create_identity_model("insightface", eval_detector(), identity_files("insightface"))
     Image.fromarray(astronaut).save(tmp_path / "a.png")
     (tmp_path / "pairs.csv").write_text(f"{source_photo},a.png\n")
     (tmp_path / "ref").mkdir()

@@ -4,7 +4,6 @@ FaceForensics++ 10-frame and IDBench-V identity-consistency figures, and reports
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import json
 import math
@@ -37,9 +36,11 @@ from apple_video.evaluate.pose import (
     create_pose_estimator,
     hopenet_crop,
     load_hopenet,
+    pose_files,
 )
 from apple_video.evaluate.report import compare_table, markdown, read_json, write_all
 from apple_video.settings import EvalSettings
+from apple_video.weights import ModelFiles
 from tests import talking
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,13 +136,11 @@ def _script():
 
 @pytest.fixture()
 def hopenet_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A weights home with the HopeNet stand-in at its catalogue path; the entry without the real file's smallest
-    size (the stand-in is a reduced-depth network, a few MB)."""
+    """The HopeNet stand-in (a reduced-depth network, a few MB: under the real file's smallest size, so the
+    catalogue calls it truncated) at its catalogue path in a weights home; the tests hand it in as the file."""
     monkeypatch.setenv("APPLE_VIDEO_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    entry = dataclasses.replace(weights.lookup(HOPENET_WEIGHTS), min_bytes=1)
-    monkeypatch.setattr(weights, "REGISTRY", tuple(entry if e.name == entry.name else e for e in weights.REGISTRY))
-    return _script().write_hopenet(tmp_path / "home" / entry.relpath)
+    return _script().write_hopenet(tmp_path / "home" / weights.lookup(HOPENET_WEIGHTS).relpath)
 
 
 def _template(key: str) -> str:
@@ -185,14 +184,15 @@ def test_hopenet_crop_widens_the_box_as_published(astronaut) -> None:
 
 def test_pose_model_auto_prefers_hopenet_and_every_report_names_it(hopenet_home: Path, source_photo: Path,
                                                                        tmp_path: Path, astronaut) -> None:
-    assert create_pose_estimator("auto").kind == "hopenet"
-    assert create_pose_estimator("landmarks").kind == "landmarks"
+    standin = ModelFiles(((HOPENET_WEIGHTS, hopenet_home),))  # what the planner passes down, with the stand-in
+    assert create_pose_estimator("auto", standin).kind == "hopenet"
+    assert create_pose_estimator("landmarks", standin).kind == "landmarks"
     from PIL import Image
 
     Image.fromarray(astronaut).save(tmp_path / "a.png")
     Image.fromarray(np.ascontiguousarray(astronaut[:, ::-1])).save(tmp_path / "m.png")
-    same = evaluate_clip(source_photo, tmp_path / "a.png", tmp_path / "a.png")
-    mirrored = evaluate_clip(source_photo, tmp_path / "a.png", tmp_path / "m.png")
+    same = evaluate_clip(source_photo, tmp_path / "a.png", tmp_path / "a.png", files=standin)
+    mirrored = evaluate_clip(source_photo, tmp_path / "a.png", tmp_path / "m.png", files=standin)
     assert "HopeNet" in same.models["pose_error_deg"] and same.settings["pose_model"] == "hopenet"
     assert same.metrics["pose_error_deg"] == 0 and mirrored.metrics["pose_error_deg"] > 0
     assert "HopeNet" in markdown(mirrored) and "pose measured by: HopeNet" in mirrored.summary()
@@ -202,7 +202,7 @@ def test_pose_model_auto_prefers_hopenet_and_every_report_names_it(hopenet_home:
 
     detector = eval_detector()
     model = create_identity_model("dlib", detector)
-    pose = create_pose_estimator("auto")
+    pose = create_pose_estimator("auto", standin)
     pair = Pair(0, source_photo, tmp_path / "a.png")
     assert score_pair(pair, tmp_path / "a.png", detector, model, pose)["pose_error_deg"] == 0
     assert score_pair(pair, tmp_path / "m.png", detector, model, pose)["pose_error_deg"] > 0
@@ -211,9 +211,9 @@ def test_pose_model_auto_prefers_hopenet_and_every_report_names_it(hopenet_home:
 def test_pose_model_hopenet_without_weights_is_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                               source_photo: Path) -> None:
     monkeypatch.setenv("APPLE_VIDEO_HOME", str(tmp_path))
-    assert create_pose_estimator("auto").kind == "landmarks"
+    assert create_pose_estimator("auto", pose_files("auto")).kind == "landmarks"
     with pytest.raises(weights.WeightsError, match="hopenet-robust-alpha1"):
-        create_pose_estimator("hopenet")
+        create_pose_estimator("hopenet", pose_files("hopenet"))  # the planner's check names the file
     env = {**os.environ, "PYTHONPATH": str(ROOT), "APPLE_VIDEO_HOME": str(tmp_path)}
     result = subprocess.run([sys.executable, str(ROOT / "cli.py"), "eval", str(source_photo), str(source_photo),
                              str(source_photo), "--pose-model", "hopenet"], capture_output=True, text=True, env=env,

@@ -7,7 +7,7 @@ import pytest
 
 from apple_video.errors import NoFaceError, WeightsError
 from apple_video.faces.align import alignment_matrix, invert, template, transform_points, warp_crop
-from apple_video.faces.detect import DetectorSettings, create_detector
+from apple_video.faces.detect import DetectorSettings, create_detector, detector_files
 from apple_video.faces.mask import feather, hull_mask
 from apple_video.faces.paste import paste_back
 from apple_video.faces.select import SelectorSettings, select_targets
@@ -121,9 +121,10 @@ def test_tracks_fill_short_gaps(detector, clip_frames) -> None:
 def test_insightface_missing_weights_is_clear(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("APPLE_VIDEO_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    named, auto = DetectorSettings(name="insightface"), DetectorSettings(name="auto")
     with pytest.raises(WeightsError, match="scrfd_10g_bnkps|antelopev2-det"):
-        create_detector(DetectorSettings(name="insightface"))
-    assert create_detector(DetectorSettings(name="auto")).name == "dlib"
+        create_detector(named, detector_files(named))  # the planner's check names the missing file
+    assert create_detector(auto, detector_files(auto)).name == "dlib"
 
 
 def test_bisenet_parser_random_weights_and_missing_file(tmp_path, monkeypatch, astronaut) -> None:
@@ -131,7 +132,7 @@ def test_bisenet_parser_random_weights_and_missing_file(tmp_path, monkeypatch, a
     from facexlib.parsing.bisenet import BiSeNet
 
     from apple_video.faces.mask import parsing_mask
-    from apple_video.faces.parsing import FaceParser, create_parser
+    from apple_video.faces.parsing import FaceParser, create_parser, parser_files
 
     torch.manual_seed(0)
     parser = FaceParser(BiSeNet(num_class=19))
@@ -141,15 +142,16 @@ def test_bisenet_parser_random_weights_and_missing_file(tmp_path, monkeypatch, a
     assert set(np.unique(mask)) <= {0, 255}
     monkeypatch.setenv("APPLE_VIDEO_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    assert create_parser("auto") is None and create_parser("landmarks") is None
+    assert create_parser("auto", parser_files("auto")) is None
+    assert create_parser("landmarks", parser_files("landmarks")) is None
     with pytest.raises(WeightsError, match="bisenet-parsing"):
-        create_parser("bisenet")
+        create_parser("bisenet", parser_files("bisenet"))
     bad = tmp_path / "facexlib" / "parsing_bisenet.pth"
     bad.parent.mkdir(parents=True)
     torch.save({"not": torch.zeros(1)}, bad)
     bad.write_bytes(bad.read_bytes() + b"\0" * 1_000_000)
     with pytest.raises(WeightsError):
-        create_parser("bisenet")
+        create_parser("bisenet", parser_files("bisenet"))
 
 
 def test_keep_target_mouth(detector, astronaut) -> None:

@@ -17,17 +17,20 @@ from apple_video.faces.compose import mask_for
 from apple_video.faces.detect import DetectorSettings, create_detector
 from apple_video.faces.mask import hull_mask
 from apple_video.faces.occlusion import (
+    OCCLUSION_WEIGHTS,
     OcclusionConfig,
     build_occlusion_net,
     config_from_state,
     create_occlusion,
     load_occlusion_net,
+    occlusion_files,
     occlusion_mask,
 )
 from apple_video.faces.sources import source_faces
 from apple_video.faces.types import FaceTarget
 from apple_video.settings import MaskSettings, SwapSettings
 from apple_video.swappers.classic import ClassicSwapper
+from apple_video.weights import ModelFiles
 
 TINY = OcclusionConfig(blocks=(1, 1, 1, 1), stem_channels=8, base_channels=4, channels=32, c1_channels=8)
 HAND = (224, 172, 140)  # a hand's colour
@@ -109,15 +112,13 @@ def home(tmp_path: Path, monkeypatch) -> Path:
 
 def test_without_the_file_one_line_says_occlusion_is_off(home: Path, caplog) -> None:
     with caplog.at_level(logging.INFO):
-        assert create_occlusion(True) is None
-        assert create_occlusion(False) is None
+        assert create_occlusion(True, occlusion_files(True)) is None
+        assert create_occlusion(False, occlusion_files(False)) is None
     lines = [r.getMessage() for r in caplog.records if "occlusion" in r.getMessage()]
     assert len(lines) == 1 and "occlusion-deeplabv3" in lines[0] and "weights where" in lines[0]
 
 
-def test_what_covers_the_face_stays_the_targets(home: Path, hopper: np.ndarray, astronaut: np.ndarray,
-                                                standin_entry) -> None:
-    standin_entry("occlusion-deeplabv3")  # the tiny network is a stand-in in the official layout
+def test_what_covers_the_face_stays_the_targets(home: Path, hopper: np.ndarray, astronaut: np.ndarray) -> None:
     detector = create_detector(DetectorSettings(name="dlib"))
     face = detector.detect(astronaut)[0]
     target, occluder = _occluded_target(astronaut, face.landmarks)
@@ -133,8 +134,10 @@ def test_what_covers_the_face_stays_the_targets(home: Path, hopper: np.ndarray, 
 
     net = build_occlusion_net(TINY, seed=0)
     _fit_head_to(net, crop, crop_occluder)
-    _save_official_layout(net, home / weights.lookup("occlusion-deeplabv3").relpath)
-    loaded = load_occlusion_net()  # the real loading code, its shape read from the file
+    path = home / weights.lookup(OCCLUSION_WEIGHTS).relpath
+    _save_official_layout(net, path)
+    files = ModelFiles(((OCCLUSION_WEIGHTS, path),))  # the tiny network stands in for the official file
+    loaded = load_occlusion_net(files(OCCLUSION_WEIGHTS))  # the real loading code, its shape read from the file
     visible = occlusion_mask(loaded, crop)
     assert np.array_equal(visible, occlusion_mask(net, crop))
     assert (visible[crop_occluder] == 0).mean() > 0.8  # the network sees the hand...
@@ -142,7 +145,7 @@ def test_what_covers_the_face_stays_the_targets(home: Path, hopper: np.ndarray, 
     assert (visible[face_area & ~crop_occluder] == 1).mean() > 0.4  # ...and much of the face around it
 
     renderer = Renderer(SwapSettings(swapper="classic", mask=MaskSettings(types=("region", "occlusion"))),
-                        ClassicSwapper(), sources)
+                        ClassicSwapper(), sources, files)
     assert renderer.occlusion is not None
     with_occlusion = renderer.render(frames, targets)[0][0][2]
     without = plain.render(frames, targets)[0][0][2]

@@ -97,6 +97,25 @@ def test_bad_input_is_one_line_before_any_announcement_or_progress(tmp_path: Pat
     assert not any(tmp_path.iterdir())  # no output, no job folder, no lock
 
 
+@pytest.mark.parametrize("option, missing", [("--face-parser bisenet", "bisenet-parsing"),
+                                             ("--face-detector insightface", "antelopev2-det")])
+def test_a_named_model_without_its_file_is_refused_in_planning(tmp_path: Path, source_photo: Path, face_clip: Path,
+                                                               monkeypatch: pytest.MonkeyPatch, option: str,
+                                                               missing: str) -> None:
+    """The planner resolves every model file the run loads (detector and parser included), once: a missing one is
+    one line and exit 2 before the swapper is announced or anything is written."""
+    monkeypatch.setenv("APPLE_VIDEO_HOME", str(tmp_path / "home"))  # an empty catalogue home
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    out = tmp_path / "out"
+    out.mkdir()
+    result = _cli("swap", str(source_photo), str(face_clip), "-o", str(out / "o.mp4"), "--swapper", "classic",
+                  *option.split())
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"model file missing: {missing}" in lines[0], result.stderr
+    assert not any(out.iterdir())
+
+
 def test_run_that_finds_no_face_leaves_no_job_folder(tmp_path: Path, source_photo: Path, noface_clip: Path) -> None:
     result = _cli("swap", str(source_photo), str(noface_clip), "-o", str(tmp_path / "out.mp4"), "--swapper", "classic")
     assert result.returncode == 2 and "no face to swap" in result.stderr

@@ -18,6 +18,7 @@ from apple_video.models import transformer as T
 from apple_video.models.lora import load_lora, save_lora
 from apple_video.models.offload import pin
 from apple_video.models.pipeline import ApplePipeline, build_tiny, refuse_on_cpu
+from apple_video.weights import ModelFiles
 
 META = torch.device("meta")
 
@@ -123,7 +124,8 @@ def test_full_size_model_is_refused_on_the_cpu_in_one_line(tmp_path: Path, monke
     transformer, _, _, _ = build_tiny(load_preset("tiny"))
     lora = save_lora(transformer, tmp_path / "lora.safetensors")
     with pytest.raises(DeviceError, match="B parameters"):
-        ApplePipeline.from_preset(load_preset("krea-512"), torch.device("cpu"), lora=lora)
+        ApplePipeline.from_preset(load_preset("krea-512"), torch.device("cpu"), lora=lora,
+                                  files=ModelFiles.resolve(["flux-krea-dev", "pulid-flux-v0.9.1"]))
     # and on the command line: one line, exit 2, before the clip is even read
     import os
     import subprocess

@@ -20,6 +20,8 @@ from safetensors import safe_open
 from apple_video import weights
 from apple_video.config import load_preset, with_overrides
 from apple_video.models.pipeline import ApplePipeline, load_prompt_embeddings, prompt_cache_path
+from apple_video.settings import ModelOptions
+from apple_video.swappers.presets import apple_files
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -119,7 +121,8 @@ def test_prompt_is_encoded_once_and_cached(home, tmp_path: Path) -> None:
 
 def test_real_loaders_build_the_pipeline(home) -> None:
     preset = with_overrides(load_preset("krea-512"), inversion_steps=1, sampling_steps=1)
-    pipe = ApplePipeline.from_preset(preset, torch.device("cpu"), lora=home.lora)
+    files = apple_files(preset, ModelOptions(lora=str(home.lora)))  # as a job's planner resolves them
+    pipe = ApplePipeline.from_preset(preset, torch.device("cpu"), lora=home.lora, files=files)
     assert pipe.real and pipe.transformer.config.num_layers == 3
     assert pipe.transformer.pulid_encoder is not None and len(pipe.transformer.pulid_ca) == 20
     assert pipe.identity.eva.patch_embed.img_size == (56, 56)

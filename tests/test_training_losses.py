@@ -16,7 +16,7 @@ from tests.training_data import FixedSampler, aligned_faces
 from training import loop
 from training.config import load_train_config
 from training.loop import Trainer, fp32_lora_params
-from training.losses import load_lpips, vgg_features_to_lpips
+from training.losses import load_lpips, lpips_files, vgg_features_to_lpips
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -114,13 +114,13 @@ def test_lpips_backbone_from_the_catalogue(tmp_path, monkeypatch) -> None:
     monkeypatch.setenv("APPLE_VIDEO_HOME", str(tmp_path))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     with pytest.raises(WeightsError, match="vgg16-lpips"):
-        load_lpips("vgg16", torch.device("cpu"))
+        load_lpips("vgg16", torch.device("cpu"), lpips_files("vgg16"))  # the planner's check names the file
     torch.manual_seed(0)
     vgg = torchvision.models.vgg16()
     path = tmp_path / "lpips" / "vgg16-397923af.pth"
     path.parent.mkdir()
     torch.save(vgg.state_dict(), path)
-    model = load_lpips("vgg16", torch.device("cpu"))
+    model = load_lpips("vgg16", torch.device("cpu"), lpips_files("vgg16"))
     assert torch.equal(model.net.slice3._modules["10"].weight, vgg.features[10].weight)
     assert len(vgg_features_to_lpips(vgg.state_dict())) == 26
     x = torch.rand(1, 3, 64, 64) * 2 - 1
@@ -128,7 +128,7 @@ def test_lpips_backbone_from_the_catalogue(tmp_path, monkeypatch) -> None:
     torch.save({"features.0.weight": torch.zeros(1)}, path)
     path.write_bytes(path.read_bytes() + b"\0" * 1_000_000)
     with pytest.raises(WeightsError):
-        load_lpips("vgg16", torch.device("cpu"))
+        load_lpips("vgg16", torch.device("cpu"), lpips_files("vgg16"))
 
 
 def test_a_bf16_model_trains_without_mixed_precision(tmp_path, faces) -> None:

@@ -4,6 +4,7 @@ blur region, iris points, sampling, batched pseudo-labels, the bounded identity 
 
 from __future__ import annotations
 
+import dataclasses
 import pickle
 import sys
 import types
@@ -18,13 +19,14 @@ from PIL import Image
 from apple_video.errors import WeightsError
 from apple_video.faces.align import alignment_matrix, warp_crop
 from apple_video.faces.detect import DetectorSettings, create_detector
+from apple_video.weights import ModelFiles
 from tests import synth
 from tests.training_data import FixedSampler, aligned_faces
 from training import arcface, iris
 from training.aesthetic import AestheticHead, AestheticScorer, clip_preprocess, load_clip_vision, load_head
 from training.arcface import NETARC_INPUT, IdentityNet, NetArc, identity_net, load_netarc, netarc_shape
 from training.config import load_train_config
-from training.data import FaceData, PrepareSettings, frame_face, on_template, prepare_data
+from training.data import FaceData, PrepareSettings, frame_face, on_template, prepare_data, prepare_models
 from training.deblur import BLUR_LABELS, blur_region, parse_official, teacher_condition
 from training.loop import IdentityCache, IdentityImage, Trainer
 from training.stages import TeacherSampler, swap_in_batches
@@ -116,17 +118,16 @@ def test_netarc_preprocessing_as_the_official_trainer() -> None:
     assert net(images).shape == (2, 3, 112, 112)
 
 
-def test_identity_net_default_and_its_missing_files(no_weights, tmp_path, standin_entry) -> None:
-    standin_entry("apple-arcface", min_bytes=1_000_000)  # the narrow netarc below stands in for the published file
+def test_identity_net_default_and_its_missing_files(no_weights, tmp_path) -> None:
     with pytest.raises(WeightsError, match="apple-arcface"):
-        identity_net("netarc")
+        identity_net("netarc", arcface.identity_files("netarc"))
     with pytest.raises(WeightsError, match="arcface-r50"):  # auto without the official file: the fallback
-        identity_net("auto")
+        identity_net("auto", arcface.identity_files("auto"))
     torch.manual_seed(1)
     path = no_weights / "apple" / "arcface_checkpoint.tar"
     path.parent.mkdir(parents=True)
     _official_pickle(NetArc((1, 1, 1, 1), (16, 16, 32, 32), num_features=512).eval(), path)  # over 1 MB
-    net = identity_net("auto")
+    net = identity_net("auto", ModelFiles((("apple-arcface", path),)))  # the narrow netarc stands in for the file
     assert net.name == "netarc" and net.preprocess == NETARC_INPUT
     assert net(torch.rand(1, 3, 128, 128) * 2 - 1).shape == (1, 512)
 
@@ -219,12 +220,9 @@ def test_the_real_presets_filter_by_default_and_say_how_to_opt_out(no_weights, t
     assert all(word in result.stderr for word in ("5.1", "aesthetic-clip-l14", "aesthetic-mlp", "--min-aesthetic 0"))
 
 
-def test_images_below_the_aesthetic_threshold_stay_identity_images(no_weights, tmp_path, hopper, monkeypatch) -> None:
+def test_images_below_the_aesthetic_threshold_stay_identity_images(no_weights, tmp_path, hopper) -> None:
     """The filter picks targets (the official `aes > 5.1`); an image below it stays in the prepared set, recorded in
     the manifest's `identity_only`, never drawn as a target but drawn as its person's identity image."""
-    from apple_video import weights
-    from training import data as data_module
-
     _, clip = _tiny_clip()
     head = AestheticHead()
     scorer = AestheticScorer(clip, head)
@@ -239,10 +237,8 @@ def test_images_below_the_aesthetic_threshold_stay_identity_images(no_weights, t
         head.layers[7].bias += 5.0 - float(np.min(scores))  # scores from 5.0 up: a positive threshold between them
     scores = scores + 5.0 - float(np.min(scores))
     threshold = float(np.median(scores))
-    present = weights.is_present
-    monkeypatch.setattr(weights, "is_present", lambda name: name in data_module.AESTHETIC_WEIGHTS or present(name))
-    monkeypatch.setattr(data_module.AestheticScorer, "from_weights", classmethod(lambda cls, device="cpu": scorer))
-    manifest = prepare_data(raw.parent, tmp_path / "filtered", 128, min_aesthetic=threshold)
+    models = dataclasses.replace(prepare_models(None, "auto"), scorer=lambda: scorer)  # the stand-in predictor
+    manifest = prepare_data(raw.parent, tmp_path / "filtered", 128, min_aesthetic=threshold, models=models)
     sources = plain["shards"][0]["sources"]
     below = sorted(path for path, score in zip(sources, scores, strict=True) if score <= threshold)
     assert below and len(below) < len(sources) and sorted(manifest["identity_only"]) == below
@@ -337,10 +333,8 @@ def _upper_half_occluded(crop: np.ndarray) -> np.ndarray:
     return visible
 
 
-def test_prepare_data_records_and_uses_the_occlusion_mask(no_weights, tmp_path, hopper, monkeypatch) -> None:
+def test_prepare_data_records_and_uses_the_occlusion_mask(no_weights, tmp_path, hopper) -> None:
     from facexlib.parsing.bisenet import BiSeNet
-
-    from training import data as data_module
 
     torch.manual_seed(0)
     path = no_weights / "facexlib" / "parsing_bisenet.pth"
@@ -352,8 +346,8 @@ def test_prepare_data_records_and_uses_the_occlusion_mask(no_weights, tmp_path, 
     plain = prepare_data(raw.parent, tmp_path / "plain", 128)
     assert plain["blur_region"] == "bisenet-parsing" and plain["parsing_normalisation"] == "imagenet-then-half"
     assert FaceData.load(tmp_path / "plain").regions is None
-    monkeypatch.setattr(data_module, "create_occlusion_model", lambda: _upper_half_occluded)
-    manifest = prepare_data(raw.parent, tmp_path / "occluded", 128)
+    models = dataclasses.replace(prepare_models(None, "auto"), occlusion=lambda: _upper_half_occluded)
+    manifest = prepare_data(raw.parent, tmp_path / "occluded", 128, models=models)
     assert manifest["blur_region"] == "bisenet-parsing+occlusion"
     data = FaceData.load(tmp_path / "occluded")
     region = data.regions[0]
@@ -404,9 +398,9 @@ def test_iris_crops_map_back_to_the_image() -> None:
 
 
 def test_iris_model_file_and_runtime(no_weights, tmp_path) -> None:
-    assert iris.create_iris_model() == (None, "estimated-from-eye-landmarks")
+    assert iris.create_iris_model("auto", iris.iris_files("auto")) == (None, "estimated-from-eye-landmarks")
     with pytest.raises(WeightsError, match="mediapipe-iris"):
-        iris.create_iris_model("mediapipe")
+        iris.create_iris_model("mediapipe", iris.iris_files("mediapipe"))  # the planner's check names the file
     (tmp_path / "raw" / "a").mkdir(parents=True)
     Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(tmp_path / "raw" / "a" / "0.png")
     with pytest.raises(WeightsError, match="mediapipe-iris"):
@@ -436,10 +430,11 @@ def test_mediapipe_iris_model_on_a_real_face(faces) -> None:
 def test_retinaface_points_loader_and_missing_file(no_weights, tmp_path, faces) -> None:
     from facexlib.detection.retinaface import RetinaFace
 
+    from apple_video import weights
     from training.retina import RetinaPoints, load_retinaface
 
     with pytest.raises(WeightsError, match="retinaface-resnet50"):
-        RetinaPoints.from_weights()
+        RetinaPoints.from_weights(weights.require("retinaface-resnet50"))  # the planner's check names the file
     torch.manual_seed(0)
     model = RetinaFace(network_name="resnet50", half=False, device="cpu")
     path = no_weights / "facexlib" / "detection_Resnet50_Final.pth"
@@ -448,7 +443,7 @@ def test_retinaface_points_loader_and_missing_file(no_weights, tmp_path, faces) 
     loaded = load_retinaface(path)
     key = next(iter(model.state_dict()))
     assert torch.equal(loaded.state_dict()[key], model.state_dict()[key])
-    points = RetinaPoints.from_weights()(faces[0][0])
+    points = RetinaPoints.from_weights(weights.require("retinaface-resnet50"))(faces[0][0])
     assert points is None or points.shape == (5, 2)  # random weights rarely pass PuLID's 0.97
     torch.save({"x": torch.zeros(3)}, path)
     path.write_bytes(path.read_bytes() + b"\0" * 1_000_000)

@@ -63,8 +63,8 @@ class AestheticScorer:
         self.size = int(clip.config.image_size)
 
     @classmethod
-    def from_weights(cls, device: torch.device | str = "cpu") -> AestheticScorer:
-        clip_path, head_path = weights.require("aesthetic-clip-l14"), weights.require("aesthetic-mlp")
+    def from_files(cls, clip_path: Path, head_path: Path, device: torch.device | str = "cpu") -> AestheticScorer:
+        """From the files `aesthetic-clip-l14` and `aesthetic-mlp` (as prepare-data's planner resolved them)."""
         return cls(load_clip_vision(clip_path, clip_l14_config()), load_head(head_path), device)
 
     @torch.no_grad()

@@ -26,10 +26,12 @@ from torch import nn
 
 from apple_video import weights
 from apple_video.errors import WeightsError
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
 IdLossModel = Literal["auto", "netarc", "iresnet50", "iresnet100", "tiny", "tiny-netarc"]
+NETARC_WEIGHTS, IRESNET_WEIGHTS = "apple-arcface", "arcface-r50"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCFACE_SIZE = 112
@@ -287,19 +289,30 @@ class IdentityNet(nn.Module):
         return self.net(self.prepare(images))
 
 
-def identity_net(name: IdLossModel, seed: int = 0) -> IdentityNet:
-    """`auto`: the official netarc when `apple-arcface` is present, else arcface_torch IResNet-50 (`arcface-r50`)."""
+def identity_files(name: IdLossModel) -> ModelFiles:
+    """For a planner: the file the identity network needs (a WeightsError names a missing one); `auto`: the
+    official netarc when `apple-arcface` is present, else arcface_torch IResNet-50 (`arcface-r50`)."""
+    if name in ("tiny", "tiny-netarc"):
+        return ModelFiles()
+    if name == "netarc":
+        return ModelFiles.resolve([NETARC_WEIGHTS])
+    official = ModelFiles.present([NETARC_WEIGHTS]) if name == "auto" else ModelFiles()
+    return official if NETARC_WEIGHTS in official else ModelFiles.resolve([IRESNET_WEIGHTS])
+
+
+def identity_net(name: IdLossModel, files: ModelFiles, seed: int = 0) -> IdentityNet:
+    """The identity-loss network from the planner's `files` (see `identity_files`)."""
     if name == "tiny":
         return IdentityNet(tiny_iresnet(seed), Preprocess(32, "bilinear", False), "tiny-iresnet")
     if name == "tiny-netarc":
         return IdentityNet(tiny_netarc(seed), NETARC_INPUT, "tiny-netarc")
-    if name == "netarc" or (name == "auto" and weights.is_present("apple-arcface")):
-        return IdentityNet(load_netarc(weights.require("apple-arcface")), NETARC_INPUT, "netarc")
+    if name == "netarc" or (name == "auto" and NETARC_WEIGHTS in files):
+        return IdentityNet(load_netarc(files(NETARC_WEIGHTS)), NETARC_INPUT, "netarc")
     if name == "auto":
         logger.warning("identity loss with arcface_torch IResNet-50 (the official netarc `apple-arcface` is missing; "
                        "see `apple-video weights where`)")
         name = "iresnet50"
-    return IdentityNet(load_arcface(weights.require("arcface-r50"), name), ARCFACE_TORCH_INPUT, name)
+    return IdentityNet(load_arcface(files(IRESNET_WEIGHTS), name), ARCFACE_TORCH_INPUT, name)
 
 
 def identity_loss(model: nn.Module, generated: torch.Tensor, source: torch.Tensor) -> torch.Tensor:

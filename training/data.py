@@ -11,6 +11,7 @@ were taken as distributed (already on the template) and the aesthetic threshold 
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import logging
 import multiprocessing
@@ -23,18 +24,19 @@ import cv2
 import numpy as np
 from tqdm import tqdm
 
-from apple_video import weights
 from apple_video.errors import InputError, UserError, WeightsError
 from apple_video.faces.align import alignment_matrix, kps_from_68, transform_points, warp_crop
-from apple_video.faces.detect import DetectorSettings, create_detector
-from apple_video.faces.parsing import create_parser
+from apple_video.faces.detect import INSIGHTFACE_DET, DetectorSettings, create_detector
+from apple_video.faces.occlusion import OCCLUSION_WEIGHTS, create_occlusion
+from apple_video.faces.parsing import PARSING_WEIGHTS, create_parser
 from apple_video.faces.select import sort_faces
 from apple_video.faces.sources import presize_source
 from apple_video.media.images import is_image_path, read_image
 from apple_video.media.paths import atomic_write
+from apple_video.weights import ModelFiles
 from training.aesthetic import AestheticScorer
 from training.deblur import blur_region, hull_labels, irises_from_eyes, parse_official, teacher_condition
-from training.iris import IrisSource, create_iris_model, iris_points
+from training.iris import IrisSource, create_iris_model, iris_files, iris_points
 from training.retina import RetinaPoints
 
 logger = logging.getLogger(__name__)
@@ -126,13 +128,38 @@ def frame_face(rgb: np.ndarray, face, settings: PrepareSettings) -> tuple[np.nda
 OcclusionModel = Callable[[np.ndarray], np.ndarray]  # aligned crop (S, S, 3) -> visible-face mask (S, S), nonzero = face
 
 
-def create_occlusion_model() -> OcclusionModel | None:
-    """The official preprocessing's DeepLabV3+ occlusion model (`checkpoints/deeplabv3_iter_27600.pth`,
-    `apple_video/faces/occlusion.py`) as a crop -> visible-face mask function when its file is present; None (one
-    line says so) and the blur region is the parsing alone (`blur_region` in the manifest says which)."""
-    from apple_video.faces.occlusion import create_occlusion
+@dataclass(frozen=True)
+class PrepareModels:
+    """What prepare-data's workers build their models from, resolved once by `prepare_models` (the driver loads
+    none of them). A test hands in its own stand-ins: a lambda is fine with one worker; several workers get a
+    pickled copy, so theirs must be module-level functions or `functools.partial` of them."""
 
-    return create_occlusion(True)
+    files: ModelFiles  # the optional files that are present, and the required ones
+    scorer: Callable[[], AestheticScorer] | None = None  # the aesthetic filter (--min-aesthetic)
+    # the official preprocessing's DeepLabV3+ occlusion model (`apple_video/faces/occlusion.py`) as a crop ->
+    # visible-face mask function, when its file is present; without it the blur region is the parsing alone
+    occlusion: Callable[[], OcclusionModel | None] | None = None
+
+
+OPTIONAL_WEIGHTS = (PARSING_WEIGHTS, OCCLUSION_WEIGHTS, INSIGHTFACE_DET, "retinaface-resnet50")
+
+
+def prepare_models(min_aesthetic: float | None, irises: IrisSource) -> PrepareModels:
+    """Prepare-data's model files, checked once before any work: the optional ones when present (parsing,
+    occlusion, SCRFD's and RetinaFace's points, the iris model), the aesthetic filter's when it is on (one line
+    naming what is missing)."""
+    files = ModelFiles.present(OPTIONAL_WEIGHTS) + iris_files(irises)
+    scorer = None
+    if min_aesthetic is not None:
+        aesthetic = ModelFiles.present(AESTHETIC_WEIGHTS)
+        missing = [name for name in AESTHETIC_WEIGHTS if name not in aesthetic]
+        if missing:
+            raise WeightsError(f"the aesthetic filter (targets scoring above {min_aesthetic}) needs {' and '.join(missing)} "
+                               "(`apple-video weights where`); `--min-aesthetic 0` prepares without it")
+        files = files + aesthetic
+        scorer = functools.partial(AestheticScorer.from_files, *(aesthetic(name) for name in AESTHETIC_WEIGHTS))
+    occlusion = functools.partial(create_occlusion, True, files) if OCCLUSION_WEIGHTS in files else None
+    return PrepareModels(files, scorer, occlusion)
 
 
 class _Worker:
@@ -148,15 +175,16 @@ class _Worker:
     settings = PrepareSettings(512)
 
     @classmethod
-    def setup(cls, settings: PrepareSettings) -> None:
+    def setup(cls, settings: PrepareSettings, models: PrepareModels) -> None:
+        files = models.files
         cls.detector = create_detector(DetectorSettings(name="dlib"))
-        cls.parser = create_parser("auto", announce=False)
-        cls.scorer = AestheticScorer.from_weights() if settings.min_aesthetic is not None else None
-        cls.iris = create_iris_model(settings.irises)[0]
-        cls.scrfd = create_detector(DetectorSettings(name="insightface", embeddings=False), announce=False) \
-            if weights.is_present("antelopev2-det") else None
-        cls.retina = RetinaPoints.from_weights() if weights.is_present("retinaface-resnet50") else None
-        cls.occlusion = create_occlusion_model() if cls.parser is not None else None
+        cls.parser = create_parser("auto", files, announce=False)
+        cls.scorer = models.scorer() if settings.min_aesthetic is not None and models.scorer is not None else None
+        cls.iris = create_iris_model(settings.irises, files)[0]
+        cls.scrfd = create_detector(DetectorSettings(name="insightface", embeddings=False), files, announce=False) \
+            if INSIGHTFACE_DET in files else None
+        cls.retina = RetinaPoints.from_weights(files("retinaface-resnet50")) if "retinaface-resnet50" in files else None
+        cls.occlusion = models.occlusion() if cls.parser is not None and models.occlusion is not None else None
         cls.settings = settings
 
     @classmethod
@@ -250,29 +278,29 @@ def open_shards(folder: Path, names: list[str], keys: tuple[str, ...]) -> dict[s
 
 def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None = None, workers: int = 1,
                  shard_size: int = 256, framing: Framing = "auto", min_aesthetic: float | None = None,
-                 irises: IrisSource = "auto") -> dict:
+                 irises: IrisSource = "auto", models: PrepareModels | None = None) -> dict:
+    """Prepare the raw photos under `raw`; `models`: what the workers build their models from (default: the files
+    `prepare_models` resolves)."""
     if min_aesthetic is not None and min_aesthetic <= 0:  # `--min-aesthetic 0`: no filter (LAION scores are 1..10)
         min_aesthetic = None
     settings = PrepareSettings(size, framing, min_aesthetic, irises)
     items, warnings = scan(raw, identity_list)
     for line in warnings:
         logger.warning(line)
-    if min_aesthetic is not None:  # one clear line now rather than in every worker
-        missing = [name for name in AESTHETIC_WEIGHTS if not weights.is_present(name)]
-        if missing:
-            raise WeightsError(f"the aesthetic filter (targets scoring above {min_aesthetic}) needs {' and '.join(missing)} "
-                               "(`apple-video weights where`); `--min-aesthetic 0` prepares without it")
+    models = models or prepare_models(min_aesthetic, irises)  # one clear line now rather than in every worker
+    if min_aesthetic is not None and models.scorer is None:
+        raise ValueError("prepare_data: --min-aesthetic needs PrepareModels with a scorer")
     output.mkdir(parents=True, exist_ok=True)
     (output / "shards").mkdir(exist_ok=True)
     manifest_path = output / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
     if manifest and manifest.get("crop_size") != size:
         raise UserError(f"{output} holds crops of size {manifest.get('crop_size')}, not {size}: use another folder")
-    iris_source = create_iris_model(irises)[1]  # also the one-line error of `mediapipe` without its file
-    arcface_points = "scrfd-antelopev2" if weights.is_present("antelopev2-det") else "dlib-68-derived"
-    eva_points = "retinaface-resnet50" if weights.is_present("retinaface-resnet50") else arcface_points
-    parsed = weights.is_present("bisenet-parsing")
-    occluded = parsed and create_occlusion_model() is not None
+    iris_source = create_iris_model(irises, models.files)[1]
+    arcface_points = "scrfd-antelopev2" if INSIGHTFACE_DET in models.files else "dlib-68-derived"
+    eva_points = "retinaface-resnet50" if "retinaface-resnet50" in models.files else arcface_points
+    parsed = PARSING_WEIGHTS in models.files
+    occluded = parsed and models.occlusion is not None  # the file is checked here, the network loaded by the workers
     source = provenance(parsed, iris_source, arcface_points, occluded, eva_points)
     for key in ("mask_source", "blur_region", "irises"):
         if manifest and manifest.get(key, source[key]) != source[key]:
@@ -290,9 +318,9 @@ def prepare_data(raw: Path, output: Path, size: int, identity_list: Path | None 
     todo = [item for item in items if item.path not in done]
     groups = [todo[i : i + shard_size] for i in range(0, len(todo), shard_size)]
     context = multiprocessing.get_context("spawn") if workers > 1 else None
-    pool = context.Pool(workers, initializer=_Worker.setup, initargs=(settings,)) if context else None
+    pool = context.Pool(workers, initializer=_Worker.setup, initargs=(settings, models)) if context else None
     if pool is None:
-        _Worker.setup(settings)
+        _Worker.setup(settings, models)
     try:
         with tqdm(total=len(todo), desc="prepare", unit="img", disable=None) as bar:
             for group in groups:

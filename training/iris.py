@@ -21,8 +21,8 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from apple_video import weights
 from apple_video.errors import WeightsError
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
@@ -100,20 +100,27 @@ def iris_points(image: np.ndarray, landmarks: np.ndarray, model: IrisModel) -> n
 IrisSource = Literal["auto", "mediapipe", "estimated"]
 MEDIAPIPE = "mediapipe-iris-on-dlib-eyes"
 ESTIMATED = "estimated-from-eye-landmarks"
+IRIS_WEIGHTS = "mediapipe-iris"
 
 
-def create_iris_model(source: IrisSource = "auto") -> tuple[IrisModel | None, str]:
-    """The MediaPipe iris model and the manifest's name for the source. `auto`: when its file and a LiteRT runtime
-    are present; `mediapipe`: required (one clear line without them); `estimated`: never."""
+def iris_files(source: IrisSource) -> ModelFiles:
+    """For a planner: `mediapipe` needs its file (one clear line without it), `auto` takes it when present."""
+    if source == "mediapipe":
+        return ModelFiles.resolve([IRIS_WEIGHTS])
+    return ModelFiles.present([IRIS_WEIGHTS]) if source == "auto" else ModelFiles()
+
+
+def create_iris_model(source: IrisSource, files: ModelFiles) -> tuple[IrisModel | None, str]:
+    """The MediaPipe iris model (from the planner's `files`, see `iris_files`) and the manifest's name for the
+    source. `auto`: when its file and a LiteRT runtime are present; `mediapipe`: required; `estimated`: never."""
     if source == "estimated":
         return None, ESTIMATED
     if source == "mediapipe":
-        path = weights.require("mediapipe-iris")
-        return TfliteIris(path), MEDIAPIPE
-    if not weights.is_present("mediapipe-iris"):
+        return TfliteIris(files(IRIS_WEIGHTS)), MEDIAPIPE
+    if IRIS_WEIGHTS not in files:
         return None, ESTIMATED
     if not runtime_available():
         logger.warning("mediapipe-iris is present but no LiteRT runtime is installed (pip install ai-edge-litert): "
                        "iris points estimated from the eye contour")
         return None, ESTIMATED
-    return TfliteIris(weights.require("mediapipe-iris")), MEDIAPIPE
+    return TfliteIris(files(IRIS_WEIGHTS)), MEDIAPIPE

@@ -23,7 +23,6 @@ from PIL import Image
 from safetensors.torch import load_file
 from tqdm import tqdm
 
-from apple_video import weights
 from apple_video.config import Preset, load_preset
 from apple_video.faces.types import Face
 from apple_video.media.paths import atomic_write
@@ -33,10 +32,13 @@ from apple_video.models.pipeline import ApplePipeline, PromptEmbeddings, load_pr
 from apple_video.models.transformer import TransformerInputs
 from apple_video.sampling.flow import FlowCondition, sample
 from apple_video.sampling.schedule import flux_schedule
+from apple_video.settings import ModelOptions
 from apple_video.swappers.base import SourceFace
-from training.arcface import identity_loss, identity_net
+from apple_video.swappers.presets import apple_files
+from apple_video.weights import ModelFiles
+from training.arcface import identity_files, identity_loss, identity_net
 from training.config import TrainConfig
-from training.losses import load_lpips
+from training.losses import load_lpips, lpips_files
 
 logger = logging.getLogger(__name__)
 
@@ -128,11 +130,11 @@ def training_preset(cfg: TrainConfig) -> Preset:
     return preset.model_copy(update={"model": model, "sampling": sampling})
 
 
-def empty_prompt(pipe: ApplePipeline, seed: int) -> PromptEmbeddings:
+def empty_prompt(pipe: ApplePipeline, seed: int, files: ModelFiles) -> PromptEmbeddings:
     """The empty prompt's embeddings for the text drop: encoded once and cached on disk like the fixed prompt
-    (tiny preset: seeded random embeddings of the same shapes)."""
+    (tiny preset: seeded random embeddings of the same shapes); `files`: the pipeline's, as resolved."""
     if pipe.real:
-        return load_prompt_embeddings(weights.require("flux-krea-dev"), pipe.device, pipe.dtype, prompt="")
+        return load_prompt_embeddings(files("flux-krea-dev"), pipe.device, pipe.dtype, prompt="")
     generator = torch.Generator().manual_seed(seed + 7)
     return PromptEmbeddings(torch.randn(pipe.prompt.prompt_embeds.shape, generator=generator),
                             torch.randn(pipe.prompt.pooled_embeds.shape, generator=generator))
@@ -166,18 +168,22 @@ class Trainer:
         cuda = torch.cuda.is_available()
         self.accelerator = Accelerator(gradient_accumulation_steps=cfg.grad_accum,
                                        mixed_precision=cfg.mixed_precision if cuda else "no", cpu=not cuda)
-        self.pipe = ApplePipeline.from_preset(training_preset(cfg), self.accelerator.device, lora=cfg.init_lora or "fresh",
-                                             seed=cfg.seed)
+        preset = training_preset(cfg)
+        lora = cfg.init_lora or "fresh"
+        files = apple_files(preset, ModelOptions(lora=str(lora)))  # each file the models load, checked once here
+        id_files = identity_files(cfg.id_loss_model)
+        vgg_files = lpips_files(cfg.lpips_backbone) if cfg.lpips_weight > 0 else ModelFiles()
+        self.pipe = ApplePipeline.from_preset(preset, self.accelerator.device, lora=lora, files=files, seed=cfg.seed)
         self.transformer = self.pipe.transformer
         logger.info("LoRA initialised from %s", cfg.init_lora or "scratch (B = 0)")
         self.params = fp32_lora_params(self.transformer)
         self.transformer.gradient_checkpointing = cfg.gradient_checkpointing
         self.pipe.vae.requires_grad_(False)
-        self.arcface = identity_net(cfg.id_loss_model, cfg.seed).to(self.accelerator.device).eval()
+        self.arcface = identity_net(cfg.id_loss_model, id_files, cfg.seed).to(self.accelerator.device).eval()
         self.arcface.requires_grad_(False)
         logger.info("identity loss network: %s", self.arcface.name)
-        self.lpips = load_lpips(cfg.lpips_backbone, self.accelerator.device) if cfg.lpips_weight > 0 else None
-        self.empty_prompt = empty_prompt(self.pipe, cfg.seed)
+        self.lpips = load_lpips(cfg.lpips_backbone, self.accelerator.device, vgg_files) if cfg.lpips_weight > 0 else None
+        self.empty_prompt = empty_prompt(self.pipe, cfg.seed, files)
         self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(self.transformer, self.optimizer)
         self.id_cache = IdentityCache(cfg.id_cache_size, cfg.output / "id_tokens", self.pipe.device,

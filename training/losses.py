@@ -10,6 +10,7 @@ import torch
 
 from apple_video import weights
 from apple_video.errors import WeightsError
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
@@ -31,16 +32,25 @@ def vgg_features_to_lpips(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def load_lpips(backbone: LpipsBackbone, device: torch.device) -> torch.nn.Module:
-    """LPIPS(vgg) with its linear heads from the lpips package and the VGG16 backbone from `vgg16-lpips`
-    ("random": a random backbone, for tests). Frozen, in eval mode; inputs in [-1, 1]."""
+VGG_WEIGHTS = "vgg16-lpips"
+
+
+def lpips_files(backbone: LpipsBackbone) -> ModelFiles:
+    """For a planner: the VGG16 backbone's file `vgg16-lpips` (a WeightsError when it is missing); none for "random"."""
+    return ModelFiles.resolve([VGG_WEIGHTS]) if backbone == "vgg16" else ModelFiles()
+
+
+def load_lpips(backbone: LpipsBackbone, device: torch.device, files: ModelFiles = ModelFiles()) -> torch.nn.Module:
+    """LPIPS(vgg) with its linear heads from the lpips package and the VGG16 backbone from `vgg16-lpips` in the
+    planner's `files` (see `lpips_files`; "random": a random backbone, for tests). Frozen, in eval mode; inputs in
+    [-1, 1]."""
     import lpips
 
     with warnings.catch_warnings():  # lpips still passes torchvision's deprecated `pretrained=`
         warnings.simplefilter("ignore", UserWarning)
         model = lpips.LPIPS(net="vgg", pretrained=True, pnet_rand=True, verbose=False)
     if backbone == "vgg16":
-        path = weights.require("vgg16-lpips")
+        path = files(VGG_WEIGHTS)
         state = weights.load_checkpoint(path, f"VGG16 file unreadable: {path}")
         mapped = vgg_features_to_lpips(state)
         missing, _ = model.net.load_state_dict(mapped, strict=False)

@@ -38,8 +38,9 @@ class RetinaPoints:
         self.model = model
 
     @classmethod
-    def from_weights(cls) -> RetinaPoints:
-        return cls(load_retinaface(weights.require("retinaface-resnet50")))
+    def from_weights(cls, path: Path) -> RetinaPoints:
+        """From facexlib's detection_Resnet50_Final.pth (`retinaface-resnet50`, as the planner resolved it)."""
+        return cls(load_retinaface(path))
 
     @torch.no_grad()
     def __call__(self, rgb: np.ndarray) -> np.ndarray | None:

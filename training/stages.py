@@ -16,6 +16,8 @@ from apple_video.config import load_preset
 from apple_video.errors import InputError, UserError
 from apple_video.models.lora import load_lora
 from apple_video.models.pipeline import ApplePipeline
+from apple_video.settings import ModelOptions
+from apple_video.swappers.presets import apple_files
 from training.config import TrainConfig
 from training.data import FaceData, open_shards, write_shard
 from training.loop import Batch, IdentityImage, Trainer
@@ -162,7 +164,8 @@ def make_pseudo_labels(cfg: TrainConfig) -> Path:
     steps = {"inversion_steps": cfg.inversion_steps, "sampling_steps": cfg.inversion_steps} if cfg.inversion_steps else {}
     # pseudo-labels are the teacher's attribute-aware inversion, whatever the preset's swap recipe
     preset = preset.model_copy(update={"sampling": preset.sampling.model_copy(update={**steps, "recipe": "inversion"})})
-    pipe = ApplePipeline.from_preset(preset, state.device)
+    # the preset's own LoRA is loaded, then replaced by the teacher's
+    pipe = ApplePipeline.from_preset(preset, state.device, files=apple_files(preset, ModelOptions()))
     load_lora(pipe.transformer, cfg.teacher_lora)
     out = cfg.output
     out.mkdir(parents=True, exist_ok=True)

@@ -195,7 +195,8 @@ def run_batch(sources: list[Path], target: Path, output_dir: Path, settings: Swa
               factories: EngineFactories | None = None) -> BatchResult:
     """Plan and run a batch; the result carries the workers' own accounts (model builds, busy time)."""
     items = items_for(sources, target)
-    plan = plan_batch(items, output_dir, settings, factories.detector if factories else quiet_detector)
+    factories = factories or EngineFactories.for_settings(settings)
+    plan = plan_batch(items, output_dir, settings, factories.detector)
     output_dir.mkdir(parents=True, exist_ok=True)
     return run_planned(plan, settings, factories)
 

@@ -32,7 +32,7 @@ from apple_video.settings import (
     nested_record,
 )
 from apple_video.swappers.factory import announce_swapper, resolve_swapper_name
-from apple_video.swappers.presets import apple_preset, required_weights
+from apple_video.swappers.presets import apple_preset, identity_weights, required_weights
 from apple_video.weights import ModelFiles
 
 if TYPE_CHECKING:
@@ -74,7 +74,7 @@ class Job:
     faces: tuple[SourceFace, ...] = field(default=(), compare=False)  # the source photos' faces (swap, preview)
     clips: tuple[ClipPlan, ...] = field(default=(), compare=False)  # a video's or frame folder's plan
     batch: BatchPlan | None = field(default=None, compare=False)  # what a batch runs, refused, did earlier
-    files: ModelFiles = field(default_factory=ModelFiles, compare=False)  # the swapper's model files, checked once
+    files: ModelFiles = field(default_factory=ModelFiles, compare=False)  # every model file it loads, checked once
 
     def factories(self) -> EngineFactories:
         """What the run builds its swapper and detectors with (passed down to every worker)."""
@@ -95,7 +95,7 @@ class Job:
             from apple_video.evaluate.runner import run_pairs
 
             report = run_pairs(self.target, self.output, self.settings, self.evaluation or EvalSettings(),
-                               self.settings.force)
+                               self.settings.force, factories)
             return JobResult((report.summary(), f"report: {self.output / 'report.md'} (.json, .png)"))
         if self.kind == "batch" and self.batch is not None:
             return self._run_batch(self.batch, factories)
@@ -151,7 +151,7 @@ def _plan_swap(opts: dict[str, Any], given: frozenset[str]) -> Job:
     check_encoding(kind, opts, output)
     warn_disk_space(target, output)
     settings = settings_from(resolve_runtime(opts))
-    files = check_weights(settings)
+    files = job_files(settings)
     return plan_inputs(Job("swap", kind, tuple(sources), target, output, settings, files=files))
 
 
@@ -167,7 +167,7 @@ def _plan_preview(opts: dict[str, Any], given: frozenset[str]) -> Job:
     check_conflicts(opts, given)
     check_output(output, [target, *sources], opts["force"])
     settings = settings_from(resolve_runtime(opts))
-    files = check_weights(settings)
+    files = job_files(settings)
     return plan_inputs(Job("preview", kind, tuple(sources), target, output, settings, frames=opts.get("count", 4),
                            files=files))
 
@@ -177,20 +177,20 @@ def plan_inputs(job: Job) -> Job:
     line each), each source photo read and its face found. Nothing is built or written yet."""
     from apple_video.engine.batch import items_for, plan_batch
     from apple_video.engine.clips import find_source_faces, plan_folder, plan_video, probe_video
-    from apple_video.engine.factories import quiet_detector
     from apple_video.media.images import read_image
 
     settings = job.settings
+    detector = job.factories().detector
     if job.kind == "batch":
         items = items_for(job.sources, job.target)
         if job.sources:  # one source for every clip: a bad photo fails the whole batch, once
-            find_source_faces(job.sources, settings, quiet_detector)
-        return dataclasses.replace(job, batch=plan_batch(items, job.output, settings))
+            find_source_faces(job.sources, settings, detector)
+        return dataclasses.replace(job, batch=plan_batch(items, job.output, settings, detector))
     if job.kind == "image":
         read_image(job.target)
     elif job.command == "preview":
         probe_video(job.target)
-    faces = find_source_faces(job.sources, settings, quiet_detector)
+    faces = find_source_faces(job.sources, settings, detector)
     if job.command == "preview" or job.kind == "image":
         return dataclasses.replace(job, faces=faces)
     plan = plan_video if job.kind == "video" else plan_folder
@@ -207,11 +207,11 @@ def _plan_pairs(opts: dict[str, Any], given: frozenset[str]) -> Job:
     check_conflicts(opts, given)
     check_output_for("folder", pairs_file, output, [], force=True)  # a run folder resumes: run.json decides
     settings = settings_from(resolve_runtime(opts))
-    check_weights(settings)
+    files = job_files(settings)
     evaluation = EvalSettings(identity_model=opts.get("identity_model", "auto"), id_every=opts.get("id_every", 8),
                               fid_reference=opts.get("fid_reference"))
     sources = tuple(dict.fromkeys(p.source for p in pairs))
-    return Job("pairs", "pairs", sources, pairs_file, output, settings, evaluation=evaluation)
+    return Job("pairs", "pairs", sources, pairs_file, output, settings, evaluation=evaluation, files=files)
 
 
 def detector_name(value: str) -> str:
@@ -238,6 +238,14 @@ def check_conflicts(opts: dict, given: frozenset[str] | set[str]) -> None:
         logger.warning("--face-detector insightface looks at a fixed 640 px picture: --face-detector-size is ignored")
 
 
+def job_files(settings: SwapSettings) -> ModelFiles:
+    """Every model file the job loads, each checked once: the swapper's (`check_weights`), then the detector's,
+    the face parser's and the occlusion net's (`support_files`)."""
+    from apple_video.engine.factories import support_files
+
+    return check_weights(settings) + support_files(settings)
+
+
 def check_weights(settings: SwapSettings) -> ModelFiles:
     """The APPLE files a job needs (resolved once: the swapper loads them from what this returns), its preset and
     sampling overrides, and whether the model can run here, checked before anything is read or written."""
@@ -248,8 +256,13 @@ def check_weights(settings: SwapSettings) -> ModelFiles:
     check_speed_options(settings.model.offload, settings.model.fp8)  # before any file is looked up
     preset = apple_preset(settings.model)
     files = ModelFiles.resolve(required_weights(preset, settings.model))
-    if settings.executor == "ray":
-        return files  # the model runs on the cluster's workers: their devices are checked there
+    if settings.executor != "ray":  # on the cluster the model runs on the workers: their devices are checked there
+        check_device(settings, files("flux-krea-dev") if preset.model.kind != "tiny" else None)
+    return files + ModelFiles.resolve(identity_weights(preset))
+
+
+def check_device(settings: SwapSettings, flux: Path | None) -> None:
+    """--fp8 and a full-size model (its FLUX folder `flux`; None: the tiny preset) on this machine's device."""
     from apple_video.models.pipeline import check_fits_device, resolve_device
 
     device = resolve_device(settings.model.device)
@@ -260,9 +273,8 @@ def check_weights(settings: SwapSettings) -> ModelFiles:
     if settings.model.fp8 and device.type != "cuda":
         raise DeviceError(f"--fp8 needs a CUDA GPU (Ada or Hopper); this run would use the {device.type}: "
                           f"leave --fp8 off")
-    if preset.model.kind != "tiny":  # a full-size model on a CPU is refused before any work starts
-        check_fits_device(files("flux-krea-dev"), device)
-    return files
+    if flux is not None:  # a full-size model on a CPU is refused before any work starts
+        check_fits_device(flux, device)
 
 
 def warn_disk_space(target: Path, output: Path) -> None:

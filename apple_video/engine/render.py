@@ -16,6 +16,7 @@ from apple_video.faces.paste import paste_back
 from apple_video.faces.types import FaceTarget
 from apple_video.settings import SwapSettings
 from apple_video.swappers.base import CropJob, SourceFace, Swapper
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
@@ -54,11 +55,12 @@ class Renderer:
     """Swap the selected faces of a chunk of frames and paste them back: `prepare` (crop), `swap` (model),
     `finish` (mask, paste). The three may run in different threads, one group apart; `finish` keeps order."""
 
-    def __init__(self, settings: SwapSettings, swapper: Swapper, sources: list[SourceFace]) -> None:
+    def __init__(self, settings: SwapSettings, swapper: Swapper, sources: list[SourceFace],
+                 files: ModelFiles = ModelFiles()) -> None:
         self.settings = settings
         self.swapper = swapper
-        self.parser = create_parser(settings.mask.parser)
-        self.occlusion = create_occlusion("occlusion" in settings.mask.types, settings.model.device)
+        self.parser = create_parser(settings.mask.parser, files)  # files: the planner's, EngineFactories.files
+        self.occlusion = create_occlusion("occlusion" in settings.mask.types, files, settings.model.device)
         self._previous_masks: dict[int, tuple[int, np.ndarray]] = {}  # track -> (frame, parsing mask)
         swapper.prepare(sources)
         auto = settings.batch_size == "auto"

@@ -27,7 +27,7 @@ from apple_video.engine.executors import (
     make_pool,
     worker_error,
 )
-from apple_video.engine.factories import EngineFactories, quiet_detector
+from apple_video.engine.factories import EngineFactories
 from apple_video.engine.layout import (
     MANIFEST,
     file_identity,
@@ -476,14 +476,16 @@ def run_clips(plans: list[ClipPlan], settings: SwapSettings, raise_errors: bool 
 def swap_video(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings,
                factories: EngineFactories | None = None) -> Summary:
     """Plan one clip (probe it, find the source faces) and run it."""
-    faces = find_source_faces(source_paths, settings, factories.detector if factories else quiet_detector)
+    factories = factories or EngineFactories.for_settings(settings)
+    faces = find_source_faces(source_paths, settings, factories.detector)
     plan = plan_video(tuple(source_paths), faces, input_path, output, settings)
     return run_clips([plan], settings, raise_errors=True, factories=factories).summaries[0]
 
 
 def swap_folder(source_paths: list[Path], input_path: Path, output: Path, settings: SwapSettings, fps: float = 25.0,
                 factories: EngineFactories | None = None) -> Summary:
-    faces = find_source_faces(source_paths, settings, factories.detector if factories else quiet_detector)
+    factories = factories or EngineFactories.for_settings(settings)
+    faces = find_source_faces(source_paths, settings, factories.detector)
     plan = plan_folder(tuple(source_paths), faces, input_path, output, settings, fps)
     return run_clips([plan], settings, raise_errors=True, factories=factories).summaries[0]
 
@@ -494,8 +496,9 @@ def swap_image(source_paths: list[Path], input_path: Path, output: Path, setting
     `faces`: the source faces when planning found them."""
     started = time.perf_counter()
     data = read_image(input_path)
+    factories = factories or EngineFactories.for_settings(settings)
     if faces is None:
-        faces = find_source_faces(source_paths, settings, factories.detector if factories else quiet_detector)
+        faces = find_source_faces(source_paths, settings, factories.detector)
     renderer = StillRenderer(settings, factories)
     renderer.use_sources(source_paths, faces)
     result = renderer.render(data.rgb, input_path, settings.allow_no_faces)

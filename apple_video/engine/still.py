@@ -52,6 +52,7 @@ class StillRenderer:
         factories = factories or EngineFactories.for_settings(settings)
         self.settings = settings
         self.swapper = factories.swapper()
+        self.files = factories.files
         self.detector = factories.detector(settings.detector)
         self._source_detector = source_detector(settings, factories.detector)
         self._renderer: Renderer | None = None
@@ -64,7 +65,7 @@ class StillRenderer:
         sources = list(faces) if faces is not None else load_sources(paths, self._source_detector,
                                                                       self.swapper.crop_size)
         if self._renderer is None:
-            self._renderer = Renderer(self.settings, self.swapper, sources)
+            self._renderer = Renderer(self.settings, self.swapper, sources, self.files)
         else:
             self.swapper.prepare(sources)
         self._sources = tuple(paths)

@@ -139,12 +139,13 @@ class RenderWorker:
         self.created = time.perf_counter()
         self.report_ = WorkerReport(node=_node_name())
         self.swapper = factories.swapper()
+        self.files = factories.files
         self.report_.builds += 1
         self._current: tuple[int, Renderer] | None = None  # the clip being rendered, and its renderer
 
     def _renderer(self, task: RenderTask, sources: list[SourceFace]) -> Renderer:
         if self._current is None or self._current[0] != task.clip:
-            self._current = (task.clip, Renderer(task.settings, self.swapper, sources))
+            self._current = (task.clip, Renderer(task.settings, self.swapper, sources, self.files))
         renderer = self._current[1]
         renderer.new_chunk()
         return renderer

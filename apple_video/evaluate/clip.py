@@ -23,6 +23,7 @@ import cv2
 import numpy as np
 
 from apple_video.errors import InputError, NoFaceError
+from apple_video.evaluate.fid import FID_WEIGHTS
 from apple_video.evaluate.flicker import FLICKER_MODEL, FlickerMeter, FlickerSample, face_box, flicker_ratio
 from apple_video.evaluate.identity import (
     IdentityModel,
@@ -30,10 +31,11 @@ from apple_video.evaluate.identity import (
     cosine,
     create_identity_model,
     eval_detector,
+    identity_files,
     measure_scale,
 )
 from apple_video.evaluate.landmarks import EXPRESSION_MODEL, expression_distance, pose_distance
-from apple_video.evaluate.pose import PoseEstimator, PoseTrack, create_pose_estimator
+from apple_video.evaluate.pose import PoseEstimator, PoseTrack, create_pose_estimator, pose_files
 from apple_video.evaluate.report import EvalReport
 from apple_video.faces.detect import DlibDetector
 from apple_video.faces.sources import presize_source
@@ -41,7 +43,8 @@ from apple_video.faces.types import Face
 from apple_video.media.images import is_image_path, list_frames, read_image
 from apple_video.media.video import decode_frames, probe, to_display
 from apple_video.progress import progress
-from apple_video.settings import EvalSettings
+from apple_video.settings import EvalSettings, IdentityModelName
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
@@ -186,13 +189,22 @@ class _ClipScorer:
             self.series["flicker_original"][index] = sample.original
 
 
+def eval_files(identity_model: IdentityModelName, pose_model: str, fid: bool = False) -> ModelFiles:
+    """For the eval commands, before any work: the identity and pose models' files (a model named on the command
+    line without its file is a WeightsError; `auto` takes the file when it is present), FID's when it is scored."""
+    files = identity_files(identity_model) + pose_files(pose_model)
+    return files + ModelFiles.resolve([FID_WEIGHTS]) if fid else files
+
+
 def evaluate_clip(source: Path, original: Path, swapped: Path, settings: EvalSettings = EvalSettings(),
-                  pose_model: str = "auto") -> EvalReport:
-    """`pose_model`: auto (HopeNet when its weights are present, else the landmark fit), hopenet, landmarks."""
+                  pose_model: str = "auto", files: ModelFiles | None = None) -> EvalReport:
+    """`pose_model`: auto (HopeNet when its weights are present, else the landmark fit), hopenet, landmarks.
+    `files`: the identity and pose models' files (default: resolved now, `eval_files`)."""
     started = time.perf_counter()
+    files = eval_files(settings.identity_model, pose_model) if files is None else files
     detector = eval_detector(settings.detector_size)
-    model = create_identity_model(settings.identity_model, detector)
-    pose = create_pose_estimator(pose_model)
+    model = create_identity_model(settings.identity_model, detector, files)
+    pose = create_pose_estimator(pose_model, files)
     src = source_embedding(source, detector, model)
     count, before = media_frames(original)
     count_after, after = media_frames(swapped)

@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.inception import Inception3, InceptionA, InceptionC, InceptionE
 
-from apple_video import weights
 from apple_video.errors import InputError
 from apple_video.media.images import is_image_path, read_image
 
@@ -86,9 +85,11 @@ class FIDInception(Inception3):
         return self.avgpool(x).flatten(1)
 
 
-def load_fid_inception(device: str = "cpu") -> FIDInception:
-    """The network with its weights from the catalogue (a one-line WeightsError when the file is absent)."""
-    path = weights.require("fid-inception")
+FID_WEIGHTS = "fid-inception"
+
+
+def load_fid_inception(path: Path, device: str = "cpu") -> FIDInception:
+    """The network with its weights from the catalogue's file `fid-inception` (as the eval's planner resolved it)."""
     model = FIDInception()
     model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return model.eval().to(device)

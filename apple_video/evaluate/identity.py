@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import logging
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -17,12 +18,14 @@ from apple_video.errors import WeightsError
 from apple_video.faces.detect import DlibDetector
 from apple_video.faces.types import Face
 from apple_video.settings import DetectorSettings, IdentityModelName
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
 # dlib's documented rule (dlib.net face_recognition.py, 99.38% on LFW): same person when the Euclidean distance
 # of the 128-D descriptors is below 0.6.
 DLIB_SAME_PERSON_DISTANCE = 0.6
+IDENTITY_WEIGHTS = "arcface-w600k"
 
 
 class IdentityModel(Protocol):
@@ -49,10 +52,11 @@ class InsightFaceIdentity:
 
     name = "insightface ArcFace w600k_r50 (buffalo_l)"
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path) -> None:
+        """`path`: the catalogue's `arcface-w600k`, as the eval's planner resolved it."""
         from insightface.model_zoo import get_model
 
-        self._model = get_model(str(weights.require("arcface-w600k")), providers=["CPUExecutionProvider"])
+        self._model = get_model(str(path), providers=["CPUExecutionProvider"])
         self._model.prepare(ctx_id=-1)
 
     def embed(self, rgb: np.ndarray, face: Face) -> np.ndarray:
@@ -62,11 +66,12 @@ class InsightFaceIdentity:
         return self._model.get_feat(norm_crop(bgr, face.kps)).ravel()
 
 
-def create_identity_model(name: IdentityModelName, detector: DlibDetector) -> IdentityModel:
-    """`auto`: insightface w600k when its weights are present, else dlib. APPLE conditions on antelopev2's
-    glintr100, so neither is the model the swapper was steered by."""
-    if name == "insightface" or (name == "auto" and weights.is_present("arcface-w600k")):
-        return InsightFaceIdentity()
+def create_identity_model(name: IdentityModelName, detector: DlibDetector,
+                          files: ModelFiles = ModelFiles()) -> IdentityModel:
+    """`auto`: insightface w600k when `files` (the planner's, `identity_files`) has its weights, else dlib. APPLE
+    conditions on antelopev2's glintr100, so neither is the model the swapper was steered by."""
+    if name == "insightface" or (name == "auto" and IDENTITY_WEIGHTS in files):
+        return InsightFaceIdentity(files(IDENTITY_WEIGHTS))
     return DlibIdentity(detector)
 
 
@@ -180,8 +185,13 @@ def measure_scale(model: IdentityModel, detector: DlibDetector) -> SimilaritySca
                            float(np.mean(different)) if different else None, threshold, tuple(names))
 
 
-def require_identity_weights(name: IdentityModelName) -> None:
-    """Fail before any work when insightface was asked for by name and its weights are absent."""
-    if name == "insightface" and not weights.is_present("arcface-w600k"):
-        raise WeightsError(f"model file missing: arcface-w600k (expected at "
-                           f"{weights.candidates(weights.lookup('arcface-w600k'))[0]}); use --identity-model dlib")
+def identity_files(name: IdentityModelName) -> ModelFiles:
+    """For a planner, before any work: insightface's file when it was asked for by name (a WeightsError when it is
+    absent), or when `auto` finds it present."""
+    if name == "dlib":
+        return ModelFiles()
+    found = ModelFiles.present([IDENTITY_WEIGHTS])
+    if name == "insightface" and IDENTITY_WEIGHTS not in found:
+        raise WeightsError(f"model file missing: {IDENTITY_WEIGHTS} (expected at "
+                           f"{weights.candidates(weights.lookup(IDENTITY_WEIGHTS))[0]}); use --identity-model dlib")
+    return found

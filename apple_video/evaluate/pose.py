@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torchvision.models.resnet import Bottleneck, ResNet
 
-from apple_video import weights
 from apple_video.errors import UserError, WeightsError
 from apple_video.evaluate.landmarks import POSE_MODEL, PoseFit, fit_pose
 from apple_video.faces.types import Face
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
@@ -79,9 +79,10 @@ def _blocks_in(state: dict[str, torch.Tensor]) -> tuple[int, int, int, int]:
     return tuple(counts)  # type: ignore[return-value]
 
 
-def load_hopenet(path: Path | None = None, device: str = "cpu") -> HopeNet:
-    """The catalogue's HopeNet checkpoint (a pickled state dict), its depth read from its keys."""
-    path = Path(path) if path is not None else weights.require(HOPENET_WEIGHTS)
+def load_hopenet(path: Path, device: str = "cpu") -> HopeNet:
+    """The catalogue's HopeNet checkpoint (a pickled state dict, as the planner resolved it), its depth read from
+    its keys."""
+    path = Path(path)
     try:
         state = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 (torch raises many kinds for a file that is not a checkpoint)
@@ -150,13 +151,24 @@ class PoseEstimator:
         return fit.angles
 
 
-def create_pose_estimator(name: str = "auto", path: Path | None = None) -> PoseEstimator:
-    """auto: HopeNet when its weights are present, else the landmark fit; hopenet: HopeNet or a WeightsError."""
+def pose_files(name: str) -> ModelFiles:
+    """For a planner: HopeNet's file when asked for by name (a WeightsError when it is missing), or when `auto`
+    finds it present."""
+    if name not in POSE_MODEL_CHOICES:
+        raise UserError(f"unknown pose model '{name}' (choices: {', '.join(POSE_MODEL_CHOICES)})")
+    if name == "hopenet":
+        return ModelFiles.resolve([HOPENET_WEIGHTS])
+    return ModelFiles.present([HOPENET_WEIGHTS]) if name == "auto" else ModelFiles()
+
+
+def create_pose_estimator(name: str, files: ModelFiles = ModelFiles()) -> PoseEstimator:
+    """auto: HopeNet when `files` (the planner's, `pose_files`) has its weights, else the landmark fit; hopenet:
+    HopeNet."""
     if name not in POSE_MODEL_CHOICES:
         raise UserError(f"unknown pose model '{name}' (choices: {', '.join(POSE_MODEL_CHOICES)})")
     if name == "landmarks":
         return PoseEstimator()
-    if name == "auto" and path is None and not weights.is_present(HOPENET_WEIGHTS):
+    if name == "auto" and HOPENET_WEIGHTS not in files:
         logger.info("pose: HopeNet weights not present, using the landmark fit (see `apple-video weights where`)")
         return PoseEstimator()
-    return PoseEstimator(load_hopenet(path))
+    return PoseEstimator(load_hopenet(files(HOPENET_WEIGHTS)))

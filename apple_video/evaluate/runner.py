@@ -17,17 +17,17 @@ from pathlib import Path
 
 import numpy as np
 
+from apple_video.engine.factories import EngineFactories
 from apple_video.engine.still import StillRenderer
 from apple_video.errors import InputError, NoFaceError, OutputError
-from apple_video.evaluate.clip import source_embedding
-from apple_video.evaluate.fid import FID_MODEL, fid, image_files, load_fid_inception
+from apple_video.evaluate.clip import eval_files, source_embedding
+from apple_video.evaluate.fid import FID_MODEL, FID_WEIGHTS, fid, image_files, load_fid_inception
 from apple_video.evaluate.identity import (
     IdentityModel,
     cosine,
     create_identity_model,
     eval_detector,
     measure_scale,
-    require_identity_weights,
     retrieval,
 )
 from apple_video.evaluate.landmarks import EXPRESSION_MODEL, expression_distance, pose_distance
@@ -104,13 +104,14 @@ def _open_run(folder: Path, record: dict, force: bool) -> None:
     run_file.write_text(json.dumps(record, indent=1, default=str))
 
 
-def _swap_all(pairs: list[Pair], folder: Path, settings: SwapSettings) -> dict[int, str]:
+def _swap_all(pairs: list[Pair], folder: Path, settings: SwapSettings,
+              factories: EngineFactories | None = None) -> dict[int, str]:
     """Swap the pairs whose output is missing; returns {index: error} for pairs that could not be swapped."""
     todo = [p for p in pairs if not (folder / "swaps" / p.name).exists()]
     failed: dict[int, str] = {}
     if not todo:
         return failed
-    renderer = StillRenderer(settings)  # the swap command's still renderer: same checks, same source faces
+    renderer = StillRenderer(settings, factories)  # the swap command's still renderer: same checks, same source faces
     with progress(len(todo), "swap", unit="pair") as bar:
         for pair in todo:
             try:
@@ -155,20 +156,21 @@ def _read_scores(path: Path) -> dict[int, dict]:
 
 
 def run_pairs(pairs_file: Path, folder: Path, swap: SwapSettings, evaluation: EvalSettings = EvalSettings(),
-              force: bool = False) -> EvalReport:
+              force: bool = False, factories: EngineFactories | None = None) -> EvalReport:
+    """Swap each pair (its models built by `factories`, default: the ones `swap` names), then score them."""
     started = time.perf_counter()
     pairs = read_pairs(pairs_file)
-    require_identity_weights(evaluation.identity_model)
     reference = image_files(Path(evaluation.fid_reference)) if evaluation.fid_reference else None
-    inception = load_fid_inception() if reference else None  # missing weights fail here, before any work
-    pose = create_pose_estimator("auto")  # before the run is opened: its scores depend on which model this is
+    files = eval_files(evaluation.identity_model, "auto", fid=reference is not None)  # missing ones fail here
+    inception = load_fid_inception(files(FID_WEIGHTS)) if reference else None
+    pose = create_pose_estimator("auto", files)  # before the run is opened: its scores depend on which model this is
     _open_run(folder, {**_run_record(pairs_file, swap, evaluation), "pose_model": pose.kind}, force)
-    failed = _swap_all(pairs, folder, swap)
+    failed = _swap_all(pairs, folder, swap, factories)
     seconds = {"swap": time.perf_counter() - started}
 
     started = time.perf_counter()
     detector = eval_detector(evaluation.detector_size)
-    model = create_identity_model(evaluation.identity_model, detector)
+    model = create_identity_model(evaluation.identity_model, detector, files)
     sources = sorted({p.source for p in pairs})
     gallery = np.stack([source_embedding(s, detector, model) for s in sources])
     scores_path = folder / "scores.jsonl"

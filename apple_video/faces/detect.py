@@ -11,13 +11,12 @@ from typing import Protocol
 import cv2
 import numpy as np
 
-from apple_video import weights
-from apple_video.errors import WeightsError
 from apple_video.faces.align import kps_from_68
 from apple_video.faces.dlib_models import dlib_model_path
 from apple_video.faces.track import iou
 from apple_video.faces.types import Face
 from apple_video.settings import DetectorSettings
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
@@ -256,19 +255,23 @@ class DlibDetector:
         return detect_with_angles(lambda image: self._detect_upright(image, embed, scale), rgb, self.settings.angles)
 
 
+INSIGHTFACE_DET, INSIGHTFACE_ARCFACE = "antelopev2-det", "antelopev2-arcface"
+
+
 class InsightFaceDetector:
     """SCRFD from insightface's antelopev2 pack (5 keypoints) with ArcFace glintr100 embeddings."""
 
-    def __init__(self, settings: DetectorSettings) -> None:
+    def __init__(self, settings: DetectorSettings, files: ModelFiles) -> None:
+        """`files`: the antelopev2 files the planner resolved (`insightface_files`)."""
         from insightface.model_zoo import get_model
 
         self.name = "insightface"
         self.settings = settings
-        self._det = get_model(str(weights.require("antelopev2-det")), providers=["CPUExecutionProvider"])
+        self._det = get_model(str(files(INSIGHTFACE_DET)), providers=["CPUExecutionProvider"])
         self._det.prepare(ctx_id=-1, input_size=(settings.size, settings.size), det_thresh=settings.score)
         self._rec = None
         if settings.embeddings:
-            self._rec = get_model(str(weights.require("antelopev2-arcface")), providers=["CPUExecutionProvider"])
+            self._rec = get_model(str(files(INSIGHTFACE_ARCFACE)), providers=["CPUExecutionProvider"])
             self._rec.prepare(ctx_id=-1)
 
     def _detect_upright(self, rgb: np.ndarray, embed: bool) -> list[Face]:
@@ -375,20 +378,29 @@ def detect_with_angles(detect, rgb: np.ndarray, angles: tuple[int, ...]) -> list
     return []
 
 
-def create_detector(settings: DetectorSettings, announce: bool = True) -> FaceDetector:
-    """Build the detector asked for; `auto` prefers insightface when its weights are present, else dlib."""
+def insightface_names(settings: DetectorSettings) -> list[str]:
+    return [INSIGHTFACE_DET, INSIGHTFACE_ARCFACE] if settings.embeddings else [INSIGHTFACE_DET]
+
+
+def detector_files(settings: DetectorSettings) -> ModelFiles:
+    """What a detector choice needs, for a planner: `insightface` its files (a WeightsError when one is missing),
+    `auto` them when they are present, dlib nothing."""
     if settings.name == "insightface":
-        return InsightFaceDetector(settings)
+        return ModelFiles.resolve(insightface_names(settings))
+    return ModelFiles.present(insightface_names(settings)) if settings.name == "auto" else ModelFiles()
+
+
+def create_detector(settings: DetectorSettings, files: ModelFiles = ModelFiles(), announce: bool = True) -> FaceDetector:
+    """Build the detector asked for from the files the planner resolved (`detector_files`); `auto` prefers
+    insightface when `files` has its weights, else dlib."""
+    if settings.name == "insightface":
+        return InsightFaceDetector(settings, files)
     if settings.name == "dlib-cnn":
         return DlibDetector(settings, cnn=True)
-    if settings.name == "auto" and weights.is_present("antelopev2-det"):
-        try:
-            detector = InsightFaceDetector(settings)
-            if announce:
-                logger.info("face detector: insightface (antelopev2)")
-            return detector
-        except WeightsError:
-            pass
+    if settings.name == "auto" and all(name in files for name in insightface_names(settings)):
+        if announce:
+            logger.info("face detector: insightface (antelopev2)")
+        return InsightFaceDetector(settings, files)
     if settings.name == "auto" and announce:
         logger.info("face detector: dlib HOG (insightface antelopev2 weights not found; see `apple-video weights where`)")
     return DlibDetector(settings)

@@ -18,6 +18,7 @@ import numpy as np
 
 from apple_video import weights
 from apple_video.errors import WeightsError
+from apple_video.weights import ModelFiles
 
 if TYPE_CHECKING:  # torch loads only when occlusion masks are asked for
     pass
@@ -94,9 +95,9 @@ def _read_checkpoint(path) -> dict:
     return {k.removeprefix("module."): v for k, v in state.items() if not k.startswith("auxiliary_head.")}
 
 
-def load_occlusion_net(path=None, device: str = "cpu"):
-    """The occlusion network from the catalogue's file (or `path`), its shape read from the file."""
-    path = weights.require(OCCLUSION_WEIGHTS) if path is None else Path(path)
+def load_occlusion_net(path: Path | str, device: str = "cpu"):
+    """The occlusion network from its file (the catalogue's, as the planner resolved it), its shape read from it."""
+    path = Path(path)
     state = _read_checkpoint(path)
     with weights.refused_as(f"{path} is not the APPLE DeepLabV3+ occlusion checkpoint",
                             errors=(KeyError, RuntimeError, ValueError)):
@@ -132,12 +133,18 @@ class OcclusionMasker:
         return occlusion_mask(self.model, crop)
 
 
-def create_occlusion(wanted: bool, device: str = "auto") -> OcclusionMasker | None:
-    """The occlusion masker when `wanted` and its file is present; else None, with one line saying it is off.
+def occlusion_files(wanted: bool) -> ModelFiles:
+    """For a planner: the occlusion net's file when occlusion masks are `wanted` and it is present (they are
+    optional: without it the masks are off)."""
+    return ModelFiles.present([OCCLUSION_WEIGHTS]) if wanted else ModelFiles()
+
+
+def create_occlusion(wanted: bool, files: ModelFiles, device: str = "auto") -> OcclusionMasker | None:
+    """The occlusion masker when `wanted` and `files` has its file; else None, with one line saying it is off.
     `device` auto: CUDA when there is one."""
     if not wanted:
         return None
-    if not weights.is_present(OCCLUSION_WEIGHTS):
+    if OCCLUSION_WEIGHTS not in files:
         logger.info("occlusion masks off: %s not found (%s); see `apple-video weights where`", OCCLUSION_WEIGHTS,
                     weights.lookup(OCCLUSION_WEIGHTS).relpath)
         return None
@@ -145,4 +152,4 @@ def create_occlusion(wanted: bool, device: str = "auto") -> OcclusionMasker | No
 
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    return OcclusionMasker(load_occlusion_net(device=device))
+    return OcclusionMasker(load_occlusion_net(files(OCCLUSION_WEIGHTS), device=device))

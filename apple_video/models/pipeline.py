@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from apple_video.models.lora import add_condition_lora, fresh_condition_lora, lo
 from apple_video.models.transformer import AppleFluxTransformer, ConditionKVCache, speed_up
 from apple_video.sampling.flow import FlowCondition, invert, sample
 from apple_video.sampling.schedule import flux_schedule
+from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
 
@@ -76,18 +76,20 @@ def free_memory(device: torch.device) -> int:
     return int(psutil.virtual_memory().available)
 
 
-def build_tiny(preset: Preset) -> tuple[AppleFluxTransformer, AutoencoderKL, PromptEmbeddings, TinyIdentity]:
-    """The real classes with small seeded random weights (tests and smoke runs). Module initialisers draw from
-    torch's global generator: it is seeded inside a fork, so the caller's random state is left as it was."""
+def build_tiny(preset: Preset, files: ModelFiles = ModelFiles()
+               ) -> tuple[AppleFluxTransformer, AutoencoderKL, PromptEmbeddings, TinyIdentity]:
+    """The real classes with small seeded random weights (tests and smoke runs); `files` may hold the BiSeNet
+    parser the identity input uses. Module initialisers draw from torch's global generator: it is seeded inside a
+    fork, so the caller's random state is left as it was."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(preset.model.seed)
-        return _build_tiny(preset, torch.Generator().manual_seed(preset.model.seed))
+        return _build_tiny(preset, torch.Generator().manual_seed(preset.model.seed), files)
 
 
-def _build_tiny(preset: Preset, generator: torch.Generator
+def _build_tiny(preset: Preset, generator: torch.Generator, files: ModelFiles
                 ) -> tuple[AppleFluxTransformer, AutoencoderKL, PromptEmbeddings, TinyIdentity]:
     m = preset.model
-    identity = TinyIdentity(m.seed, parser=create_parser("auto", announce=False))
+    identity = TinyIdentity(m.seed, parser=create_parser("auto", files, announce=False))
     p = m.pulid_settings
     transformer = AppleFluxTransformer(
         **(m.transformer or {}), pulid_dim_head=p.dim_head, pulid_heads=p.heads, pulid_kv_dim=p.kv_dim,
@@ -271,16 +273,16 @@ class ApplePipeline:
 
     @classmethod
     def from_preset(cls, preset: Preset, device: torch.device, lora: str | Path | None = None,
-                    offload: bool = False, files: Callable[[str], Path] = weights.require,
+                    offload: bool = False, files: ModelFiles = ModelFiles(),
                     seed: int = 0) -> ApplePipeline:
         """Build the preset's model; `lora` replaces the preset's LoRA (e.g. a student you trained), and "fresh"
         gives a new zero-effect LoRA of the preset's rank to train from scratch (no LoRA file needed), drawn from
-        `seed` (see `fresh_condition_lora`). `files` gives each model file's path by its catalogue name (a job
-        passes the ones its planner resolved)."""
+        `seed` (see `fresh_condition_lora`). `files`: the model files a planner resolved (`apple_files`; the
+        tiny preset needs none, and uses the BiSeNet parser only when they hold it)."""
         check_speed_options(offload, preset.sampling.fp8)
         if preset.model.kind == "tiny":
             preset = _independent_if_trained(preset, Path(lora) if lora not in (None, "fresh") else None)
-            transformer, vae, prompt, identity = build_tiny(preset)
+            transformer, vae, prompt, identity = build_tiny(preset, files)
             if lora == "fresh":
                 fresh_condition_lora(transformer, preset.model.lora_rank, seed=seed)
             elif lora is not None:
@@ -290,7 +292,7 @@ class ApplePipeline:
 
     @classmethod
     def _from_checkpoints(cls, preset: Preset, device: torch.device, lora: str | Path | None,
-                          offload: bool, files: Callable[[str], Path], seed: int = 0) -> ApplePipeline:
+                          offload: bool, files: ModelFiles, seed: int = 0) -> ApplePipeline:
         from apple_video.models.real_identity import PulidIdentity
 
         dtype = DTYPES[preset.model.dtype] if device.type == "cuda" else torch.float32
@@ -305,7 +307,7 @@ class ApplePipeline:
             load_lora(transformer, lora_path)
         vae = AutoencoderKL.from_pretrained(str(flux_dir), subfolder="vae", torch_dtype=dtype)
         prompt = load_prompt_embeddings(flux_dir, device, dtype)
-        return cls(preset, transformer, vae, prompt, PulidIdentity(device, create_parser("auto", announce=False)), device,
+        return cls(preset, transformer, vae, prompt, PulidIdentity(device, files, create_parser("auto", files, announce=False)), device,
                    real=True, offload=offload)
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from apple_video.errors import WeightsError
 from apple_video.faces.parsing import FaceParser
 from apple_video.faces.types import SourceFace
 from apple_video.models.identity import IdentityFeatures, announce_parser, eva_features, eva_input
+from apple_video.weights import ModelFiles
 
 EVA_ARCH = "eva02_large_patch14_clip_336"
 
@@ -46,16 +47,17 @@ def load_eva_clip(path, device: torch.device) -> torch.nn.Module:
 class PulidIdentity:
     """ArcFace (glintr100, 512-d) on the 112 crop + EVA-CLIP CLS (768-d) and hidden states of the grey face."""
 
-    def __init__(self, device: torch.device, parser: FaceParser | None = None) -> None:
+    def __init__(self, device: torch.device, files: ModelFiles, parser: FaceParser | None = None) -> None:
+        """`files`: the planner's resolved model files (antelopev2-arcface and eva02-clip-l-336 among them)."""
         from insightface.model_zoo import get_model
 
         self.device = device
         self.parser = parser
         announce_parser(parser)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
-        self.arcface = get_model(str(weights.require("antelopev2-arcface")), providers=providers)
+        self.arcface = get_model(str(files("antelopev2-arcface")), providers=providers)
         self.arcface.prepare(ctx_id=0 if device.type == "cuda" else -1)
-        self.eva = load_eva_clip(weights.require("eva02-clip-l-336"), device)
+        self.eva = load_eva_clip(files("eva02-clip-l-336"), device)
 
     @torch.no_grad()
     def __call__(self, source: SourceFace) -> IdentityFeatures:

@@ -10,7 +10,7 @@ from apple_video.config import Preset
 from apple_video.models.pipeline import ApplePipeline, resolve_device
 from apple_video.settings import ModelOptions
 from apple_video.swappers.base import CropJob, SourceFace, ffhq_crop_matrix
-from apple_video.swappers.presets import apple_preset, required_weights
+from apple_video.swappers.presets import apple_preset
 from apple_video.weights import ModelFiles
 
 logger = logging.getLogger(__name__)
@@ -31,10 +31,10 @@ class AppleSwapper:
         self._null = None
 
     @classmethod
-    def from_options(cls, options: ModelOptions, files: ModelFiles | None = None) -> AppleSwapper:
-        """The swapper the options ask for; `files`: the model files the planner resolved (None: looked up now)."""
+    def from_options(cls, options: ModelOptions, files: ModelFiles = ModelFiles()) -> AppleSwapper:
+        """The swapper the options ask for; `files`: the model files the planner resolved (`apple_files`; the tiny
+        preset needs none)."""
         preset = apple_preset(options)
-        files = files if files is not None else ModelFiles.resolve(required_weights(preset, options))
         pipeline = ApplePipeline.from_preset(preset, resolve_device(options.device), lora=options.lora,
                                              offload=options.offload, files=files)
         return cls(pipeline)

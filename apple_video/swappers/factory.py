@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import replace
 
 from apple_video.settings import SwapSettings, TrackSettings
@@ -13,10 +14,11 @@ from apple_video.weights import ModelFiles
 logger = logging.getLogger(__name__)
 
 
-def resolve_swapper_name(settings: SwapSettings) -> str:
+def resolve_swapper_name(settings: SwapSettings, weights_present: Callable[[], bool] = apple_weights_present) -> str:
+    """`auto`: APPLE when a preset or LoRA is named or `weights_present()` (default: APPLE's files on this disk)."""
     if settings.swapper != "auto":
         return settings.swapper
-    if settings.model.preset is not None or settings.model.lora is not None or apple_weights_present():
+    if settings.model.preset is not None or settings.model.lora is not None or weights_present():
         return "apple"
     return "classic"
 
@@ -56,10 +58,11 @@ def announce_swapper(settings: SwapSettings) -> None:
                        preset.name)
 
 
-def create_swapper(settings: SwapSettings, files: ModelFiles | None = None) -> Swapper:
+def create_swapper(settings: SwapSettings, files: ModelFiles = ModelFiles()) -> Swapper:
     """Build the swapper (loads its models from `files`, the ones the planner resolved); `announce_swapper` says
-    which one, once, on the driver."""
-    if resolve_swapper_name(settings) == "classic":
+    which one, once, on the driver. `auto` is decided as the planner did, from `files` rather than the disk (APPLE's
+    backbone is among them when the planner found APPLE's weights)."""
+    if resolve_swapper_name(settings, lambda: "flux-krea-dev" in files) == "classic":
         from apple_video.swappers.classic import ClassicSwapper
 
         return ClassicSwapper(poisson=settings.classic_blend == "poisson")

@@ -20,11 +20,25 @@ def apple_preset(options: ModelOptions) -> Preset:
 
 
 def required_weights(preset: Preset, options: ModelOptions) -> list[str]:
-    """Registry names of the files the preset needs (none for the tiny preset)."""
+    """Registry names of the files the preset's transformer needs (none for the tiny preset)."""
     if preset.model.kind == "tiny":
         return []
     needed = ["flux-krea-dev", preset.model.pulid or "pulid-flux-v0.9.1"]
     if options.lora is None:
         needed.append(preset.model.lora or "apple-student")
     return needed
+
+
+def identity_weights(preset: Preset) -> list[str]:
+    """The two networks of PuLID's identity input (none for the tiny preset)."""
+    return [] if preset.model.kind == "tiny" else ["antelopev2-arcface", "eva02-clip-l-336"]
+
+
+def apple_files(preset: Preset, options: ModelOptions) -> weights.ModelFiles:
+    """For a planner: the files the preset needs (a WeightsError names the first missing one), with the BiSeNet
+    parser its identity input uses when that is present."""
+    from apple_video.faces.parsing import parser_files
+
+    names = [*required_weights(preset, options), *identity_weights(preset)]
+    return weights.ModelFiles.resolve(names) + parser_files("auto")
 
