@@ -117,18 +117,19 @@ def _masked_blur(image: np.ndarray, weight: np.ndarray, sigma: float) -> np.ndar
     quarter of the size when the blur is wide: the result has no detail finer than that anyway."""
     h, w = weight.shape
     factor = 4 if sigma >= 8 and min(h, w) >= 64 else 1
-    small = (w // factor, h // factor)
     channels = 1 if image.ndim == 2 else image.shape[2]
-    weighted = np.empty((h, w, channels + 1), np.float32)
-    np.multiply(image.reshape(h, w, channels), weight[..., None], out=weighted[..., :channels])
-    weighted[..., channels] = weight
-    if factor > 1:
-        weighted = cv2.resize(weighted, small, interpolation=cv2.INTER_AREA)
-    blurred = cv2.GaussianBlur(weighted, (0, 0), sigma / factor)
+    image = image.reshape(h, w, channels)
+    if factor == 1:
+        blurred = cv2.GaussianBlur(np.dstack([image * weight[..., None], weight]), (0, 0), sigma)
+        return blurred[..., :channels] / np.maximum(blurred[..., channels:], np.float32(1e-4))
+    # shrunk channel by channel (OpenCV's 1- and 3-channel paths), then blurred and normalised at the small size
+    small = (w // factor, h // factor)
+    product = cv2.multiply(image, cv2.merge([weight] * channels)) if channels > 1 else image[..., 0] * weight
+    parts = cv2.resize(product, small, interpolation=cv2.INTER_AREA).reshape(small[1], small[0], channels)
+    total = cv2.resize(weight, small, interpolation=cv2.INTER_AREA)
+    blurred = cv2.GaussianBlur(np.dstack([parts, total]), (0, 0), sigma / factor)
     normalised = blurred[..., :channels] / np.maximum(blurred[..., channels:], np.float32(1e-4))
-    if factor > 1:  # normalised at the small size: a quarter of the divisions, and it interpolates smoothly
-        normalised = cv2.resize(normalised, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, channels)
-    return normalised
+    return cv2.resize(normalised, (w, h), interpolation=cv2.INTER_LINEAR).reshape(h, w, channels)
 
 
 def fill_outside(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -171,7 +172,7 @@ def match_low_band(face: np.ndarray, target: np.ndarray, region: np.ndarray, sig
     face_lab = cv2.cvtColor(np.clip(face, 0, 255, dtype=np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2LAB)
     target_lab = cv2.cvtColor(target.astype(np.float32) * np.float32(1 / 255), cv2.COLOR_RGB2LAB)
     gain = np.clip((_masked_std(target_lab, inside) + 1.0) / (_masked_std(face_lab, inside) + 1.0), 0.5, 2.0)
-    face_lab *= gain.astype(np.float32)
+    face_lab = cv2.transform(face_lab, np.diag(gain).astype(np.float32))  # per-channel gain (10x numpy's broadcast)
     face_lab += _masked_blur(target_lab, weight, sigma) - _masked_blur(face_lab, weight, sigma)
     channels = list(cv2.split(face_lab))
     channels[0] = match_fine_detail(channels[0], cv2.extractChannel(target_lab, 0), inside, fine)
