@@ -203,6 +203,19 @@ class DlibDetector:
         rects, scores, _ = self._hog.run(small, upsample, threshold)
         return [((r.left(), r.top(), r.right(), r.bottom()), _sigmoid(s)) for r, s in zip(rects, scores, strict=True)]
 
+    def _frame_boxes(self, image: np.ndarray, scale: float, offset: tuple[int, int] = (0, 0),
+                     upsample: int | None = None) -> list[tuple[np.ndarray, float]]:
+        """Detector boxes in `image` resampled by `scale`, as (x0, y0, x1, y1) of the frame `image` was cut from at
+        `offset`, with their scores."""
+        if scale == 1.0:
+            small = image
+        else:
+            interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
+            small = cv2.resize(image, None, fx=scale, fy=scale, interpolation=interpolation)
+        x, y = offset
+        return [(np.array([x + x0 / scale, y + y0 / scale, x + x1 / scale, y + y1 / scale]), score)
+                for (x0, y0, x1, y1), score in self._boxes(small, upsample)]
+
     def follow(self, rgb: np.ndarray, face: Face) -> Face | None:
         """`face`, found in a neighbouring frame, in this one: confirmed by the detector in a window around its box
         (resampled so the face is FOLLOW_FACE px wide) and its landmarks refitted from the neighbour's; None when
@@ -211,17 +224,16 @@ class DlibDetector:
             return None
         rgb = np.ascontiguousarray(rgb)
         side = float(face.bbox[2] - face.bbox[0])
-        centre = (face.bbox[:2] + face.bbox[2:]) / 2
+        centre, half = (face.bbox[:2] + face.bbox[2:]) / 2, FOLLOW_SPAN * side / 2
         h, w = rgb.shape[:2]
-        x0, y0 = (max(0, int(v - FOLLOW_SPAN * side / 2)) for v in centre)
-        x1, y1 = min(w, int(centre[0] + FOLLOW_SPAN * side / 2) + 1), min(h, int(centre[1] + FOLLOW_SPAN * side / 2) + 1)
+        x0, y0 = (max(0, int(v - half)) for v in centre)
+        x1, y1 = min(w, int(centre[0] + half) + 1), min(h, int(centre[1] + half) + 1)
         scale = FOLLOW_FACE / max(side, 1.0)
         if min(x1 - x0, y1 - y0) * scale < HOG_WINDOW:
             return None
-        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-        small = cv2.resize(rgb[y0:y1, x0:x1], None, fx=scale, fy=scale, interpolation=interpolation)
-        boxes = [(np.array([x0 + bx0 / scale, y0 + by0 / scale, x0 + bx1 / scale, y0 + by1 / scale]), score)
-                 for (bx0, by0, bx1, by1), score in self._boxes(small, upsample=0)]
+        boxes = self._frame_boxes(rgb[y0:y1, x0:x1], scale, (x0, y0), upsample=0)
+        if not boxes:
+            return None  # nothing there: no landmark fit
         landmarks, window = self.refine(rgb, face.landmarks)
         confirmed = [score for box, score in boxes if iou(box, window.bbox) > FOLLOW_OVERLAP]
         if not confirmed:
@@ -238,14 +250,9 @@ class DlibDetector:
     def _detect_upright(self, rgb: np.ndarray, embed: bool, scale: float | None = None) -> list[Face]:
         rgb = np.ascontiguousarray(rgb)
         scale = self.base_scale(rgb.shape) if scale is None else scale
-        if abs(scale - 1.0) < 1e-3:
-            small, scale = rgb, 1.0
-        else:
-            interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR
-            small = cv2.resize(rgb, None, fx=scale, fy=scale, interpolation=interpolation)
         faces: list[Face] = []
-        for (x0, y0, x1, y1), score in self._boxes(small):
-            face = self._face(rgb, (x0 / scale, y0 / scale, x1 / scale, y1 / scale), score)
+        for box, score in self._frame_boxes(rgb, 1.0 if abs(scale - 1.0) < 1e-3 else scale):
+            face = self._face(rgb, box, score)
             if any(np.array_equal(face.bbox, other.bbox) for other in faces):
                 continue  # two boxes of one face settle on the same window
             faces.append(face)
