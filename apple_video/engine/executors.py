@@ -498,9 +498,10 @@ class _Failed:
     error: BaseException
 
 
-def make_pool(settings: SwapSettings, factories: EngineFactories) -> LocalPool | RayPool:
+def make_pool(settings: SwapSettings, factories: EngineFactories, chunks: int) -> LocalPool | RayPool:
+    """The run's workers; `chunks`: how many chunks it has (a local run of one chunk forks no analysis helper)."""
     if settings.executor == "local":
-        return LocalPool(factories, helper=helper_allowed())
+        return LocalPool(factories, helper=chunks > 1 and helper_allowed())
     import ray
 
     connect_ray(settings.ray_address)

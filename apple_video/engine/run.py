@@ -370,7 +370,8 @@ class _Run:
         self.next = 0
 
     def run(self) -> BatchResult:
-        self.pool = make_pool(self.settings, self.factories)
+        chunks = sum(len(plan_chunks(p.frame_count, p.keyframes, p.settings.chunk_frames)) for p in self.plans)
+        self.pool = make_pool(self.settings, self.factories, chunks)
         try:
             with progress(None, "analyze") as analyzed, progress(None, "swap") as swapped:
                 self.bars = {ANALYZE: analyzed, RENDER: swapped}
