@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from fractions import Fraction
 from pathlib import Path
@@ -34,6 +35,7 @@ from apple_video.media.video import (
 )
 from apple_video.settings import SwapSettings
 from tests import synth
+from tests.jobs import wait_until_rendered
 
 ROOT = Path(__file__).resolve().parent.parent
 SIZE = (320, 240)
@@ -327,14 +329,7 @@ def test_sigterm_stops_like_ctrl_c_and_the_rerun_equals_an_uninterrupted_run(tmp
     process = subprocess.Popen(_command(source_photo, face_clip, output), cwd=ROOT, stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     manifest = job_dir_for(output) / "manifest.json"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if json.loads(manifest.read_text())["rendered"]:
-                break
-        except (OSError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.02)
+    wait_until_rendered(process, output, 300)
     process.send_signal(signal.SIGTERM)
     _, stderr = process.communicate(timeout=120)
     assert process.returncode == 143, stderr
@@ -350,19 +345,27 @@ def test_sigterm_stops_like_ctrl_c_and_the_rerun_equals_an_uninterrupted_run(tmp
     assert output.read_bytes() == reference.read_bytes()
 
 
-def test_interlaced_input_is_flagged_interlaced_and_said_once(tmp_path: Path, source_photo: Path,
-                                                              caplog: pytest.LogCaptureFixture) -> None:
-    source = tmp_path / "broadcast.mkv"
-    with av.open(str(source), "w") as out:
+def _camera_clip(path: Path, configure: Callable[[av.video.stream.VideoStream], None]) -> Path:
+    """8 frames of 160x120 H.264 at 25 fps, the stream set up by `configure` first (what a camera tags)."""
+    with av.open(str(path), "w") as out:
         stream = out.add_stream("libx264", rate=25)
         stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
-        stream.options = {"x264-params": "tff=1", "preset": "ultrafast"}
-        stream.codec_context.field_order = 2  # top field first
+        configure(stream)
         for i in range(8):
             frame = av.VideoFrame.from_ndarray(synth.background(160, 120, seed=i), format="rgb24")
             frame.pts = i
             out.mux(stream.encode(frame))
         out.mux(stream.encode(None))
+    return path
+
+
+def test_interlaced_input_is_flagged_interlaced_and_said_once(tmp_path: Path, source_photo: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    def interlaced(stream) -> None:
+        stream.options = {"x264-params": "tff=1", "preset": "ultrafast"}
+        stream.codec_context.field_order = 2  # top field first
+
+    source = _camera_clip(tmp_path / "broadcast.mkv", interlaced)
     assert probe(source).interlaced
     output = tmp_path / "out.mkv"
     with caplog.at_level(logging.WARNING):
@@ -373,16 +376,10 @@ def test_interlaced_input_is_flagged_interlaced_and_said_once(tmp_path: Path, so
 
 def test_a_timecode_track_is_kept_and_a_trim_says_it_drops_it(tmp_path: Path, source_photo: Path,
                                                              caplog: pytest.LogCaptureFixture) -> None:
-    source = tmp_path / "camera.mov"
-    with av.open(str(source), "w") as out:
-        stream = out.add_stream("libx264", rate=25)
-        stream.width, stream.height, stream.pix_fmt = 160, 120, "yuv420p"
+    def timecode(stream) -> None:
         stream.metadata["timecode"] = "01:00:00:00"  # the mov muxer writes it as a tmcd track
-        for i in range(8):
-            frame = av.VideoFrame.from_ndarray(synth.background(160, 120, seed=i), format="rgb24")
-            frame.pts = i
-            out.mux(stream.encode(frame))
-        out.mux(stream.encode(None))
+
+    source = _camera_clip(tmp_path / "camera.mov", timecode)
 
     def timecodes(path: Path) -> list[str]:
         with av.open(str(path)) as container:

@@ -6,7 +6,6 @@ removed after it)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -18,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from apple_video.engine.layout import file_identity, job_dir_for, removing_dir_for
+from tests.jobs import manifest_of
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 8  # 51 frames: 7 chunks
@@ -32,20 +32,13 @@ def _env() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(ROOT)}
 
 
-def _manifest(output: Path) -> dict | None:
-    try:
-        return json.loads((job_dir_for(output) / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
 def _analysing(output: Path, size: int) -> bool:
-    manifest = _manifest(output)
+    manifest = manifest_of(output)
     return manifest is not None and 0 < len(manifest["analyzed"]) < len(manifest["chunks"])
 
 
 def _rendering(output: Path, size: int) -> bool:
-    manifest = _manifest(output)
+    manifest = manifest_of(output)
     return manifest is not None and 0 < len(manifest["rendered"]) < len(manifest["chunks"])
 
 
@@ -96,6 +89,14 @@ def _kill_when(command: list[str], output: Path, moment: Callable[[Path, int], b
             process.wait()
 
 
+def _rerun_ends_on(reference: bytes, command: list[str], output: Path) -> None:
+    """The same command run again succeeds, writes the uninterrupted run's bytes and leaves nothing behind."""
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
+    assert result.returncode == 0, result.stderr
+    assert output.read_bytes() == reference
+    assert not job_dir_for(output).exists() and not list(output.parent.glob(".*partial*"))
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory, source_photo: Path, face_clip: Path) -> bytes:
     output = tmp_path_factory.mktemp("reference") / "out.mp4"
@@ -119,10 +120,7 @@ def test_killed_job_resumes_to_the_same_bytes(tmp_path: Path, source_photo: Path
         pytest.fail(f"the job was never caught {name}")
     if name != "rename":
         assert not output.exists(), "killed before the end: no output yet"
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
-    assert result.returncode == 0, result.stderr
-    assert output.read_bytes() == reference
-    assert not job_dir_for(output).exists() and not list(folder.glob(".*partial*"))
+    _rerun_ends_on(reference, command, output)
 
 
 def test_killed_right_after_the_rename_only_the_folder_is_removed(tmp_path: Path, source_photo: Path,
@@ -138,7 +136,7 @@ def test_killed_right_after_the_rename_only_the_folder_is_removed(tmp_path: Path
         command = _command(source_photo, face_clip, output)
         if not _kill_when(command, output, _renaming, len(reference)):
             continue
-        recorded = (_manifest(output) or {}).get("joined")
+        recorded = (manifest_of(output) or {}).get("joined")
         if output.exists() and file_identity(output) == recorded:
             break  # killed after the rename itself: the state this test makes
         joined = [p for p in job_dir_for(output).glob(f"*{output.suffix}") if file_identity(p) == recorded]
@@ -151,10 +149,7 @@ def test_killed_right_after_the_rename_only_the_folder_is_removed(tmp_path: Path
                            text=True, timeout=600, env=_env())
     assert other.returncode == 2 and "output exists" in other.stderr.strip().splitlines()[-1], other.stderr
     assert output.read_bytes() == reference and job_dir_for(output).exists()
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_env())
-    assert result.returncode == 0, result.stderr
-    assert output.read_bytes() == reference
-    assert not job_dir_for(output).exists() and not list(folder.glob(".*partial*"))
+    _rerun_ends_on(reference, command, output)
 
 
 def test_a_job_folder_left_half_deleted_is_removed_by_the_next_run(tmp_path: Path, source_photo: Path,

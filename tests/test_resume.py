@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from PIL import Image
 
 from apple_video.engine.run import job_dir_for, swap_folder
 from apple_video.settings import MaskSettings, SwapSettings
+from tests.jobs import wait_until_rendered
 
 ROOT = Path(__file__).resolve().parent.parent
 CHUNK = 3
@@ -31,14 +31,7 @@ def _interrupt(command: list[str], output: Path) -> list[int]:
     """Start the job and kill it once it has rendered a chunk; the chunks it finished."""
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     manifest = job_dir_for(output) / "manifest.json"
-    deadline = time.time() + 180
-    while time.time() < deadline and process.poll() is None:
-        try:
-            if json.loads(manifest.read_text())["rendered"]:
-                break
-        except (OSError, json.JSONDecodeError, KeyError):
-            pass
-        time.sleep(0.02)
+    wait_until_rendered(process, output, 180)
     process.send_signal(signal.SIGKILL)
     process.wait()
     done = json.loads(manifest.read_text())["rendered"]
